@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Installs everything autopart needs on a fresh Debian machine, idempotently:
+#   - Debian packages: OpenMPI (runtime collectives), clang/libclang (rsmpi bindgen)
+#   - a project-local Python venv (.venv) with PyTorch 2.11.0 (libtorch for `tch`)
+#     and z3-solver (libz3 for the plan search)
+# Re-running it when everything is present takes about a second.
+# Usage: scripts/setup.sh [--compiler-only]   (--compiler-only skips torch/MPI)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+torch_version="2.11.0"
+z3_version="5.4.0.0"
+compiler_only=0
+[ "${1:-}" = "--compiler-only" ] && compiler_only=1
+
+log() { echo "[setup] $*" >&2; }
+
+sudo_cmd=""
+[ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+
+need_pkgs=()
+pkgs=(python3-venv)
+[ $compiler_only -eq 0 ] && pkgs+=(libopenmpi-dev openmpi-bin libclang-dev clang)
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
+done
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  log "installing Debian packages: ${need_pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo_cmd apt-get update -qq
+  $sudo_cmd apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+  log "creating virtual environment $venv"
+  python3 -m venv "$venv" 2>/dev/null || { python3 -m pip install -q virtualenv && python3 -m virtualenv -q "$venv"; }
+fi
+py="$venv/bin/python"
+
+have() { "$py" -m pip show "$1" 2>/dev/null | awk '/^Version:/{print $2}'; }
+
+if [ "$(have z3-solver)" != "$z3_version" ]; then
+  log "installing z3-solver $z3_version"
+  "$py" -m pip install -q --disable-pip-version-check "z3-solver==$z3_version"
+fi
+if [ $compiler_only -eq 0 ] && [ "$(have torch)" != "$torch_version" ]; then
+  log "installing torch $torch_version (a few minutes on a fresh machine)"
+  "$py" -m pip install -q --disable-pip-version-check "torch==$torch_version"
+fi
+log "ready: $venv"
