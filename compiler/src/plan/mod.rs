@@ -1,0 +1,231 @@
+//! The `Plan`: what the search chose, written as `plan.ron`.
+//!
+//! A plan is the contract between the search and lowering: with the graph
+//! (re-traced from `model` and `trace`), it says everything lowering needs —
+//! the mesh, the pipeline stages and their layers, the tensor-parallel split
+//! of every op, the schedule, micro-batching, recompute, ZeRO and sequence
+//! parallelism — plus the predictions that justified it. It is plain data:
+//! serde, RON, stable field order, no maps with unstable iteration.
+//!
+//! This module owns the type, its validation against a graph and world
+//! size, and its human-readable report. It does not search or cost.
+
+mod report;
+mod validate;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub use report::render_report;
+pub use validate::{PlanError, read_plan, validate_plan, write_plan};
+
+/// Current `plan.ron` format version.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The pipeline schedule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Schedule {
+    /// All forwards, then all backwards.
+    GPipe,
+    /// One forward, one backward (PipeDream-flush / Megatron default).
+    OneFOneB,
+    /// Interleaved 1F1B with `chunks` model chunks per device.
+    Interleaved { chunks: u32 },
+}
+
+impl fmt::Display for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Schedule::GPipe => f.write_str("gpipe"),
+            Schedule::OneFOneB => f.write_str("1f1b"),
+            Schedule::Interleaved { chunks } => write!(f, "interleaved-{chunks}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Schedule {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "gpipe" => Ok(Schedule::GPipe),
+            "1f1b" => Ok(Schedule::OneFOneB),
+            _ => s
+                .strip_prefix("interleaved-")
+                .or_else(|| s.strip_prefix("interleaved"))
+                .and_then(|v| if v.is_empty() { Some(2) } else { v.parse().ok() })
+                .filter(|&chunks| chunks >= 2)
+                .map(|chunks| Schedule::Interleaved { chunks })
+                .ok_or_else(|| {
+                    format!("unknown schedule '{s}' (expected gpipe, 1f1b or interleaved-V with V >= 2)")
+                }),
+        }
+    }
+}
+
+/// Activation recompute of a stage's layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Recompute {
+    /// Keep every activation backward needs.
+    None,
+    /// Recompute the attention core (scores, softmax) in backward.
+    Selective,
+    /// Keep only each layer's input; recompute the layer in backward.
+    Full,
+}
+
+impl fmt::Display for Recompute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Recompute::None => "none",
+            Recompute::Selective => "selective",
+            Recompute::Full => "full",
+        })
+    }
+}
+
+impl std::str::FromStr for Recompute {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Recompute::None),
+            "selective" => Ok(Recompute::Selective),
+            "full" => Ok(Recompute::Full),
+            _ => Err(format!(
+                "unknown recompute mode '{s}' (expected none, selective or full)"
+            )),
+        }
+    }
+}
+
+/// Where the model comes from, so lowering can trace the same graph.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRef {
+    /// The `--model` argument: a preset name or a config.json path.
+    pub spec: String,
+    pub name: String,
+    pub family: String,
+    /// Parameter count of the traced graph: a check that the same model is meant.
+    pub params: u64,
+    /// User annotation files the graph needs (custom ops).
+    pub annotation_files: Vec<String>,
+}
+
+/// The tracing inputs: the graph each pipeline stage runs is the model
+/// traced at one micro-batch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceSpec {
+    pub seq_len: u64,
+    /// `bf16`, `fp16` or `fp32`.
+    pub dtype: String,
+}
+
+/// Mesh axes. `order` lists them innermost first (tp innermost keeps tensor
+/// parallel groups inside a node).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshSpec {
+    pub tp: u32,
+    pub pp: u32,
+    pub dp: u32,
+    pub order: Vec<String>,
+}
+
+/// One pipeline stage: a contiguous range of transformer layers; the first
+/// stage also holds the embedding, the last the final norm, head and loss.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagePlan {
+    pub index: u32,
+    /// First transformer layer (inclusive).
+    pub first_layer: u32,
+    /// One past the last transformer layer.
+    pub end_layer: u32,
+    pub embedding: bool,
+    pub head: bool,
+    pub recompute: Recompute,
+}
+
+/// The tensor-parallel split of one op: which annotation identifier is
+/// split across the tp axis (`None`: the op runs replicated), and the
+/// resulting layouts, for readers and for lowering's checks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpSplit {
+    /// Op source name; transformer-layer ops are written with the layer
+    /// index as `*` (`layers.*.self_attn.q_proj`) and apply to every layer.
+    pub op: String,
+    pub kind: String,
+    pub split: Option<String>,
+    /// Input layouts under the split (`R`, `V`, `D(2)`).
+    pub inputs: Vec<String>,
+    pub outputs: Vec<String>,
+}
+
+/// Peak memory of one device of a stage, by cause.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemoryBreakdown {
+    pub params_bytes: u64,
+    pub grads_bytes: u64,
+    pub optimizer_bytes: u64,
+    pub activations_bytes: u64,
+    pub transient_bytes: u64,
+}
+
+impl MemoryBreakdown {
+    pub fn total_bytes(&self) -> u64 {
+        self.params_bytes
+            + self.grads_bytes
+            + self.optimizer_bytes
+            + self.activations_bytes
+            + self.transient_bytes
+    }
+}
+
+/// Predicted time and memory of one stage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StagePrediction {
+    /// Forward + backward time of one micro-batch, communication included.
+    pub micro_batch_s: f64,
+    /// Of which tensor-parallel communication that is not overlapped.
+    pub tp_comm_s: f64,
+    pub memory: MemoryBreakdown,
+}
+
+/// What the cost model predicts for the plan.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    pub step_s: f64,
+    pub tokens_per_s: f64,
+    /// Model FLOPs utilisation: 6N-style model FLOPs (no recompute) over
+    /// the plan GPUs' peak.
+    pub mfu: f64,
+    /// Pipeline bubble as a fraction of the step.
+    pub bubble_fraction: f64,
+    /// Data-parallel gradient synchronisation left exposed after overlap.
+    pub dp_comm_s: f64,
+    pub stages: Vec<StagePrediction>,
+    /// Largest per-device peak over the stages.
+    pub peak_mem_bytes: u64,
+    pub capacity_bytes: u64,
+}
+
+/// A complete parallel training plan.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub format_version: u32,
+    pub model: ModelRef,
+    pub trace: TraceSpec,
+    pub cluster: String,
+    pub plan_gpus: u32,
+    /// A multiple of `plan_gpus`: the plan is replicated with data parallelism.
+    pub runtime_gpus: u32,
+    pub global_batch: u64,
+    pub mesh: MeshSpec,
+    pub micro_batch: u64,
+    pub n_micro_batches: u64,
+    pub schedule: Schedule,
+    /// 0, 1, 2 or 3.
+    pub zero: u8,
+    pub sequence_parallel: bool,
+    pub stages: Vec<StagePlan>,
+    pub sharding: Vec<OpSplit>,
+    pub prediction: Prediction,
+}

@@ -1,0 +1,185 @@
+//! Model families and their presets.
+//!
+//! `llama` covers Llama 2, Llama 3 and Llama 3.1 (GQA, RoPE, SwiGLU, RMSNorm,
+//! tied or untied head); `gpt` covers GPT-2/3 style models (learned
+//! positions, LayerNorm, GeLU MLP, tied embeddings). Each family builds its
+//! forward graph, ending in a scalar cross-entropy loss, through a [`Tracer`].
+
+mod gpt;
+mod llama;
+
+use std::path::Path;
+
+use super::config::{ConfigError, ModelConfig};
+use super::{TraceError, TraceOptions, Tracer};
+use crate::anno::Registry;
+use crate::ir::Graph;
+
+/// A Llama-family model (HF `LlamaConfig` field meanings).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    pub name: String,
+    pub hidden: u64,
+    pub intermediate: u64,
+    pub n_layers: u64,
+    pub n_heads: u64,
+    pub n_kv_heads: u64,
+    pub head_dim: u64,
+    pub vocab: u64,
+    pub max_positions: u64,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub tie_embeddings: bool,
+}
+
+/// A GPT-2/3 style model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GptConfig {
+    pub name: String,
+    pub n_layers: u64,
+    pub hidden: u64,
+    pub n_heads: u64,
+    /// MLP inner width (4 × hidden in GPT-2/3).
+    pub ffn: u64,
+    pub vocab: u64,
+    pub n_positions: u64,
+    pub layer_norm_eps: f64,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn llama(
+    name: &str,
+    hidden: u64,
+    intermediate: u64,
+    n_layers: u64,
+    n_heads: u64,
+    n_kv_heads: u64,
+    vocab: u64,
+    max_positions: u64,
+    rms_norm_eps: f64,
+    rope_theta: f64,
+) -> ModelConfig {
+    ModelConfig::Llama(LlamaConfig {
+        name: name.to_string(),
+        hidden,
+        intermediate,
+        n_layers,
+        n_heads,
+        n_kv_heads,
+        head_dim: hidden / n_heads,
+        vocab,
+        max_positions,
+        rms_norm_eps,
+        rope_theta,
+        tie_embeddings: false,
+    })
+}
+
+fn gpt(name: &str, n_layers: u64, hidden: u64, n_heads: u64, vocab: u64, seq: u64) -> ModelConfig {
+    ModelConfig::Gpt(GptConfig {
+        name: name.to_string(),
+        n_layers,
+        hidden,
+        n_heads,
+        ffn: 4 * hidden,
+        vocab,
+        n_positions: seq,
+        layer_norm_eps: 1e-5,
+    })
+}
+
+/// Names of the built-in presets, in the order `preset` lists them.
+pub const PRESETS: [&str; 15] = [
+    "llama-mini",
+    "llama2-7b",
+    "llama2-13b",
+    "llama2-70b",
+    "llama3-8b",
+    "llama3-70b",
+    "llama3.1-8b",
+    "llama3.1-70b",
+    "llama3.1-405b",
+    "gpt-mini",
+    "gpt2",
+    "gpt2-medium",
+    "gpt2-large",
+    "gpt2-xl",
+    "gpt3-175b",
+];
+
+/// A built-in model preset, or an error listing the known ones.
+pub fn preset(name: &str) -> Result<ModelConfig, ConfigError> {
+    // Figures from the models' published HF configs.
+    let cfg = match name {
+        "llama-mini" => llama(name, 64, 176, 4, 4, 2, 256, 128, 1e-5, 10_000.0),
+        "llama2-7b" => llama(name, 4096, 11008, 32, 32, 32, 32000, 4096, 1e-5, 10_000.0),
+        "llama2-13b" => llama(name, 5120, 13824, 40, 40, 40, 32000, 4096, 1e-5, 10_000.0),
+        "llama2-70b" => llama(name, 8192, 28672, 80, 64, 8, 32000, 4096, 1e-5, 10_000.0),
+        "llama3-8b" => llama(name, 4096, 14336, 32, 32, 8, 128256, 8192, 1e-5, 500_000.0),
+        "llama3-70b" => llama(name, 8192, 28672, 80, 64, 8, 128256, 8192, 1e-5, 500_000.0),
+        "llama3.1-8b" => llama(name, 4096, 14336, 32, 32, 8, 128256, 131072, 1e-5, 500_000.0),
+        "llama3.1-70b" => llama(name, 8192, 28672, 80, 64, 8, 128256, 131072, 1e-5, 500_000.0),
+        "llama3.1-405b" => {
+            llama(name, 16384, 53248, 126, 128, 8, 128256, 131072, 1e-5, 500_000.0)
+        }
+        "gpt-mini" => gpt(name, 2, 64, 4, 256, 64),
+        "gpt2" => gpt(name, 12, 768, 12, 50257, 1024),
+        "gpt2-medium" => gpt(name, 24, 1024, 16, 50257, 1024),
+        "gpt2-large" => gpt(name, 36, 1280, 20, 50257, 1024),
+        "gpt2-xl" => gpt(name, 48, 1600, 25, 50257, 1024),
+        "gpt3-175b" => gpt(name, 96, 12288, 96, 50257, 2048),
+        _ => {
+            return Err(ConfigError::Inconsistent {
+                origin: format!("--model {name}"),
+                what: format!(
+                    "unknown preset (known presets: {}; or pass a path to a HuggingFace config.json)",
+                    PRESETS.join(", ")
+                ),
+            });
+        }
+    };
+    Ok(cfg)
+}
+
+/// A preset name, or a path to a HuggingFace `config.json` (any argument
+/// that names an existing file or ends in `.json`).
+pub fn load_model(spec: &str) -> Result<ModelConfig, ConfigError> {
+    let path = Path::new(spec);
+    if spec.ends_with(".json") || path.is_file() {
+        ModelConfig::from_hf_file(path)
+    } else {
+        preset(spec)
+    }
+}
+
+/// Traces one training step's forward graph of `model`, ending in the loss.
+pub fn trace_model(
+    model: &ModelConfig,
+    options: &TraceOptions,
+    registry: &Registry,
+) -> Result<Graph, TraceError> {
+    model
+        .validate()
+        .map_err(|e| TraceError::Option(e.to_string()))?;
+    let seq = options.seq_len.unwrap_or_else(|| model.default_seq_len());
+    if options.batch == 0 {
+        return Err(TraceError::Option("--batch must be at least 1".into()));
+    }
+    if seq == 0 {
+        return Err(TraceError::Option("--seq-len must be at least 1".into()));
+    }
+    let mut tracer = Tracer::new(model.name(), registry);
+    match model {
+        ModelConfig::Llama(c) => llama::trace(&mut tracer, c, options.batch, seq, options.dtype)?,
+        ModelConfig::Gpt(c) => {
+            if seq > c.n_positions {
+                return Err(TraceError::Option(format!(
+                    "--seq-len {seq} exceeds the {} learned positions of {}",
+                    c.n_positions, c.name
+                )));
+            }
+            gpt::trace(&mut tracer, c, options.batch, seq, options.dtype)?
+        }
+    }
+    tracer.finish()
+}

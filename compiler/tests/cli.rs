@@ -1,0 +1,87 @@
+//! The `autopart` binary: JSON output and clean failures on bad input.
+
+use std::process::{Command, Output};
+
+fn autopart(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_autopart"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn json(args: &[&str]) -> serde_json::Value {
+    let out = autopart(args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+}
+
+/// Runs a command that must fail cleanly: non-zero exit, an `error:` line
+/// containing `needle`, and no panic.
+fn fails_with(args: &[&str], needle: &str) {
+    let out = autopart(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("error:"), "{stderr}");
+    assert!(stderr.contains(needle), "{stderr} lacks {needle}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn trace_json_has_exact_params_and_flops() {
+    for (model, params, layers) in [
+        ("llama3-8b", 8_030_261_248u64, 32u64),
+        ("llama2-7b", 6_738_415_616, 32),
+        ("llama3-70b", 70_553_706_496, 80),
+    ] {
+        let v = json(&["trace", "--model", model, "--seq-len", "2048", "--json"]);
+        assert_eq!(v["params"].as_u64(), Some(params), "{model}");
+        assert_eq!(v["n_layers"].as_u64(), Some(layers), "{model}");
+        assert!(v["n_ops"].as_u64().unwrap_or(0) > 20 * layers, "{model}");
+        let fpt = v["flops_per_token"].as_f64().unwrap_or(0.0);
+        // At least 6 x non-embedding parameters, at most 6 x all plus attention.
+        assert!(fpt > 6.0 * (params as f64) * 0.8, "{model}: {fpt}");
+        assert!(fpt < 6.0 * (params as f64) * 1.5, "{model}: {fpt}");
+    }
+}
+
+#[test]
+fn trace_summary_and_graph_dump_are_readable() {
+    let out = autopart(&["trace", "--model", "llama-mini", "--dump-graph"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("graph llama-mini"), "{text}");
+    assert!(text.contains("layers.3.mlp.down_proj = linear("), "{text}");
+    assert!(text.contains("training FLOPs per token"), "{text}");
+    assert!(text.contains("total"), "{text}");
+}
+
+#[test]
+fn bad_inputs_fail_cleanly() {
+    fails_with(&["trace", "--model", "llama9-1t"], "known presets: llama-mini");
+    fails_with(
+        &["trace", "--model", "/nonexistent/config.json"],
+        "/nonexistent/config.json",
+    );
+    fails_with(&["trace", "--model", "gpt-mini", "--seq-len", "100"], "exceeds");
+    fails_with(
+        &["trace", "--model", "llama-mini", "--annotations", "/nonexistent.ron"],
+        "/nonexistent.ron",
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bad = dir.path().join("bad.ron");
+    std::fs::write(&bad, "[\n  (name: \"my_op\", annotations: [\"b l d^ -> b l q\"], flops: Profile, attrs: [], implementation: None, doc: \"\"),\n]\n")
+        .expect("write");
+    let bad = bad.to_string_lossy().to_string();
+    // The output identifier `q` does not appear in any input.
+    fails_with(&["trace", "--model", "llama-mini", "--annotations", &bad], "bad.ron:2:");
+    let cfg = dir.path().join("config.json");
+    std::fs::write(&cfg, r#"{"model_type": "llama", "hidden_size": 64}"#).expect("write");
+    fails_with(
+        &["trace", "--model", &cfg.to_string_lossy()],
+        "missing field 'intermediate_size'",
+    );
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace on a fresh or prepared machine:
+# installs what is missing (scripts/setup.sh), then the test suites.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bash scripts/setup.sh
+source scripts/env.sh
+echo "[test] cargo fmt --check" >&2
+cargo fmt --all -- --check
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast
+else
+  cargo test --workspace --no-fail-fast
+fi
