@@ -14,9 +14,10 @@ mod registry;
 mod rule;
 
 pub use ast::{Annotation, Dim, Factor, Mark, Shape};
-pub use bind::{BindError, Binding};
+pub use bind::{BindError, Binding, Side, TensorRef};
 pub use parse::{ParseError, parse_annotation};
 pub use registry::{
-    AttrSpec, FlopsSpec, ImplSpec, OpSignature, Registry, RegistryError, builtin_registry,
+    AttrKind, AttrSpec, FlopsSpec, Formula, FormulaError, ImplSpec, Location, OpSignature,
+    Registry, RegistryError, builtin_registry,
 };
 pub use rule::{Layout, PartitionError, PartitionRule, partition};
