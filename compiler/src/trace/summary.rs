@@ -171,7 +171,7 @@ impl fmt::Display for Summary {
             "    {:<12} {:>14}   ({})",
             "total",
             self.params,
-            si(self.params as f64).trim_end()
+            si(self.params as f64).trim_end().replace('G', "B")
         )?;
         writeln!(f)?;
         writeln!(

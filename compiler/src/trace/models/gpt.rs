@@ -29,7 +29,7 @@ pub(super) fn trace(
         t.set_layer(Some(u32::try_from(i).unwrap_or(u32::MAX)));
         let p = |s: &str| format!("transformer.h.{i}.{s}");
         let n = |s: &str| format!("h.{i}.{s}");
-        let mut linear = |t: &mut Tracer<'_>, x, site: &str, n_out: u64, n_in: u64| {
+        let linear = |t: &mut Tracer<'_>, x, site: &str, n_out: u64, n_in: u64| {
             let w = t.param(&p(&format!("{site}.weight")), &[n_out, n_in], dtype);
             let b = t.param(&p(&format!("{site}.bias")), &[n_out], dtype);
             t.op(OpKind::LinearBias, &n(site), &[x, w, b], &[])
