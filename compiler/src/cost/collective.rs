@@ -400,6 +400,92 @@ mod tests {
         assert_close(t, GIB / be + le);
     }
 
+    /// Every group of an axis of `n` ranks with stride `s` on nodes of `d`,
+    /// as the node index of each member.
+    fn member_nodes(n: u32, s: u32, d: u32) -> Vec<Vec<u32>> {
+        let world = n * s * d;
+        (0..world / (n * s))
+            .flat_map(|block| (0..s).map(move |j| (block, j)))
+            .map(|(block, j)| (0..n).map(|i| (block * n * s + j + i * s) / d).collect())
+            .collect()
+    }
+
+    #[test]
+    fn placement_agrees_with_enumerating_the_groups() {
+        let mut cluster = a100();
+        for d in 1..=12 {
+            cluster.devices_per_node = d;
+            for n in 1..=12 {
+                for s in 1..=20 {
+                    let group = Group::placed(&cluster, n, s);
+                    let groups = member_nodes(n, s, d);
+                    let all_intra = groups
+                        .iter()
+                        .all(|nodes| nodes.iter().all(|&x| x == nodes[0]));
+                    let case = format!("n={n} s={s} d={d}: {group:?}");
+                    assert_eq!(group.level() == LinkLevel::IntraNode, all_intra, "{case}");
+                    assert_eq!(group.size(), n, "{case}");
+                    let k = group.ranks_per_node();
+                    if !all_intra && k > 1 {
+                        // Hierarchical: every group has exactly k members on each node it touches.
+                        for nodes in &groups {
+                            for &node in nodes {
+                                let here = nodes.iter().filter(|&&x| x == node).count();
+                                assert_eq!(here, k as usize, "{case}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn spanning_nodes_costs_between_one_node_and_a_flat_ring() {
+        // For every preset and collective: a group of n = k·m ranks costs at
+        // most a flat ring with one rank per node, more bytes never cost
+        // less, and for large messages it costs at least as much as n ranks
+        // in one node. (For tiny messages the hierarchical algorithm takes
+        // fewer latency steps than one ring of n, so it may be cheaper.)
+        for name in crate::cost::cluster::preset_names() {
+            let cluster = load_cluster(name).expect("preset loads");
+            let d = cluster.devices_per_node;
+            for collective in [
+                Collective::AllReduce,
+                Collective::AllGather,
+                Collective::ReduceScatter,
+                Collective::AllToAll,
+                Collective::Broadcast,
+                Collective::SendRecv,
+            ] {
+                for k in (1..=d).filter(|k| d % k == 0) {
+                    for m in [2, 3, 8, 64] {
+                        let n = k * m;
+                        let hier = Group::across_nodes(n, k).expect("k divides n");
+                        let flat = Group::across_nodes(n, 1).expect("1 divides n");
+                        let mut previous_s = 0.0;
+                        for bytes in [1.0, 1e6, 1e9, 1e10] {
+                            let t = |g: &Group| collective_time(&cluster, collective, g, bytes);
+                            let case = format!("{name} {collective:?} k={k} m={m} bytes={bytes}");
+                            let (intra_s, hier_s, flat_s) =
+                                (t(&Group::within_node(n)), t(&hier), t(&flat));
+                            assert!(
+                                bytes < 1e9 || intra_s <= hier_s * (1.0 + 1e-12),
+                                "{case}: {intra_s} > {hier_s}"
+                            );
+                            assert!(
+                                hier_s <= flat_s * (1.0 + 1e-12),
+                                "{case}: {hier_s} > {flat_s}"
+                            );
+                            assert!(hier_s >= previous_s, "{case}");
+                            previous_s = hier_s;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn trn1_fits_tp32_in_a_node() {
         let cluster = load_cluster("trn1").expect("trn1 preset loads");
