@@ -218,37 +218,72 @@ impl Cluster {
     /// Checks every field; reports all invalid fields at once, each by its
     /// path in the RON file.
     pub fn validate(&self, origin: &str) -> Result<(), ClusterError> {
+        // Checked in file order, so the report reads top to bottom.
         let mut problems = Vec::new();
-        let mut positive = |field: &'static str, value: f64| {
-            if !(value.is_finite() && value > 0.0) {
-                problems.push(InvalidField {
-                    field,
-                    reason: format!("must be a positive finite number, got {value}"),
-                });
+        let mut check = |field: &'static str, ok: bool, reason: String| {
+            if !ok {
+                problems.push(InvalidField { field, reason });
             }
         };
-        positive("peak_flops_per_s.bf16", self.peak_flops_per_s.bf16);
-        positive("peak_flops_per_s.fp16", self.peak_flops_per_s.fp16);
-        positive("peak_flops_per_s.fp32", self.peak_flops_per_s.fp32);
-        positive("hbm_bytes_per_s", self.hbm_bytes_per_s);
-        positive(
-            "intra_node.bandwidth_bytes_per_s",
-            self.intra_node.bandwidth_bytes_per_s,
+        let positive = |value: f64| value.is_finite() && value > 0.0;
+        let must_be_positive =
+            |value: f64| format!("must be a positive finite number, got {value}");
+
+        check(
+            "devices_per_node",
+            self.devices_per_node > 0,
+            "must be at least 1".to_owned(),
         );
-        positive(
-            "inter_node.bandwidth_bytes_per_s",
-            self.inter_node.bandwidth_bytes_per_s,
-        );
+        let peaks = &self.peak_flops_per_s;
         for (field, value) in [
-            ("intra_node.latency_s", self.intra_node.latency_s),
-            ("inter_node.latency_s", self.inter_node.latency_s),
+            ("peak_flops_per_s.bf16", peaks.bf16),
+            ("peak_flops_per_s.fp16", peaks.fp16),
+            ("peak_flops_per_s.fp32", peaks.fp32),
         ] {
-            if !(value.is_finite() && value >= 0.0) {
-                problems.push(InvalidField {
-                    field,
-                    reason: format!("must be a finite number of seconds >= 0, got {value}"),
-                });
-            }
+            check(field, positive(value), must_be_positive(value));
+        }
+        check(
+            "memory_bytes",
+            self.memory_bytes > 0,
+            "must be at least 1".to_owned(),
+        );
+        check(
+            "memory_reserve_bytes",
+            self.memory_bytes == 0 || self.memory_reserve_bytes < self.memory_bytes,
+            format!(
+                "must be less than memory_bytes ({}), got {}",
+                self.memory_bytes, self.memory_reserve_bytes
+            ),
+        );
+        check(
+            "hbm_bytes_per_s",
+            positive(self.hbm_bytes_per_s),
+            must_be_positive(self.hbm_bytes_per_s),
+        );
+        for (bandwidth_field, latency_field, link) in [
+            (
+                "intra_node.bandwidth_bytes_per_s",
+                "intra_node.latency_s",
+                &self.intra_node,
+            ),
+            (
+                "inter_node.bandwidth_bytes_per_s",
+                "inter_node.latency_s",
+                &self.inter_node,
+            ),
+        ] {
+            let bandwidth = link.bandwidth_bytes_per_s;
+            check(
+                bandwidth_field,
+                positive(bandwidth),
+                must_be_positive(bandwidth),
+            );
+            let latency = link.latency_s;
+            check(
+                latency_field,
+                latency.is_finite() && latency >= 0.0,
+                format!("must be a finite number of seconds >= 0, got {latency}"),
+            );
         }
         let eff = &self.efficiency;
         for (field, value) in [
@@ -258,33 +293,12 @@ impl Cluster {
             ("efficiency.attention", eff.attention),
         ] {
             if let Some(value) = value {
-                if !(value > 0.0 && value <= 1.0) {
-                    problems.push(InvalidField {
-                        field,
-                        reason: format!("must be in (0, 1], got {value}"),
-                    });
-                }
+                check(
+                    field,
+                    value > 0.0 && value <= 1.0,
+                    format!("must be in (0, 1], got {value}"),
+                );
             }
-        }
-        if self.devices_per_node == 0 {
-            problems.push(InvalidField {
-                field: "devices_per_node",
-                reason: "must be at least 1".to_owned(),
-            });
-        }
-        if self.memory_bytes == 0 {
-            problems.push(InvalidField {
-                field: "memory_bytes",
-                reason: "must be at least 1".to_owned(),
-            });
-        } else if self.memory_reserve_bytes >= self.memory_bytes {
-            problems.push(InvalidField {
-                field: "memory_reserve_bytes",
-                reason: format!(
-                    "must be less than memory_bytes ({}), got {}",
-                    self.memory_bytes, self.memory_reserve_bytes
-                ),
-            });
         }
         if problems.is_empty() {
             Ok(())
@@ -555,7 +569,7 @@ mod tests {
         cluster.efficiency.attention = Some(0.0);
         cluster.memory_reserve_bytes = cluster.memory_bytes;
         let err = cluster.validate("bad.ron").expect_err("invalid");
-        expect![[r#"bad.ron: invalid cluster: `inter_node.bandwidth_bytes_per_s` must be a positive finite number, got 0; `efficiency.matmul` must be in (0, 1], got 1.2; `efficiency.attention` must be in (0, 1], got 0; `devices_per_node` must be at least 1; `memory_reserve_bytes` must be less than memory_bytes (85899345920), got 85899345920"#]]
+        expect!["bad.ron: invalid cluster: `devices_per_node` must be at least 1; `memory_reserve_bytes` must be less than memory_bytes (85899345920), got 85899345920; `inter_node.bandwidth_bytes_per_s` must be a positive finite number, got 0; `efficiency.matmul` must be in (0, 1], got 1.2; `efficiency.attention` must be in (0, 1], got 0"]
         .assert_eq(&err.to_string());
     }
 }
