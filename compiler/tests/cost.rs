@@ -3,9 +3,11 @@
 
 use std::fs;
 
+use autopart::ir::DType;
+
 use autopart::cost::{
-    Cluster, ClusterError, Collective, ComputeKind, Dtype, LinkLevel, collective_time,
-    compute_time, load_cluster, mesh_groups,
+    Cluster, ClusterError, Collective, ComputeKind, LinkLevel, collective_time, compute_time,
+    load_cluster, mesh_groups,
 };
 
 const A100_RON: &str = include_str!("../clusters/a100-80gb.ron");
@@ -98,7 +100,7 @@ fn a_llama_layer_step_on_a100s_adds_up() {
     let cluster: Cluster = load_cluster("a100-80gb").expect("preset loads");
     let flops = 2.0 * 8192.0 * 4096.0 * 14336.0 / 8.0;
     let bytes = 2.0 * (8192.0 * 4096.0 + 4096.0 * 14336.0 / 8.0 + 8192.0 * 14336.0 / 8.0);
-    let matmul_s = compute_time(&cluster, flops, bytes, ComputeKind::Matmul, Dtype::Bf16);
+    let matmul_s = compute_time(&cluster, flops, bytes, ComputeKind::Matmul, DType::Bf16);
     assert!((matmul_s - 0.4818e-3).abs() < 1e-7, "{matmul_s}");
 
     let groups = mesh_groups(&cluster, &[8, 8]);

@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::ir::DType;
+
 /// Built-in presets: name and RON text, embedded at build time.
 const PRESETS: &[(&str, &str)] = &[
     ("a100-80gb", include_str!("../../clusters/a100-80gb.ron")),
@@ -125,42 +127,14 @@ pub struct Efficiency {
     pub attention: Option<f64>,
 }
 
-/// Element types the cost model knows peak rates for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Dtype {
-    Bf16,
-    Fp16,
-    Fp32,
-}
-
-impl Dtype {
-    /// Bytes per element.
-    pub fn size_bytes(self) -> u64 {
-        match self {
-            Dtype::Bf16 | Dtype::Fp16 => 2,
-            Dtype::Fp32 => 4,
-        }
-    }
-}
-
-impl fmt::Display for Dtype {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Dtype::Bf16 => "bf16",
-            Dtype::Fp16 => "fp16",
-            Dtype::Fp32 => "fp32",
-        })
-    }
-}
-
 impl PeakFlops {
-    /// Peak FLOP/s for `dtype`.
-    pub fn for_dtype(&self, dtype: Dtype) -> f64 {
+    /// Peak FLOP/s for `dtype`. Integer ops (index arithmetic, gathers) run
+    /// on the same vector units as fp32 and are priced at the fp32 rate.
+    pub fn for_dtype(&self, dtype: DType) -> f64 {
         match dtype {
-            Dtype::Bf16 => self.bf16,
-            Dtype::Fp16 => self.fp16,
-            Dtype::Fp32 => self.fp32,
+            DType::Bf16 => self.bf16,
+            DType::F16 => self.fp16,
+            DType::F32 | DType::I64 => self.fp32,
         }
     }
 }
@@ -333,9 +307,13 @@ impl fmt::Display for Cluster {
             "cluster {}: {} devices per node",
             self.name, self.devices_per_node
         )?;
-        for dtype in [Dtype::Bf16, Dtype::Fp16, Dtype::Fp32] {
-            let peak = self.peak_flops_per_s.for_dtype(dtype);
-            writeln!(f, "  peak {dtype}        {}", scaled(peak, "FLOP/s"))?;
+        let peaks = &self.peak_flops_per_s;
+        for (label, peak) in [
+            ("bf16", peaks.bf16),
+            ("fp16", peaks.fp16),
+            ("fp32", peaks.fp32),
+        ] {
+            writeln!(f, "  peak {label}        {}", scaled(peak, "FLOP/s"))?;
         }
         writeln!(
             f,

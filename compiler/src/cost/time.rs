@@ -5,7 +5,8 @@
 //! op's annotation and shapes belongs to the caller; communication belongs to
 //! [`super::collective`].
 
-use super::cluster::{Cluster, Dtype, Efficiency};
+use super::cluster::{Cluster, Efficiency};
+use crate::ir::DType;
 
 /// Which achieved rate an op runs at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -42,7 +43,7 @@ pub fn compute_time(
     flops: f64,
     bytes: f64,
     kind: ComputeKind,
-    dtype: Dtype,
+    dtype: DType,
 ) -> f64 {
     let eff = &cluster.efficiency;
     let flops_s = flops / (cluster.peak_flops_per_s.for_dtype(dtype) * eff.compute(kind));
@@ -74,7 +75,7 @@ mod tests {
         let n = 8192.0_f64;
         let flops = 2.0 * n * n * n;
         let bytes = 3.0 * n * n * 2.0;
-        let t = compute_time(&a100(), flops, bytes, ComputeKind::Matmul, Dtype::Bf16);
+        let t = compute_time(&a100(), flops, bytes, ComputeKind::Matmul, DType::Bf16);
         assert_close(t, flops / (312e12 * 0.8));
         assert!((t - 4.405e-3).abs() < 1e-6, "{t}");
     }
@@ -91,7 +92,7 @@ mod tests {
             8.0 * elements,
             bytes,
             ComputeKind::MemoryBound,
-            Dtype::Bf16,
+            DType::Bf16,
         );
         assert_close(t, (1u64 << 30) as f64 / (2.039e12 * 0.8));
         assert!((t - 0.658e-3).abs() < 1e-6, "{t}");
@@ -101,25 +102,25 @@ mod tests {
     fn attention_uses_its_own_efficiency_or_matmuls() {
         let mut cluster = a100();
         let flops = 1e12;
-        let t = compute_time(&cluster, flops, 0.0, ComputeKind::Attention, Dtype::Bf16);
+        let t = compute_time(&cluster, flops, 0.0, ComputeKind::Attention, DType::Bf16);
         assert_close(t, flops / (312e12 * 0.6));
         cluster.efficiency.attention = None;
-        let t = compute_time(&cluster, flops, 0.0, ComputeKind::Attention, Dtype::Bf16);
+        let t = compute_time(&cluster, flops, 0.0, ComputeKind::Attention, DType::Bf16);
         assert_close(t, flops / (312e12 * 0.8));
     }
 
     #[test]
     fn dtype_selects_the_peak() {
         let cluster = a100();
-        let t32 = compute_time(&cluster, 1e12, 0.0, ComputeKind::Matmul, Dtype::Fp32);
+        let t32 = compute_time(&cluster, 1e12, 0.0, ComputeKind::Matmul, DType::F32);
         assert_close(t32, 1e12 / (19.5e12 * 0.8));
-        let t16 = compute_time(&cluster, 1e12, 0.0, ComputeKind::Matmul, Dtype::Fp16);
+        let t16 = compute_time(&cluster, 1e12, 0.0, ComputeKind::Matmul, DType::F16);
         assert_close(t16, 1e12 / (312e12 * 0.8));
     }
 
     #[test]
     fn no_work_takes_no_time() {
-        let t = compute_time(&a100(), 0.0, 0.0, ComputeKind::Matmul, Dtype::Bf16);
+        let t = compute_time(&a100(), 0.0, 0.0, ComputeKind::Matmul, DType::Bf16);
         assert_eq!(t, 0.0);
     }
 }
