@@ -6,5 +6,6 @@
 
 pub mod anno;
 pub mod cli;
+pub mod cost;
 pub mod ir;
 pub mod trace;

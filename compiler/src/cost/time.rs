@@ -1,0 +1,126 @@
+//! Roofline time of one op on one device.
+//!
+//! This module owns the conversion of an op's FLOPs and bytes moved into
+//! seconds on a [`Cluster`] device. Counting those FLOPs and bytes from an
+//! op's annotation and shapes belongs to the caller; communication belongs to
+//! [`super::collective`].
+
+use super::cluster::{Cluster, Efficiency};
+use crate::ir::DType;
+
+/// Which achieved rate an op runs at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ComputeKind {
+    /// GEMMs and batched GEMMs: `efficiency.matmul` of peak FLOP/s.
+    Matmul,
+    /// Element-wise ops, norms, softmax, copies: bound by HBM bandwidth.
+    MemoryBound,
+    /// Fused attention kernels: `efficiency.attention` of peak FLOP/s
+    /// (`efficiency.matmul` when the cluster gives none).
+    Attention,
+}
+
+impl Efficiency {
+    /// Achieved fraction of peak FLOP/s for ops of `kind`. Memory-bound ops
+    /// use the matmul fraction: their FLOPs term only matters if an op was
+    /// misclassified, and then the tensor-core rate is the optimistic bound.
+    pub fn compute(&self, kind: ComputeKind) -> f64 {
+        match kind {
+            ComputeKind::Matmul | ComputeKind::MemoryBound => self.matmul,
+            ComputeKind::Attention => self.attention.unwrap_or(self.matmul),
+        }
+    }
+}
+
+/// Seconds one device of `cluster` needs for an op doing `flops` floating
+/// point operations in `dtype` and moving `bytes` to and from device memory:
+///
+/// `max(flops / (peak(dtype) · eff(kind)), bytes / (hbm · eff.memory_bound))`
+///
+/// Zero work takes zero time.
+pub fn compute_time(
+    cluster: &Cluster,
+    flops: f64,
+    bytes: f64,
+    kind: ComputeKind,
+    dtype: DType,
+) -> f64 {
+    let eff = &cluster.efficiency;
+    let flops_s = flops / (cluster.peak_flops_per_s.for_dtype(dtype) * eff.compute(kind));
+    let bytes_s = bytes / (cluster.hbm_bytes_per_s * eff.memory_bound);
+    flops_s.max(bytes_s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cost::cluster::load_cluster;
+
+    fn a100() -> Cluster {
+        load_cluster("a100-80gb").expect("a100-80gb preset loads")
+    }
+
+    fn assert_close(got: f64, want: f64) {
+        assert!(
+            (got - want).abs() <= 1e-9 * want.abs().max(1e-12),
+            "got {got}, want {want}"
+        );
+    }
+
+    #[test]
+    fn large_gemm_is_compute_bound() {
+        // 8192^3 GEMM in bf16: 2·8192³ = 1.0995e12 FLOP; operands and result
+        // 3·8192²·2 B = 402.7 MB. Compute: 1.0995e12 / (312e12 · 0.8)
+        // = 4.405 ms; memory: 4.027e8 / (2.039e12 · 0.8) = 0.247 ms.
+        let n = 8192.0_f64;
+        let flops = 2.0 * n * n * n;
+        let bytes = 3.0 * n * n * 2.0;
+        let t = compute_time(&a100(), flops, bytes, ComputeKind::Matmul, DType::Bf16);
+        assert_close(t, flops / (312e12 * 0.8));
+        assert!((t - 4.405e-3).abs() < 1e-6, "{t}");
+    }
+
+    #[test]
+    fn elementwise_op_is_memory_bound() {
+        // GELU over 2^28 bf16 elements: read and write 2^28 · 2 B each = 1 GiB
+        // moved; about 8 FLOP per element = 2.1e9 FLOP. Memory: 2^30 /
+        // (2.039e12 · 0.8) = 0.658 ms, far above the compute term.
+        let elements = (1u64 << 28) as f64;
+        let bytes = elements * 2.0 * 2.0;
+        let t = compute_time(
+            &a100(),
+            8.0 * elements,
+            bytes,
+            ComputeKind::MemoryBound,
+            DType::Bf16,
+        );
+        assert_close(t, (1u64 << 30) as f64 / (2.039e12 * 0.8));
+        assert!((t - 0.658e-3).abs() < 1e-6, "{t}");
+    }
+
+    #[test]
+    fn attention_uses_its_own_efficiency_or_matmuls() {
+        let mut cluster = a100();
+        let flops = 1e12;
+        let t = compute_time(&cluster, flops, 0.0, ComputeKind::Attention, DType::Bf16);
+        assert_close(t, flops / (312e12 * 0.6));
+        cluster.efficiency.attention = None;
+        let t = compute_time(&cluster, flops, 0.0, ComputeKind::Attention, DType::Bf16);
+        assert_close(t, flops / (312e12 * 0.8));
+    }
+
+    #[test]
+    fn dtype_selects_the_peak() {
+        let cluster = a100();
+        let t32 = compute_time(&cluster, 1e12, 0.0, ComputeKind::Matmul, DType::F32);
+        assert_close(t32, 1e12 / (19.5e12 * 0.8));
+        let t16 = compute_time(&cluster, 1e12, 0.0, ComputeKind::Matmul, DType::F16);
+        assert_close(t16, 1e12 / (312e12 * 0.8));
+    }
+
+    #[test]
+    fn no_work_takes_no_time() {
+        let t = compute_time(&a100(), 0.0, 0.0, ComputeKind::Matmul, DType::Bf16);
+        assert_eq!(t, 0.0);
+    }
+}
