@@ -61,14 +61,26 @@ fn trace_summary_and_graph_dump_are_readable() {
 
 #[test]
 fn bad_inputs_fail_cleanly() {
-    fails_with(&["trace", "--model", "llama9-1t"], "known presets: llama-mini");
+    fails_with(
+        &["trace", "--model", "llama9-1t"],
+        "known presets: llama-mini",
+    );
     fails_with(
         &["trace", "--model", "/nonexistent/config.json"],
         "/nonexistent/config.json",
     );
-    fails_with(&["trace", "--model", "gpt-mini", "--seq-len", "100"], "exceeds");
     fails_with(
-        &["trace", "--model", "llama-mini", "--annotations", "/nonexistent.ron"],
+        &["trace", "--model", "gpt-mini", "--seq-len", "100"],
+        "exceeds",
+    );
+    fails_with(
+        &[
+            "trace",
+            "--model",
+            "llama-mini",
+            "--annotations",
+            "/nonexistent.ron",
+        ],
         "/nonexistent.ron",
     );
     let dir = tempfile::tempdir().expect("temp dir");
@@ -77,7 +89,10 @@ fn bad_inputs_fail_cleanly() {
         .expect("write");
     let bad = bad.to_string_lossy().to_string();
     // The output identifier `q` does not appear in any input.
-    fails_with(&["trace", "--model", "llama-mini", "--annotations", &bad], "bad.ron:2:");
+    fails_with(
+        &["trace", "--model", "llama-mini", "--annotations", &bad],
+        "bad.ron:2:",
+    );
     let cfg = dir.path().join("config.json");
     std::fs::write(&cfg, r#"{"model_type": "llama", "hidden_size": 64}"#).expect("write");
     fails_with(

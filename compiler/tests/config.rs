@@ -76,7 +76,16 @@ fn tied_llama_config_has_no_separate_head() {
 fn missing_field_is_named() {
     let err = parse(&llama_with("hidden_size", None)).expect_err("missing");
     let msg = err.to_string();
-    assert!(matches!(err, ConfigError::Missing { field: "hidden_size", .. }), "{msg}");
+    assert!(
+        matches!(
+            err,
+            ConfigError::Missing {
+                field: "hidden_size",
+                ..
+            }
+        ),
+        "{msg}"
+    );
     assert!(msg.contains("models/test/config.json"), "{msg}");
 }
 
@@ -103,7 +112,8 @@ fn hidden_not_divisible_by_heads_is_an_error() {
             .contains("hidden_size 4096 is not divisible by num_attention_heads 30"),
         "{err}"
     );
-    let gpt = r#"{"model_type": "gpt2", "n_embd": 100, "n_layer": 2, "n_head": 3, "vocab_size": 10}"#;
+    let gpt =
+        r#"{"model_type": "gpt2", "n_embd": 100, "n_layer": 2, "n_head": 3, "vocab_size": 10}"#;
     let err = parse(gpt).expect_err("100 % 3");
     assert!(
         err.to_string()
@@ -124,7 +134,8 @@ fn kv_heads_must_divide_heads() {
 
 #[test]
 fn malformed_json_has_line_and_column() {
-    let err = parse("{\n  \"model_type\": \"llama\",\n  \"hidden_size\": 4096,,\n}").expect_err("bad json");
+    let err = parse("{\n  \"model_type\": \"llama\",\n  \"hidden_size\": 4096,,\n}")
+        .expect_err("bad json");
     let msg = err.to_string();
     assert!(msg.starts_with("models/test/config.json:3:"), "{msg}");
     assert!(matches!(err, ConfigError::Json { line: 3, .. }), "{msg}");
@@ -137,11 +148,18 @@ fn unsupported_model_type_lists_the_supported() {
         err.to_string(),
         "models/test/config.json: model_type 'mamba' is not supported (supported: llama, gpt2)"
     );
-    assert!(matches!(parse("[1, 2]"), Err(ConfigError::NotObject { .. })));
+    assert!(matches!(
+        parse("[1, 2]"),
+        Err(ConfigError::NotObject { .. })
+    ));
 }
 
 #[test]
 fn unreadable_file_is_an_error() {
-    let err = ModelConfig::from_hf_file(Path::new("/nonexistent/config.json")).expect_err("no file");
-    assert!(err.to_string().contains("/nonexistent/config.json"), "{err}");
+    let err =
+        ModelConfig::from_hf_file(Path::new("/nonexistent/config.json")).expect_err("no file");
+    assert!(
+        err.to_string().contains("/nonexistent/config.json"),
+        "{err}"
+    );
 }

@@ -68,9 +68,8 @@ fn every_preset_traces_and_verifies() {
         assert_eq!(graph.topo_order().expect("acyclic").last(), Some(&last_id));
         // Every layer has the same op sequence: the search solves one layer
         // and reuses it.
-        let kinds = |l: u32| -> Vec<OpKind> {
-            graph.layer_ops(l).map(|(_, o)| o.kind.clone()).collect()
-        };
+        let kinds =
+            |l: u32| -> Vec<OpKind> { graph.layer_ops(l).map(|(_, o)| o.kind.clone()).collect() };
         for l in 1..graph.n_layers() {
             assert_eq!(kinds(l), kinds(0), "{name} layer {l}");
         }

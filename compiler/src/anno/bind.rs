@@ -33,7 +33,9 @@ impl Binding {
 
     /// The lengths of the dims every `*` expands to.
     pub fn star_sizes(&self) -> Vec<Option<u64>> {
-        (0..self.star_rank).map(|i| self.size(&star_key(i))).collect()
+        (0..self.star_rank)
+            .map(|i| self.size(&star_key(i)))
+            .collect()
     }
 }
 
@@ -118,7 +120,9 @@ pub enum BindError {
         factors: String,
         found: u64,
     },
-    #[error("attribute '{name}' = {value} cannot be the length of a dim; expected a non-negative integer")]
+    #[error(
+        "attribute '{name}' = {value} cannot be the length of a dim; expected a non-negative integer"
+    )]
     BadAttr { name: String, value: i64 },
     #[error("output {index}: no size for '{name}' in the binding")]
     Unsized { index: usize, name: String },
@@ -170,7 +174,12 @@ impl Annotation {
     /// a non-tensor argument, which only `?` accepts).
     pub fn matches_ranks(&self, inputs: &[Option<usize>]) -> bool {
         inputs.len() == self.inputs.len()
-            && star_rank(self.inputs.iter().zip(inputs.iter().copied()), Side::Input, None).is_ok()
+            && star_rank(
+                self.inputs.iter().zip(inputs.iter().copied()),
+                Side::Input,
+                None,
+            )
+            .is_ok()
     }
 
     /// Every identifier with its mark, in order of first appearance.
@@ -312,9 +321,12 @@ impl Annotation {
         let mut u = Unifier::default();
         for (name, _) in self.ids() {
             if let Some(&value) = attrs.get(name) {
-                let size =
-                    u64::try_from(value).map_err(|_| BindError::BadAttr { name: name.into(), value })?;
-                u.known.insert(name.into(), (size, Origin::Attr(name.into())));
+                let size = u64::try_from(value).map_err(|_| BindError::BadAttr {
+                    name: name.into(),
+                    value,
+                })?;
+                u.known
+                    .insert(name.into(), (size, Origin::Attr(name.into())));
             }
         }
 
@@ -329,13 +341,16 @@ impl Annotation {
             if is_scalar_one(dims) && sizes.is_empty() {
                 continue;
             }
-            for (dim, (slot, &len)) in expand(dims, star).into_iter().zip(sizes.iter()).enumerate() {
+            for (dim, (slot, &len)) in expand(dims, star).into_iter().zip(sizes.iter()).enumerate()
+            {
                 let at = (tensor, dim);
                 match slot {
                     Slot::Star(i) => u.unify(&star_key(i), len, at, "*")?,
                     Slot::Dim(Dim::Star) => {}
                     Slot::Dim(Dim::Single(f)) => u.unify_factor(f, len, at)?,
-                    Slot::Dim(d @ Dim::Group(factors)) => groups.push((tensor, dim, d, factors, len)),
+                    Slot::Dim(d @ Dim::Group(factors)) => {
+                        groups.push((tensor, dim, d, factors, len))
+                    }
                 }
             }
         }
@@ -513,16 +528,17 @@ impl Unifier {
     ) -> Result<(), BindError> {
         match self.known.get(key) {
             Some((expected, origin)) if *expected != len => Err(BindError::Mismatch {
-                    tensor,
-                    dim,
-                    written: written.into(),
-                    expected: *expected,
+                tensor,
+                dim,
+                written: written.into(),
+                expected: *expected,
                 reason: origin.to_string(),
                 found: len,
             }),
             Some(_) => Ok(()),
             None => {
-                self.known.insert(key.into(), (len, Origin::Dim(tensor, dim)));
+                self.known
+                    .insert(key.into(), (len, Origin::Dim(tensor, dim)));
                 Ok(())
             }
         }

@@ -59,7 +59,10 @@ impl FromStr for Annotation {
 #[derive(Clone, Debug, PartialEq)]
 enum Tok {
     /// A run of `[A-Za-z0-9_]`, with the mark that follows it without space.
-    Word { text: String, mark: Option<char> },
+    Word {
+        text: String,
+        mark: Option<char>,
+    },
     Star,
     Question,
     LParen,
@@ -450,7 +453,11 @@ impl fmt::Display for Annotation {
     }
 }
 
-fn write_joined<T: fmt::Display>(f: &mut fmt::Formatter<'_>, items: &[T], sep: &str) -> fmt::Result {
+fn write_joined<T: fmt::Display>(
+    f: &mut fmt::Formatter<'_>,
+    items: &[T],
+    sep: &str,
+) -> fmt::Result {
     for (i, item) in items.iter().enumerate() {
         if i > 0 {
             f.write_str(sep)?;

@@ -94,9 +94,13 @@ pub enum RegistryError {
         name: String,
         first: Location,
     },
-    #[error("unknown op '{name}': no annotation file registers it; add one with --annotations FILE")]
+    #[error(
+        "unknown op '{name}': no annotation file registers it; add one with --annotations FILE"
+    )]
     UnknownOp { name: String },
-    #[error("op '{name}' ({at}) has no annotation for input ranks {ranks}; expected one of: {alternatives}")]
+    #[error(
+        "op '{name}' ({at}) has no annotation for input ranks {ranks}; expected one of: {alternatives}"
+    )]
     NoMatch {
         name: String,
         at: Location,
@@ -237,25 +241,27 @@ impl Registry {
     /// Registers every op of one annotation file given as text; `file` names
     /// it in errors. On error nothing of the file is registered.
     pub fn load_str(&mut self, src: &str, file: &str) -> Result<(), RegistryError> {
-        let raw: Vec<RawOp> = ron::Options::default()
-            .from_str(src)
-            .map_err(|e| RegistryError::Syntax {
-                at: Location {
-                    file: file.into(),
-                    line: e.span.start.line,
-                    col: e.span.start.col,
-                },
-                message: lowercase_first(&e.code.to_string()),
-            })?;
+        let raw: Vec<RawOp> =
+            ron::Options::default()
+                .from_str(src)
+                .map_err(|e| RegistryError::Syntax {
+                    at: Location {
+                        file: file.into(),
+                        line: e.span.start.line,
+                        col: e.span.start.col,
+                    },
+                    message: lowercase_first(&e.code.to_string()),
+                })?;
         let mut locator = Locator::new(src, file);
         let mut loaded: Vec<(OpSignature, Location)> = Vec::new();
         for op in raw {
             let (sig, at) = check_op(op, &mut locator)?;
-            let first = self
-                .ops
-                .get(&sig.name)
-                .map(|(_, first)| first)
-                .or_else(|| loaded.iter().find(|(s, _)| s.name == sig.name).map(|(_, l)| l));
+            let first = self.ops.get(&sig.name).map(|(_, first)| first).or_else(|| {
+                loaded
+                    .iter()
+                    .find(|(s, _)| s.name == sig.name)
+                    .map(|(_, l)| l)
+            });
             if let Some(first) = first {
                 return Err(RegistryError::Duplicate {
                     at,
@@ -309,7 +315,11 @@ impl Registry {
 
     /// The annotation of op `name` for inputs of these ranks (`None`: a
     /// non-tensor argument).
-    pub fn resolve(&self, name: &str, ranks: &[Option<usize>]) -> Result<&Annotation, RegistryError> {
+    pub fn resolve(
+        &self,
+        name: &str,
+        ranks: &[Option<usize>],
+    ) -> Result<&Annotation, RegistryError> {
         let (sig, at) = self
             .ops
             .get(name)
@@ -734,8 +744,8 @@ fn scan_literals(src: &str) -> Vec<Literal> {
                         };
                         let mut k = start;
                         while k < chars.len() {
-                            let closes = at(k) == Some('"')
-                                && (1..=hashes).all(|h| at(k + h) == Some('#'));
+                            let closes =
+                                at(k) == Some('"') && (1..=hashes).all(|h| at(k + h) == Some('#'));
                             if closes {
                                 break;
                             }
@@ -807,9 +817,8 @@ fn scan_quoted(
                         match close {
                             Some(m) => {
                                 let hex: String = chars[k + 3..m].iter().map(|t| t.0).collect();
-                                let value = u32::from_str_radix(&hex, 16)
-                                    .ok()
-                                    .and_then(char::from_u32);
+                                let value =
+                                    u32::from_str_radix(&hex, 16).ok().and_then(char::from_u32);
                                 (value, m + 1 - k)
                             }
                             None => (None, 2),
@@ -934,7 +943,11 @@ impl Formula {
     }
 
     /// The value, with identifiers taken from `binding`, else from `attrs`.
-    pub fn eval(&self, binding: &Binding, attrs: &BTreeMap<String, i64>) -> Result<f64, RegistryError> {
+    pub fn eval(
+        &self,
+        binding: &Binding,
+        attrs: &BTreeMap<String, i64>,
+    ) -> Result<f64, RegistryError> {
         let err = |message: String| RegistryError::Eval {
             formula: self.src.clone(),
             message,

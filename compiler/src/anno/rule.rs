@@ -77,7 +77,9 @@ pub enum PartitionError {
     Frozen { id: String },
     #[error("'{id}' is a fixed-size or anonymous dim and may not be split")]
     Fixed { id: String },
-    #[error("'{id}' is not the first factor of group '{group}' ({tensor} dim {dim}) and may not be split")]
+    #[error(
+        "'{id}' is not the first factor of group '{group}' ({tensor} dim {dim}) and may not be split"
+    )]
     LaterFactor {
         id: String,
         tensor: TensorRef,
@@ -117,7 +119,10 @@ pub fn partition(
             .map(|(name, mark)| format!("{name}{mark}"))
             .collect::<Vec<_>>()
             .join(", ");
-        return Err(PartitionError::UnknownId { id: err_id(), known });
+        return Err(PartitionError::UnknownId {
+            id: err_id(),
+            known,
+        });
     };
     let replicated = |shapes: &[Shape]| vec![Layout::R; shapes.len()];
     if parts == 1 {
@@ -141,7 +146,10 @@ pub fn partition(
             });
         }
         Some(SplitObstacle::Repeated { tensor }) => {
-            return Err(PartitionError::Repeated { id: err_id(), tensor });
+            return Err(PartitionError::Repeated {
+                id: err_id(),
+                tensor,
+            });
         }
         None => {}
     }

@@ -68,7 +68,9 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
         "bf16" => Ok(DType::Bf16),
         "fp16" | "f16" => Ok(DType::F16),
         "fp32" | "f32" => Ok(DType::F32),
-        other => Err(format!("unknown dtype '{other}' (expected bf16, fp16 or fp32)")),
+        other => Err(format!(
+            "unknown dtype '{other}' (expected bf16, fp16 or fp32)"
+        )),
     }
 }
 

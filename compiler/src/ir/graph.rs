@@ -357,7 +357,10 @@ impl Graph {
     }
 
     pub fn ops(&self) -> impl Iterator<Item = (OpId, &Op)> {
-        self.ops.iter().enumerate().map(|(i, o)| (OpId(i as u32), o))
+        self.ops
+            .iter()
+            .enumerate()
+            .map(|(i, o)| (OpId(i as u32), o))
     }
 
     pub fn n_tensors(&self) -> usize {

@@ -122,7 +122,10 @@ impl ModelConfig {
                     return bad(format!("head_dim {} must be even for RoPE", c.head_dim));
                 }
                 if !(c.rms_norm_eps > 0.0 && c.rms_norm_eps.is_finite()) {
-                    return bad(format!("rms_norm_eps must be positive, got {}", c.rms_norm_eps));
+                    return bad(format!(
+                        "rms_norm_eps must be positive, got {}",
+                        c.rms_norm_eps
+                    ));
                 }
                 if !(c.rope_theta > 0.0 && c.rope_theta.is_finite()) {
                     return bad(format!("rope_theta must be positive, got {}", c.rope_theta));

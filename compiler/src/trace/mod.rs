@@ -64,7 +64,9 @@ pub enum TraceError {
         #[source]
         source: RegistryError,
     },
-    #[error("op '{op}' ({site}): input shapes {shapes:?} do not fit annotation [{annotation}]: {detail}")]
+    #[error(
+        "op '{op}' ({site}): input shapes {shapes:?} do not fit annotation [{annotation}]: {detail}"
+    )]
     Shape {
         op: String,
         site: String,

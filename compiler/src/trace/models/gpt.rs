@@ -73,7 +73,12 @@ pub(super) fn trace(
     let lnf_b = t.param("transformer.ln_f.bias", &[h], dtype);
     let x = t.op(OpKind::LayerNorm, "ln_f", &[x, lnf_w, lnf_b], &[eps()])?;
     let logits = t.op(OpKind::Linear, "lm_head", &[x, wte], &[])?;
-    let per_token = t.op(OpKind::CrossEntropy, "loss.cross_entropy", &[logits, labels], &[])?;
+    let per_token = t.op(
+        OpKind::CrossEntropy,
+        "loss.cross_entropy",
+        &[logits, labels],
+        &[],
+    )?;
     t.op(OpKind::Mean, "loss.mean", &[per_token], &[])?;
     Ok(())
 }

@@ -30,7 +30,12 @@ pub(super) fn trace(
         let n = |s: &str| format!("layers.{i}.{s}");
 
         let norm1_w = t.param(&p("input_layernorm.weight"), &[h], dtype);
-        let hn = t.op(OpKind::RmsNorm, &n("input_layernorm"), &[x, norm1_w], &[eps()])?;
+        let hn = t.op(
+            OpKind::RmsNorm,
+            &n("input_layernorm"),
+            &[x, norm1_w],
+            &[eps()],
+        )?;
 
         let wq = t.param(&p("self_attn.q_proj.weight"), &[q_width, h], dtype);
         let wk = t.param(&p("self_attn.k_proj.weight"), &[kv_width, h], dtype);
@@ -94,7 +99,12 @@ pub(super) fn trace(
         t.param("lm_head.weight", &[v, h], dtype)
     };
     let logits = t.op(OpKind::Linear, "lm_head", &[x, head_w], &[])?;
-    let per_token = t.op(OpKind::CrossEntropy, "loss.cross_entropy", &[logits, labels], &[])?;
+    let per_token = t.op(
+        OpKind::CrossEntropy,
+        "loss.cross_entropy",
+        &[logits, labels],
+        &[],
+    )?;
     t.op(OpKind::Mean, "loss.mean", &[per_token], &[])?;
     Ok(())
 }
