@@ -200,7 +200,7 @@ impl OpSignature {
 
 /// The entry as written in the file, before its strings are parsed.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(rename = "Op", deny_unknown_fields)]
 struct RawOp {
     name: String,
     #[serde(default)]
@@ -214,6 +214,7 @@ struct RawOp {
 }
 
 #[derive(Deserialize)]
+#[serde(rename = "FlopsSpec")]
 enum RawFlops {
     Formula(String),
     Profile,
