@@ -315,7 +315,9 @@ mod tests {
                     "splitting {} of {}", id, a
                 );
             }
-            prop_assume!(!splittable.is_empty());
+            if splittable.is_empty() {
+                return Ok(());
+            }
             let id = splittable[pick.index(splittable.len())];
             let mark = a.ids().into_iter().find(|(n, _)| *n == id).map(|(_, m)| m);
             let rule = partition(&a, &binding, id, parts).unwrap();

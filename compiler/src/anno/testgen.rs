@@ -53,7 +53,11 @@ fn raw_shape() -> impl Strategy<Value = RawShape> {
 }
 
 fn mark() -> impl Strategy<Value = Mark> {
-    prop_oneof![Just(Mark::Spatial), Just(Mark::Reduce), Just(Mark::Frozen)]
+    prop_oneof![
+        2 => Just(Mark::Spatial),
+        2 => Just(Mark::Reduce),
+        1 => Just(Mark::Frozen),
+    ]
 }
 
 /// Valid annotations: up to 3 inputs and 3 outputs over six identifiers,
