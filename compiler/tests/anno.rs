@@ -2,6 +2,8 @@
 //! (llama-mini: batch 2, sequence 16, hidden 64, 4 heads of 16, 2 kv heads,
 //! ffn 176, vocab 256), and the custom-op example file.
 
+#![allow(clippy::unwrap_used)] // a panic is how a test fails
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -45,9 +47,27 @@ fn calls() -> Vec<Call> {
         flops,
     };
     vec![
-        call("embedding", vec![vec![B, L], vec![VOCAB, HIDDEN]], vec![], x.clone(), b * l * d),
-        call("pos_embedding", vec![vec![B, L], vec![MAX_POS, HIDDEN]], vec![], x.clone(), b * l * d),
-        call("linear", vec![x.clone(), vec![VOCAB, HIDDEN]], vec![], vec![B, L, VOCAB], 2.0 * b * l * d * n),
+        call(
+            "embedding",
+            vec![vec![B, L], vec![VOCAB, HIDDEN]],
+            vec![],
+            x.clone(),
+            b * l * d,
+        ),
+        call(
+            "pos_embedding",
+            vec![vec![B, L], vec![MAX_POS, HIDDEN]],
+            vec![],
+            x.clone(),
+            b * l * d,
+        ),
+        call(
+            "linear",
+            vec![x.clone(), vec![VOCAB, HIDDEN]],
+            vec![],
+            vec![B, L, VOCAB],
+            2.0 * b * l * d * n,
+        ),
         call(
             "linear_bias",
             vec![x.clone(), vec![FFN, HIDDEN], vec![FFN]],
@@ -55,20 +75,54 @@ fn calls() -> Vec<Call> {
             ffn.clone(),
             2.0 * b * l * d * f + b * l * f,
         ),
-        call("rms_norm", vec![x.clone(), vec![HIDDEN]], vec![], x.clone(), 4.0 * b * l * d),
-        call("layer_norm", vec![x.clone(), vec![HIDDEN], vec![HIDDEN]], vec![], x.clone(), 8.0 * b * l * d),
-        call("split_heads", vec![x.clone()], vec![("h", HEADS as i64)], heads.clone(), 0.0),
+        call(
+            "rms_norm",
+            vec![x.clone(), vec![HIDDEN]],
+            vec![],
+            x.clone(),
+            4.0 * b * l * d,
+        ),
+        call(
+            "layer_norm",
+            vec![x.clone(), vec![HIDDEN], vec![HIDDEN]],
+            vec![],
+            x.clone(),
+            8.0 * b * l * d,
+        ),
+        call(
+            "split_heads",
+            vec![x.clone()],
+            vec![("h", HEADS as i64)],
+            heads.clone(),
+            0.0,
+        ),
         call("merge_heads", vec![heads.clone()], vec![], x.clone(), 0.0),
-        call("rope", vec![heads.clone()], vec![], heads.clone(), 6.0 * b * l * h * hd),
+        call(
+            "rope",
+            vec![heads.clone()],
+            vec![],
+            heads.clone(),
+            6.0 * b * l * h * hd,
+        ),
         call(
             "attention",
             vec![heads.clone(), kv.clone(), kv],
-            vec![("g", KV_HEADS as i64), ("r", (HEADS / KV_HEADS) as i64), ("causal", 1)],
+            vec![
+                ("g", KV_HEADS as i64),
+                ("r", (HEADS / KV_HEADS) as i64),
+                ("causal", 1),
+            ],
             heads,
             4.0 * b * l * l * g * (h / g) * hd,
         ),
         call("add", vec![x.clone(), x.clone()], vec![], x, b * l * d),
-        call("swiglu", vec![ffn.clone(), ffn.clone()], vec![], ffn.clone(), 4.0 * b * l * f),
+        call(
+            "swiglu",
+            vec![ffn.clone(), ffn.clone()],
+            vec![],
+            ffn.clone(),
+            4.0 * b * l * f,
+        ),
         call("gelu", vec![ffn.clone()], vec![], ffn, 8.0 * b * l * f),
         call(
             "cross_entropy",
@@ -82,7 +136,10 @@ fn calls() -> Vec<Call> {
 }
 
 fn attrs(call: &Call) -> BTreeMap<String, i64> {
-    call.attrs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    call.attrs
+        .iter()
+        .map(|(k, v)| (k.to_string(), *v))
+        .collect()
 }
 
 /// Resolves and binds a call; checks the inferred output and the FLOPs.
@@ -136,7 +193,12 @@ fn every_builtin_op_binds_llama_mini_and_counts_flops() {
         let splittable = anno.splittable_ids();
         for (id, _) in anno.ids() {
             let rule = partition(&anno, &binding, id, 2);
-            assert_eq!(rule.is_ok(), splittable.contains(&id), "{} {id}: {rule:?}", call.op);
+            assert_eq!(
+                rule.is_ok(),
+                splittable.contains(&id),
+                "{} {id}: {rule:?}",
+                call.op
+            );
         }
     }
 }
@@ -150,11 +212,7 @@ fn rules(op: &str) -> BTreeMap<String, String> {
         .into_iter()
         .map(|(id, _)| {
             let rule = match partition(&anno, &binding, id, 2) {
-                Ok(r) => format!(
-                    "{} -> {}",
-                    join(&r.inputs),
-                    join(&r.outputs)
-                ),
+                Ok(r) => format!("{} -> {}", join(&r.inputs), join(&r.outputs)),
                 Err(e) => format!("error: {e}"),
             };
             (id.to_string(), rule)
@@ -284,7 +342,10 @@ fn builtin_rules_snapshot() {
         for (id, rule) in rules(call.op) {
             writeln!(out, "  {id}: {rule}").unwrap();
         }
-        assert!(sig.implementation.is_none(), "built-in ops need no implementation");
+        assert!(
+            sig.implementation.is_none(),
+            "built-in ops need no implementation"
+        );
     }
     expect![[r#"
         embedding [b l, n+ e -> b l e] flops 2048
@@ -375,7 +436,13 @@ fn custom_op_example_loads_beside_the_builtins() {
     assert_eq!(imp.crate_name, "chunked_ce");
     assert_eq!(imp.path, "chunked_ce::chunked_linear_cross_entropy");
     assert_eq!(imp.crate_path.as_deref(), Some("../../examples/chunked_ce"));
-    assert!(registry.source("chunked_ce").unwrap().file.ends_with("chunked_ce.ron"));
+    assert!(
+        registry
+            .source("chunked_ce")
+            .unwrap()
+            .file
+            .ends_with("chunked_ce.ron")
+    );
 
     let hidden = [B, L, HIDDEN];
     let weight = [VOCAB, HIDDEN];
@@ -388,7 +455,10 @@ fn custom_op_example_loads_beside_the_builtins() {
     let binding = anno
         .bind(&[Some(&hidden), Some(&weight), Some(&labels)], &[], &attrs)
         .unwrap();
-    assert_eq!(anno.output_shapes(&binding).unwrap(), vec![Some(vec![B, L])]);
+    assert_eq!(
+        anno.output_shapes(&binding).unwrap(),
+        vec![Some(vec![B, L])]
+    );
     let (b, l, d, n) = (B as f64, L as f64, HIDDEN as f64, VOCAB as f64);
     assert_eq!(
         sig.flops.eval(&binding, &attrs).unwrap(),
@@ -402,7 +472,8 @@ fn custom_op_example_loads_beside_the_builtins() {
     // Loading it twice names both places.
     let e = registry.load_file(example_file()).unwrap_err().to_string();
     assert!(
-        e.contains("op 'chunked_ce' is already registered by") && e.matches("chunked_ce.ron:").count() == 2,
+        e.contains("op 'chunked_ce' is already registered by")
+            && e.matches("chunked_ce.ron:").count() == 2,
         "{e}"
     );
 }

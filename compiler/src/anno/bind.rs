@@ -33,7 +33,9 @@ impl Binding {
 
     /// The lengths of the dims every `*` expands to.
     pub fn star_sizes(&self) -> Vec<Option<u64>> {
-        (0..self.star_rank).map(|i| self.size(&star_key(i))).collect()
+        (0..self.star_rank)
+            .map(|i| self.size(&star_key(i)))
+            .collect()
     }
 }
 
@@ -118,7 +120,9 @@ pub enum BindError {
         factors: String,
         found: u64,
     },
-    #[error("attribute '{name}' = {value} cannot be the length of a dim; expected a non-negative integer")]
+    #[error(
+        "attribute '{name}' = {value} cannot be the length of a dim; expected a non-negative integer"
+    )]
     BadAttr { name: String, value: i64 },
     #[error("output {index}: no size for '{name}' in the binding")]
     Unsized { index: usize, name: String },
@@ -170,7 +174,12 @@ impl Annotation {
     /// a non-tensor argument, which only `?` accepts).
     pub fn matches_ranks(&self, inputs: &[Option<usize>]) -> bool {
         inputs.len() == self.inputs.len()
-            && star_rank(self.inputs.iter().zip(inputs.iter().copied()), Side::Input, None).is_ok()
+            && star_rank(
+                self.inputs.iter().zip(inputs.iter().copied()),
+                Side::Input,
+                None,
+            )
+            .is_ok()
     }
 
     /// Every identifier with its mark, in order of first appearance.
@@ -312,9 +321,12 @@ impl Annotation {
         let mut u = Unifier::default();
         for (name, _) in self.ids() {
             if let Some(&value) = attrs.get(name) {
-                let size =
-                    u64::try_from(value).map_err(|_| BindError::BadAttr { name: name.into(), value })?;
-                u.known.insert(name.into(), (size, Origin::Attr(name.into())));
+                let size = u64::try_from(value).map_err(|_| BindError::BadAttr {
+                    name: name.into(),
+                    value,
+                })?;
+                u.known
+                    .insert(name.into(), (size, Origin::Attr(name.into())));
             }
         }
 
@@ -329,13 +341,16 @@ impl Annotation {
             if is_scalar_one(dims) && sizes.is_empty() {
                 continue;
             }
-            for (dim, (slot, &len)) in expand(dims, star).into_iter().zip(sizes.iter()).enumerate() {
+            for (dim, (slot, &len)) in expand(dims, star).into_iter().zip(sizes.iter()).enumerate()
+            {
                 let at = (tensor, dim);
                 match slot {
                     Slot::Star(i) => u.unify(&star_key(i), len, at, "*")?,
                     Slot::Dim(Dim::Star) => {}
                     Slot::Dim(Dim::Single(f)) => u.unify_factor(f, len, at)?,
-                    Slot::Dim(d @ Dim::Group(factors)) => groups.push((tensor, dim, d, factors, len)),
+                    Slot::Dim(d @ Dim::Group(factors)) => {
+                        groups.push((tensor, dim, d, factors, len))
+                    }
                 }
             }
         }
@@ -513,16 +528,17 @@ impl Unifier {
     ) -> Result<(), BindError> {
         match self.known.get(key) {
             Some((expected, origin)) if *expected != len => Err(BindError::Mismatch {
-                    tensor,
-                    dim,
-                    written: written.into(),
-                    expected: *expected,
+                tensor,
+                dim,
+                written: written.into(),
+                expected: *expected,
                 reason: origin.to_string(),
                 found: len,
             }),
             Some(_) => Ok(()),
             None => {
-                self.known.insert(key.into(), (len, Origin::Dim(tensor, dim)));
+                self.known
+                    .insert(key.into(), (len, Origin::Dim(tensor, dim)));
                 Ok(())
             }
         }
@@ -602,6 +618,7 @@ impl Unifier {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test fails
 mod tests {
     use proptest::prelude::*;
 
@@ -630,7 +647,10 @@ mod tests {
         let b = a
             .bind(&[Some(&[2, 16, 64]), Some(&[256, 64])], &[], &no_attrs())
             .unwrap();
-        assert_eq!(b.sizes, sizes(&[("b", 2), ("l", 16), ("k", 64), ("n", 256)]));
+        assert_eq!(
+            b.sizes,
+            sizes(&[("b", 2), ("l", 16), ("k", 64), ("n", 256)])
+        );
         assert_eq!(b.star_rank, 0);
         assert_eq!(a.output_shapes(&b).unwrap(), vec![Some(vec![2, 16, 256])]);
         // Outputs, when given, are checked too.
@@ -699,7 +719,10 @@ mod tests {
             .bind(&[Some(&[2, 16, 64])], &[], &attrs(&[("h", 4)]))
             .unwrap();
         assert_eq!(b.sizes, sizes(&[("b", 2), ("l", 16), ("h", 4), ("d", 16)]));
-        assert_eq!(split.output_shapes(&b).unwrap(), vec![Some(vec![2, 16, 4, 16])]);
+        assert_eq!(
+            split.output_shapes(&b).unwrap(),
+            vec![Some(vec![2, 16, 4, 16])]
+        );
 
         // g comes from the k tensor, r is inferred by division.
         let attn = anno("b l^ (g r) d^, b s^ g d^, b s^ g d^ -> b l^ (g r) d^");
@@ -715,7 +738,9 @@ mod tests {
     #[test]
     fn group_errors() {
         let split = anno("b l (h d) -> b l h d");
-        let e = split.bind(&[Some(&[2, 16, 64])], &[], &no_attrs()).unwrap_err();
+        let e = split
+            .bind(&[Some(&[2, 16, 64])], &[], &no_attrs())
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
             "input 0 dim 2 '(h d)': cannot size factors 'h', 'd' from the dim's length 64; expected all but one of them sized by another tensor or an attribute"
@@ -786,7 +811,9 @@ mod tests {
             e.to_string(),
             "input 1 dim 1 '*': expected 3 (as at input 0 dim 1), found 4"
         );
-        let e = a.bind(&[Some(&[]), Some(&[256, 64])], &[], &no_attrs()).unwrap_err();
+        let e = a
+            .bind(&[Some(&[]), Some(&[256, 64])], &[], &no_attrs())
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
             "input 0: expected rank at least 1 for shape '* k+', found rank 0"
@@ -796,9 +823,14 @@ mod tests {
     #[test]
     fn scalar_one_matches_rank_zero() {
         let mean = anno("b+ l+ -> 1");
-        let b = mean.bind(&[Some(&[2, 16])], &[Some(&[])], &no_attrs()).unwrap();
+        let b = mean
+            .bind(&[Some(&[2, 16])], &[Some(&[])], &no_attrs())
+            .unwrap();
         assert_eq!(b.sizes, sizes(&[("b", 2), ("l", 16)]));
-        assert!(mean.bind(&[Some(&[2, 16])], &[Some(&[1])], &no_attrs()).is_ok());
+        assert!(
+            mean.bind(&[Some(&[2, 16])], &[Some(&[1])], &no_attrs())
+                .is_ok()
+        );
         assert_eq!(mean.output_shapes(&b).unwrap(), vec![Some(vec![1])]);
         let e = mean
             .bind(&[Some(&[2, 16])], &[Some(&[2])], &no_attrs())

@@ -59,7 +59,10 @@ impl FromStr for Annotation {
 #[derive(Clone, Debug, PartialEq)]
 enum Tok {
     /// A run of `[A-Za-z0-9_]`, with the mark that follows it without space.
-    Word { text: String, mark: Option<char> },
+    Word {
+        text: String,
+        mark: Option<char>,
+    },
     Star,
     Question,
     LParen,
@@ -450,7 +453,11 @@ impl fmt::Display for Annotation {
     }
 }
 
-fn write_joined<T: fmt::Display>(f: &mut fmt::Formatter<'_>, items: &[T], sep: &str) -> fmt::Result {
+fn write_joined<T: fmt::Display>(
+    f: &mut fmt::Formatter<'_>,
+    items: &[T],
+    sep: &str,
+) -> fmt::Result {
     for (i, item) in items.iter().enumerate() {
         if i > 0 {
             f.write_str(sep)?;
@@ -461,6 +468,7 @@ fn write_joined<T: fmt::Display>(f: &mut fmt::Formatter<'_>, items: &[T], sep: &
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test fails
 mod tests {
     use proptest::prelude::*;
 
@@ -542,7 +550,10 @@ mod tests {
 
     #[test]
     fn frozen_mark_on_a_number_is_redundant() {
-        assert_eq!(parse_annotation("b 1^ -> b").unwrap().to_string(), "b 1 -> b");
+        assert_eq!(
+            parse_annotation("b 1^ -> b").unwrap().to_string(),
+            "b 1 -> b"
+        );
     }
 
     #[test]
@@ -555,25 +566,67 @@ mod tests {
     #[test]
     fn syntax_errors_say_where_and_what() {
         let cases = [
-            ("b l k+, n k+ - b l n", "1:14: expected a dimension, ',' or '->', found '-'"),
+            (
+                "b l k+, n k+ - b l n",
+                "1:14: expected a dimension, ',' or '->', found '-'",
+            ),
             ("b l, , n -> b", "1:6: expected a dimension, found ','"),
             ("b l, -> b", "1:6: expected a dimension, found '->'"),
-            ("b l -> b,", "1:10: expected a dimension, found end of input"),
+            (
+                "b l -> b,",
+                "1:10: expected a dimension, found end of input",
+            ),
             (", b -> b", "1:1: expected a dimension or '->', found ','"),
             ("", "1:1: expected a dimension or '->', found end of input"),
-            ("a b", "1:4: expected a dimension, ',' or '->', found end of input"),
-            ("b -> b )", "1:8: expected a dimension, ',' or end of input, found ')'"),
-            ("b 2x -> b", "1:3: expected an identifier or a number, found '2x'"),
-            ("b 1+ -> b", "1:3: expected a number without '+' (numbers are frozen), found '1+'"),
-            ("b 99999999999999999999 -> b", "1:3: expected a number below 2^64, found '99999999999999999999'"),
-            ("b () -> b", "1:4: expected a factor (an identifier, a number or '?'), found ')'"),
-            ("b (h *) -> b", "1:6: expected a factor (an identifier, a number or '?'), found '*'"),
+            (
+                "a b",
+                "1:4: expected a dimension, ',' or '->', found end of input",
+            ),
+            (
+                "b -> b )",
+                "1:8: expected a dimension, ',' or end of input, found ')'",
+            ),
+            (
+                "b 2x -> b",
+                "1:3: expected an identifier or a number, found '2x'",
+            ),
+            (
+                "b 1+ -> b",
+                "1:3: expected a number without '+' (numbers are frozen), found '1+'",
+            ),
+            (
+                "b 99999999999999999999 -> b",
+                "1:3: expected a number below 2^64, found '99999999999999999999'",
+            ),
+            (
+                "b () -> b",
+                "1:4: expected a factor (an identifier, a number or '?'), found ')'",
+            ),
+            (
+                "b (h *) -> b",
+                "1:6: expected a factor (an identifier, a number or '?'), found '*'",
+            ),
             ("b (h d -> b", "1:8: expected a factor or ')', found '->'"),
-            ("b +k -> b", "1:3: expected a dimension, ',' or '->', found '+'"),
-            ("b k^^ -> b", "1:5: expected a dimension, ',' or '->', found '^'"),
-            ("* ?+ -> b", "1:4: expected a dimension, ',' or '->', found '+'"),
-            ("b\n  l$ -> b", "2:4: expected a dimension, ',' or '->', found '$'"),
-            ("b -> b -> b", "1:8: expected a dimension, ',' or end of input, found '->'"),
+            (
+                "b +k -> b",
+                "1:3: expected a dimension, ',' or '->', found '+'",
+            ),
+            (
+                "b k^^ -> b",
+                "1:5: expected a dimension, ',' or '->', found '^'",
+            ),
+            (
+                "* ?+ -> b",
+                "1:4: expected a dimension, ',' or '->', found '+'",
+            ),
+            (
+                "b\n  l$ -> b",
+                "2:4: expected a dimension, ',' or '->', found '$'",
+            ),
+            (
+                "b -> b -> b",
+                "1:8: expected a dimension, ',' or end of input, found '->'",
+            ),
         ];
         for (src, expected) in cases {
             assert_eq!(err(src), expected, "for {src:?}");
@@ -583,13 +636,31 @@ mod tests {
     #[test]
     fn semantic_errors_say_where_and_what() {
         let cases = [
-            ("b k+, k^ -> b", "1:7: expected 'k+' like at 1:3, found 'k^'"),
+            (
+                "b k+, k^ -> b",
+                "1:7: expected 'k+' like at 1:3, found 'k^'",
+            ),
             ("b k+ -> b k", "1:11: expected 'k+' like at 1:3, found 'k'"),
-            ("b (h d) -> b h^ d", "1:14: expected 'h' like at 1:4, found 'h^'"),
-            ("b -> c", "1:6: expected an identifier that an input names, or a number, found 'c'"),
-            ("-> b", "1:4: expected an identifier that an input names, or a number, found 'b'"),
-            ("b\n-> b (x 2)", "2:7: expected an identifier that an input names, or a number, found 'x'"),
-            ("b -> b *", "1:8: expected a dimension that an input names, found '*', which no input has"),
+            (
+                "b (h d) -> b h^ d",
+                "1:14: expected 'h' like at 1:4, found 'h^'",
+            ),
+            (
+                "b -> c",
+                "1:6: expected an identifier that an input names, or a number, found 'c'",
+            ),
+            (
+                "-> b",
+                "1:4: expected an identifier that an input names, or a number, found 'b'",
+            ),
+            (
+                "b\n-> b (x 2)",
+                "2:7: expected an identifier that an input names, or a number, found 'x'",
+            ),
+            (
+                "b -> b *",
+                "1:8: expected a dimension that an input names, found '*', which no input has",
+            ),
         ];
         for (src, expected) in cases {
             assert_eq!(err(src), expected, "for {src:?}");

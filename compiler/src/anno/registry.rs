@@ -76,14 +76,14 @@ pub enum RegistryError {
         found: String,
     },
     #[error(
-        "{at}: unknown identifier '{name}' in the flops formula of op '{op}': expected a dim of its annotations ({dims}) or an Int attribute ({attrs})"
+        "{at}: unknown identifier '{name}' in the flops formula of op '{op}'; expected {expected}"
     )]
     FormulaIdent {
         at: Location,
         name: String,
         op: String,
-        dims: String,
-        attrs: String,
+        /// The dims and attributes the formula may use.
+        expected: String,
     },
     /// Any other broken rule of the schema, with what was expected.
     #[error("{at}: {message}")]
@@ -94,9 +94,13 @@ pub enum RegistryError {
         name: String,
         first: Location,
     },
-    #[error("unknown op '{name}': no annotation file registers it; add one with --annotations FILE")]
+    #[error(
+        "unknown op '{name}': no annotation file registers it; add one with --annotations FILE"
+    )]
     UnknownOp { name: String },
-    #[error("op '{name}' ({at}) has no annotation for input ranks {ranks}; expected one of: {alternatives}")]
+    #[error(
+        "op '{name}' ({at}) has no annotation for input ranks {ranks}; expected one of: {alternatives}"
+    )]
     NoMatch {
         name: String,
         at: Location,
@@ -238,25 +242,27 @@ impl Registry {
     /// Registers every op of one annotation file given as text; `file` names
     /// it in errors. On error nothing of the file is registered.
     pub fn load_str(&mut self, src: &str, file: &str) -> Result<(), RegistryError> {
-        let raw: Vec<RawOp> = ron::Options::default()
-            .from_str(src)
-            .map_err(|e| RegistryError::Syntax {
-                at: Location {
-                    file: file.into(),
-                    line: e.span.start.line,
-                    col: e.span.start.col,
-                },
-                message: lowercase_first(&e.code.to_string()),
-            })?;
+        let raw: Vec<RawOp> =
+            ron::Options::default()
+                .from_str(src)
+                .map_err(|e| RegistryError::Syntax {
+                    at: Location {
+                        file: file.into(),
+                        line: e.span.start.line,
+                        col: e.span.start.col,
+                    },
+                    message: lowercase_first(&e.code.to_string()),
+                })?;
         let mut locator = Locator::new(src, file);
         let mut loaded: Vec<(OpSignature, Location)> = Vec::new();
         for op in raw {
             let (sig, at) = check_op(op, &mut locator)?;
-            let first = self
-                .ops
-                .get(&sig.name)
-                .map(|(_, first)| first)
-                .or_else(|| loaded.iter().find(|(s, _)| s.name == sig.name).map(|(_, l)| l));
+            let first = self.ops.get(&sig.name).map(|(_, first)| first).or_else(|| {
+                loaded
+                    .iter()
+                    .find(|(s, _)| s.name == sig.name)
+                    .map(|(_, l)| l)
+            });
             if let Some(first) = first {
                 return Err(RegistryError::Duplicate {
                     at,
@@ -310,7 +316,11 @@ impl Registry {
 
     /// The annotation of op `name` for inputs of these ranks (`None`: a
     /// non-tensor argument).
-    pub fn resolve(&self, name: &str, ranks: &[Option<usize>]) -> Result<&Annotation, RegistryError> {
+    pub fn resolve(
+        &self,
+        name: &str,
+        ranks: &[Option<usize>],
+    ) -> Result<&Annotation, RegistryError> {
         let (sig, at) = self
             .ops
             .get(name)
@@ -526,8 +536,11 @@ fn check_formula_ids(
                     at: at(index),
                     name: name.into(),
                     op: op.into(),
-                    dims: or_none(&dims),
-                    attrs: or_none(&int_attrs),
+                    expected: format!(
+                        "a dim of its annotations ({}) or an Int attribute ({})",
+                        or_none(&dims),
+                        or_none(&int_attrs)
+                    ),
                 });
             }
         }
@@ -735,8 +748,8 @@ fn scan_literals(src: &str) -> Vec<Literal> {
                         };
                         let mut k = start;
                         while k < chars.len() {
-                            let closes = at(k) == Some('"')
-                                && (1..=hashes).all(|h| at(k + h) == Some('#'));
+                            let closes =
+                                at(k) == Some('"') && (1..=hashes).all(|h| at(k + h) == Some('#'));
                             if closes {
                                 break;
                             }
@@ -808,9 +821,8 @@ fn scan_quoted(
                         match close {
                             Some(m) => {
                                 let hex: String = chars[k + 3..m].iter().map(|t| t.0).collect();
-                                let value = u32::from_str_radix(&hex, 16)
-                                    .ok()
-                                    .and_then(char::from_u32);
+                                let value =
+                                    u32::from_str_radix(&hex, 16).ok().and_then(char::from_u32);
                                 (value, m + 1 - k)
                             }
                             None => (None, 2),
@@ -935,7 +947,11 @@ impl Formula {
     }
 
     /// The value, with identifiers taken from `binding`, else from `attrs`.
-    pub fn eval(&self, binding: &Binding, attrs: &BTreeMap<String, i64>) -> Result<f64, RegistryError> {
+    pub fn eval(
+        &self,
+        binding: &Binding,
+        attrs: &BTreeMap<String, i64>,
+    ) -> Result<f64, RegistryError> {
         let err = |message: String| RegistryError::Eval {
             formula: self.src.clone(),
             message,
@@ -1102,6 +1118,7 @@ impl FormulaParser {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test fails
 mod tests {
     use super::*;
 
@@ -1223,7 +1240,10 @@ mod tests {
         let kind = load_err(
             "[(name: \"x\", annotations: [\"a -> a\"], flops: Profile, attrs: [(name: \"e\", kind: Double)])]",
         );
-        assert!(kind.starts_with("ops.ron:1:") && kind.contains("`Float`"), "{kind}");
+        assert!(
+            kind.starts_with("ops.ron:1:") && kind.contains("`Float`"),
+            "{kind}"
+        );
     }
 
     #[test]
@@ -1257,14 +1277,16 @@ mod tests {
             "ops.ron:1:65: invalid flops formula: expected a number, an identifier or '(', found end of formula"
         );
         assert_eq!(
-            load_err("[(name: \"x\", annotations: [\"a b -> a\"], flops: Formula(\"2 * (a + b\"))]"),
+            load_err(
+                "[(name: \"x\", annotations: [\"a b -> a\"], flops: Formula(\"2 * (a + b\"))]"
+            ),
             "ops.ron:1:67: invalid flops formula: expected an operator (+ - * /) or ')', found end of formula"
         );
         assert_eq!(
             load_err(
                 "[(name: \"x\", annotations: [\"a b -> a\"], flops: Formula(\"2 * a * q\"), attrs: [(name: \"h\", kind: Int)])]"
             ),
-            "ops.ron:1:65: unknown identifier 'q' in the flops formula of op 'x': expected a dim of its annotations (a, b) or an Int attribute (h)"
+            "ops.ron:1:65: unknown identifier 'q' in the flops formula of op 'x'; expected a dim of its annotations (a, b) or an Int attribute (h)"
         );
         assert_eq!(
             load_err(
@@ -1358,12 +1380,17 @@ mod tests {
         let mut r = Registry::new();
         let e = r.load_file("/nonexistent/ops.ron").unwrap_err();
         assert!(
-            e.to_string().starts_with("/nonexistent/ops.ron: cannot read annotation file: "),
+            e.to_string()
+                .starts_with("/nonexistent/ops.ron: cannot read annotation file: "),
             "{e}"
         );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.ron");
-        std::fs::write(&path, "[(name: \"x\", annotations: [\"a -> q\"], flops: Profile)]").unwrap();
+        std::fs::write(
+            &path,
+            "[(name: \"x\", annotations: [\"a -> q\"], flops: Profile)]",
+        )
+        .unwrap();
         let e = r.load_file(&path).unwrap_err();
         assert_eq!(
             e.to_string(),
@@ -1398,7 +1425,10 @@ mod tests {
         );
         assert_eq!(
             eval("b * q"),
-            Err("flops formula 'b * q': expected a size or an attribute named 'q', found neither".into())
+            Err(
+                "flops formula 'b * q': expected a size or an attribute named 'q', found neither"
+                    .into()
+            )
         );
         let f = Formula::parse("2 * b * l").unwrap();
         assert_eq!(f.identifiers(), vec![("b", 4), ("l", 8)]);

@@ -77,7 +77,9 @@ pub enum PartitionError {
     Frozen { id: String },
     #[error("'{id}' is a fixed-size or anonymous dim and may not be split")]
     Fixed { id: String },
-    #[error("'{id}' is not the first factor of group '{group}' ({tensor} dim {dim}) and may not be split")]
+    #[error(
+        "'{id}' is not the first factor of group '{group}' ({tensor} dim {dim}) and may not be split"
+    )]
     LaterFactor {
         id: String,
         tensor: TensorRef,
@@ -117,7 +119,10 @@ pub fn partition(
             .map(|(name, mark)| format!("{name}{mark}"))
             .collect::<Vec<_>>()
             .join(", ");
-        return Err(PartitionError::UnknownId { id: err_id(), known });
+        return Err(PartitionError::UnknownId {
+            id: err_id(),
+            known,
+        });
     };
     let replicated = |shapes: &[Shape]| vec![Layout::R; shapes.len()];
     if parts == 1 {
@@ -141,7 +146,10 @@ pub fn partition(
             });
         }
         Some(SplitObstacle::Repeated { tensor }) => {
-            return Err(PartitionError::Repeated { id: err_id(), tensor });
+            return Err(PartitionError::Repeated {
+                id: err_id(),
+                tensor,
+            });
         }
         None => {}
     }
@@ -186,6 +194,7 @@ fn dim_of(dims: &[Dim], star_rank: usize, id: &str) -> Option<usize> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test fails
 mod tests {
     use std::collections::BTreeMap;
 
@@ -246,25 +255,49 @@ mod tests {
             &[&[2, 16, 4, 16, 4], &[2, 16, 2, 16]],
         );
         let cases = [
-            ("b", 0, "error: cannot split 'b' into 0 parts; expected at least 1"),
+            (
+                "b",
+                0,
+                "error: cannot split 'b' into 0 parts; expected at least 1",
+            ),
             (
                 "x",
                 2,
                 "error: unknown identifier 'x'; expected one of the annotation's: b, l^, g, r, d^, s^",
             ),
             ("l", 2, "error: 'l' is frozen (^) and may not be split"),
-            ("4", 2, "error: '4' is a fixed-size or anonymous dim and may not be split"),
-            ("?", 2, "error: '?' is a fixed-size or anonymous dim and may not be split"),
+            (
+                "4",
+                2,
+                "error: '4' is a fixed-size or anonymous dim and may not be split",
+            ),
+            (
+                "?",
+                2,
+                "error: '?' is a fixed-size or anonymous dim and may not be split",
+            ),
             (
                 "r",
                 2,
                 "error: 'r' is not the first factor of group '(g r)' (input 0 dim 2) and may not be split",
             ),
-            ("b", 3, "error: 'b' has size 2, which is not divisible into 3 parts"),
-            ("g", 4, "error: 'g' has size 2, which is not divisible into 4 parts"),
+            (
+                "b",
+                3,
+                "error: 'b' has size 2, which is not divisible into 3 parts",
+            ),
+            (
+                "g",
+                4,
+                "error: 'g' has size 2, which is not divisible into 4 parts",
+            ),
         ];
         for (id, parts, expected) in cases {
-            assert_eq!(rule(&a, &b, id, parts), expected, "splitting {id} in {parts}");
+            assert_eq!(
+                rule(&a, &b, id, parts),
+                expected,
+                "splitting {id} in {parts}"
+            );
         }
         let (a, b) = bound("a a -> a", &[&[4, 4]]);
         assert_eq!(
