@@ -24,6 +24,7 @@
 //!   binding) or an `Int` attribute of the op. It counts forward FLOPs.
 //! - `attrs` kinds are `Int`, `Float`, `Bool` and `Str`; `default`, when
 //!   given, is written as a string and must parse as the kind.
+//! - Optional strings may be written without `Some(..)`.
 //! - `implementation`: `crate` is the crate the generated code depends on,
 //!   `path` the Rust path of the function, `crate_path` the crate's directory
 //!   (relative to the annotation file) when it is not on crates.io.
@@ -242,17 +243,18 @@ impl Registry {
     /// Registers every op of one annotation file given as text; `file` names
     /// it in errors. On error nothing of the file is registered.
     pub fn load_str(&mut self, src: &str, file: &str) -> Result<(), RegistryError> {
-        let raw: Vec<RawOp> =
-            ron::Options::default()
-                .from_str(src)
-                .map_err(|e| RegistryError::Syntax {
-                    at: Location {
-                        file: file.into(),
-                        line: e.span.start.line,
-                        col: e.span.start.col,
-                    },
-                    message: lowercase_first(&e.code.to_string()),
-                })?;
+        // Implicit `Some` lets `default: "1e-5"` stand for `Some("1e-5")`.
+        let raw: Vec<RawOp> = ron::Options::default()
+            .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME)
+            .from_str(src)
+            .map_err(|e| RegistryError::Syntax {
+                at: Location {
+                    file: file.into(),
+                    line: e.span.start.line,
+                    col: e.span.start.col,
+                },
+                message: lowercase_first(&e.code.to_string()),
+            })?;
         let mut locator = Locator::new(src, file);
         let mut loaded: Vec<(OpSignature, Location)> = Vec::new();
         for op in raw {
@@ -1207,6 +1209,19 @@ mod tests {
         );
         assert_eq!(r.source("chunked").unwrap().to_string(), "ops.ron:3:16");
         assert_eq!(r.source("profiled").unwrap().to_string(), "ops.ron:10:13");
+        // `Some` may be left out.
+        let implicit = load(
+            "[(name: \"x\", annotations: [\"a -> a\"], flops: Profile, attrs: [(name: \"eps\", kind: Float, default: \"0.1\")], implementation: Some((crate: \"c\", path: \"c::f\", crate_path: \"../c\")))]",
+        )
+        .unwrap();
+        let x = implicit.get("x").unwrap();
+        assert_eq!(x.attrs[0].default.as_deref(), Some("0.1"));
+        assert_eq!(
+            x.implementation
+                .as_ref()
+                .and_then(|i| i.crate_path.as_deref()),
+            Some("../c")
+        );
         let profiled = r.get("profiled").unwrap();
         assert_eq!(profiled.flops, FlopsSpec::Profile);
         assert_eq!(profiled.doc, "");
