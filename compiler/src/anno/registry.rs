@@ -1285,6 +1285,31 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// An error inside an annotation string is reported at the file
+        /// position of the offending char, across lines of the string.
+        #[test]
+        fn annotation_errors_map_to_file_positions(text in "[a-c ,()*?^+>\\-\n]{0,20}") {
+            let Err(error) = parse_annotation(&text) else {
+                return Ok(());
+            };
+            let src = format!(
+                "[\n  (name: \"x\", doc: \"a\nb\", annotations: [\"{text}\"], flops: Profile),\n]"
+            );
+            // The string's first char is on line 3, after `b", annotations: ["`.
+            let (line, col) = if error.line == 1 {
+                (3, 19 + error.col)
+            } else {
+                (2 + error.line, error.col)
+            };
+            let expected = format!(
+                "ops.ron:{line}:{col}: invalid annotation: expected {}, found {}",
+                error.expected, error.found
+            );
+            proptest::prop_assert_eq!(load_err(&src), expected);
+        }
+    }
+
     #[test]
     fn formula_errors_point_into_the_string() {
         assert_eq!(
