@@ -616,3 +616,334 @@ impl Unifier {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test fails
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::anno::testgen;
+
+    fn anno(src: &str) -> Annotation {
+        src.parse().unwrap()
+    }
+
+    fn no_attrs() -> BTreeMap<String, i64> {
+        BTreeMap::new()
+    }
+
+    fn attrs(pairs: &[(&str, i64)]) -> BTreeMap<String, i64> {
+        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    fn sizes(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
+        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    #[test]
+    fn binds_linear_and_infers_its_output() {
+        let a = anno("b l k+, n k+ -> b l n");
+        let b = a
+            .bind(&[Some(&[2, 16, 64]), Some(&[256, 64])], &[], &no_attrs())
+            .unwrap();
+        assert_eq!(
+            b.sizes,
+            sizes(&[("b", 2), ("l", 16), ("k", 64), ("n", 256)])
+        );
+        assert_eq!(b.star_rank, 0);
+        assert_eq!(a.output_shapes(&b).unwrap(), vec![Some(vec![2, 16, 256])]);
+        // Outputs, when given, are checked too.
+        let with_out = a.bind(
+            &[Some(&[2, 16, 64]), Some(&[256, 64])],
+            &[Some(&[2, 16, 256])],
+            &no_attrs(),
+        );
+        assert_eq!(with_out, Ok(b));
+    }
+
+    #[test]
+    fn mismatches_name_tensor_dim_and_sizes() {
+        let a = anno("b l k+, n k+ -> b l n");
+        let e = a
+            .bind(&[Some(&[2, 16, 64]), Some(&[256, 32])], &[], &no_attrs())
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "input 1 dim 1 'k+': expected 64 (as at input 0 dim 2), found 32"
+        );
+        let e = a
+            .bind(
+                &[Some(&[2, 16, 64]), Some(&[256, 64])],
+                &[Some(&[2, 16, 128])],
+                &no_attrs(),
+            )
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "output 0 dim 2 'n': expected 256 (as at input 1 dim 0), found 128"
+        );
+        let e = a
+            .bind(&[Some(&[2, 16, 64]), Some(&[256])], &[], &no_attrs())
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "input 1: expected rank 2 for shape 'n k+', found rank 1"
+        );
+        let e = a.bind(&[Some(&[2, 16, 64])], &[], &no_attrs()).unwrap_err();
+        assert_eq!(e.to_string(), "expected 2 inputs, found 1");
+        let e = a
+            .bind(&[Some(&[2, 16, 64]), None], &[], &no_attrs())
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "input 1 is not a tensor, but the annotation gives it shape 'n k+'"
+        );
+    }
+
+    #[test]
+    fn numbers_must_equal_the_actual_size() {
+        let a = anno("b 64 -> b");
+        assert!(a.bind(&[Some(&[3, 64])], &[], &no_attrs()).is_ok());
+        let e = a.bind(&[Some(&[3, 32])], &[], &no_attrs()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "input 0 dim 1 '64': expected 64 (a fixed size), found 32"
+        );
+    }
+
+    #[test]
+    fn groups_take_factors_from_attrs_and_other_tensors() {
+        let split = anno("b l (h d) -> b l h d");
+        let b = split
+            .bind(&[Some(&[2, 16, 64])], &[], &attrs(&[("h", 4)]))
+            .unwrap();
+        assert_eq!(b.sizes, sizes(&[("b", 2), ("l", 16), ("h", 4), ("d", 16)]));
+        assert_eq!(
+            split.output_shapes(&b).unwrap(),
+            vec![Some(vec![2, 16, 4, 16])]
+        );
+
+        // g comes from the k tensor, r is inferred by division.
+        let attn = anno("b l^ (g r) d^, b s^ g d^, b s^ g d^ -> b l^ (g r) d^");
+        let q = [2, 16, 4, 16];
+        let kv = [2, 16, 2, 16];
+        let b = attn
+            .bind(&[Some(&q), Some(&kv), Some(&kv)], &[], &no_attrs())
+            .unwrap();
+        assert_eq!((b.size("g"), b.size("r")), (Some(2), Some(2)));
+        assert_eq!(attn.output_shapes(&b).unwrap(), vec![Some(q.to_vec())]);
+    }
+
+    #[test]
+    fn group_errors() {
+        let split = anno("b l (h d) -> b l h d");
+        let e = split
+            .bind(&[Some(&[2, 16, 64])], &[], &no_attrs())
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "input 0 dim 2 '(h d)': cannot size factors 'h', 'd' from the dim's length 64; expected all but one of them sized by another tensor or an attribute"
+        );
+        let e = split
+            .bind(&[Some(&[2, 16, 64])], &[], &attrs(&[("h", 5)]))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "input 0 dim 2 '(h d)': expected a multiple of 5 (the known factors), found 64"
+        );
+        let e = split
+            .bind(&[Some(&[2, 16, 64])], &[], &attrs(&[("h", -1)]))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "attribute 'h' = -1 cannot be the length of a dim; expected a non-negative integer"
+        );
+        let merge = anno("b h d -> b (h d)");
+        let e = merge
+            .bind(&[Some(&[2, 4, 16])], &[Some(&[2, 60])], &no_attrs())
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "output 0 dim 1 '(h d)': expected 64 (the product of its factors), found 60"
+        );
+        // An attribute that disagrees with a tensor is a mismatch.
+        let e = anno("b h d -> b (h d)")
+            .bind(&[Some(&[2, 4, 16])], &[], &attrs(&[("h", 8)]))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "input 0 dim 1 'h': expected 8 (attribute 'h'), found 4"
+        );
+    }
+
+    #[test]
+    fn star_expands_consistently() {
+        let a = anno("* k+, n k+ -> * n");
+        let b = a
+            .bind(&[Some(&[2, 16, 64]), Some(&[256, 64])], &[], &no_attrs())
+            .unwrap();
+        assert_eq!(b.star_rank, 2);
+        assert_eq!(b.star_sizes(), vec![Some(2), Some(16)]);
+        assert_eq!(a.output_shapes(&b).unwrap(), vec![Some(vec![2, 16, 256])]);
+        let b = a
+            .bind(&[Some(&[64]), Some(&[256, 64])], &[], &no_attrs())
+            .unwrap();
+        assert_eq!(b.star_rank, 0);
+        assert_eq!(a.output_shapes(&b).unwrap(), vec![Some(vec![256])]);
+
+        let e = a
+            .bind(
+                &[Some(&[2, 16, 64]), Some(&[256, 64])],
+                &[Some(&[32, 256])],
+                &no_attrs(),
+            )
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "output 0: '*' stands for 1 dims here but for 2 dims in input 0"
+        );
+        let add = anno("*, * -> *");
+        let e = add
+            .bind(&[Some(&[2, 3]), Some(&[2, 4])], &[], &no_attrs())
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "input 1 dim 1 '*': expected 3 (as at input 0 dim 1), found 4"
+        );
+        let e = a
+            .bind(&[Some(&[]), Some(&[256, 64])], &[], &no_attrs())
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "input 0: expected rank at least 1 for shape '* k+', found rank 0"
+        );
+    }
+
+    #[test]
+    fn scalar_one_matches_rank_zero() {
+        let mean = anno("b+ l+ -> 1");
+        let b = mean
+            .bind(&[Some(&[2, 16])], &[Some(&[])], &no_attrs())
+            .unwrap();
+        assert_eq!(b.sizes, sizes(&[("b", 2), ("l", 16)]));
+        assert!(
+            mean.bind(&[Some(&[2, 16])], &[Some(&[1])], &no_attrs())
+                .is_ok()
+        );
+        assert_eq!(mean.output_shapes(&b).unwrap(), vec![Some(vec![1])]);
+        let e = mean
+            .bind(&[Some(&[2, 16])], &[Some(&[2])], &no_attrs())
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "output 0 dim 0 '1': expected 1 (a fixed size), found 2"
+        );
+        let e = mean
+            .bind(&[Some(&[2, 16])], &[Some(&[1, 1])], &no_attrs())
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "output 0: expected rank 1 or 0 for shape '1', found rank 2"
+        );
+        // Only a shape that is exactly `1` accepts a scalar.
+        assert!(!anno("b 1 -> b").matches_ranks(&[Some(1)]));
+        assert!(anno("1 -> 1").matches_ranks(&[Some(0)]));
+    }
+
+    #[test]
+    fn matches_ranks_rules() {
+        let a = anno("* k+, ?, n k+ -> * n");
+        assert!(a.matches_ranks(&[Some(3), None, Some(2)]));
+        assert!(a.matches_ranks(&[Some(1), Some(4), Some(2)]));
+        assert!(!a.matches_ranks(&[Some(0), None, Some(2)]));
+        assert!(!a.matches_ranks(&[Some(3), None, None]));
+        assert!(!a.matches_ranks(&[Some(3), None]));
+        let two = anno("* a, * b -> a b");
+        assert!(two.matches_ranks(&[Some(3), Some(3)]));
+        assert!(!two.matches_ranks(&[Some(3), Some(2)]));
+        let double = anno("* a * -> a");
+        assert!(double.matches_ranks(&[Some(5)]));
+        assert!(!double.matches_ranks(&[Some(4)]));
+    }
+
+    #[test]
+    fn opaque_inputs_and_outputs() {
+        let a = anno("?, b d -> b d, ?");
+        let b = a.bind(&[None, Some(&[2, 8])], &[], &no_attrs()).unwrap();
+        assert_eq!(a.output_shapes(&b).unwrap(), vec![Some(vec![2, 8]), None]);
+        let b = a.bind(&[Some(&[7, 7, 7]), Some(&[2, 8])], &[], &no_attrs());
+        assert!(b.is_ok());
+        let anon_out = anno("b ? -> b ?");
+        let b = anon_out.bind(&[Some(&[2, 5])], &[], &no_attrs()).unwrap();
+        assert_eq!(
+            anon_out.output_shapes(&b).unwrap_err().to_string(),
+            "output 0: no size for '?' in the binding"
+        );
+    }
+
+    #[test]
+    fn ids_and_splittable_ids() {
+        let a = anno("b l^ (g r) d^, b s^ g d^, b s^ g d^ -> b l^ (g r) d^");
+        assert_eq!(
+            a.ids(),
+            vec![
+                ("b", Mark::Spatial),
+                ("l", Mark::Frozen),
+                ("g", Mark::Spatial),
+                ("r", Mark::Spatial),
+                ("d", Mark::Frozen),
+                ("s", Mark::Frozen),
+            ]
+        );
+        assert_eq!(a.splittable_ids(), vec!["b", "g"]);
+        assert_eq!(anno("a^ a^ -> a^").splittable_ids(), Vec::<&str>::new());
+        assert_eq!(anno("a b, b -> a").splittable_ids(), vec!["a", "b"]);
+        assert_eq!(anno("a a -> a").splittable_ids(), Vec::<&str>::new());
+    }
+
+    proptest! {
+        #[test]
+        fn fitted_shapes_bind_and_outputs_are_inferred(
+            a in testgen::annotation(),
+            seeds in prop::collection::vec(any::<u64>(), 1..16),
+        ) {
+            let fit = testgen::fit(&a, 2, &seeds);
+            let ins: Vec<Option<&[u64]>> = fit.inputs.iter().map(|s| s.as_deref()).collect();
+            let outs: Vec<Option<&[u64]>> = fit.outputs.iter().map(|s| s.as_deref()).collect();
+            let ranks: Vec<Option<usize>> = fit.inputs.iter().map(|s| s.as_ref().map(Vec::len)).collect();
+            prop_assert!(a.matches_ranks(&ranks));
+            let full = a.bind(&ins, &outs, &fit.attrs);
+            prop_assert!(full.is_ok(), "{}: {:?}", a, full);
+            let from_inputs = a.bind(&ins, &[], &fit.attrs);
+            prop_assert!(from_inputs.is_ok(), "{}: {:?}", a, from_inputs);
+            let from_inputs = from_inputs.unwrap();
+            for (id, _) in a.ids() {
+                prop_assert_eq!(from_inputs.size(id), Some(fit.sizes[id]));
+            }
+            let has_anon_output = a.outputs.iter().any(|s| matches!(
+                s,
+                Shape::Tensor(dims) if dims.iter().any(|d| match d {
+                    Dim::Single(f) => *f == Factor::Anon,
+                    Dim::Group(fs) => fs.contains(&Factor::Anon),
+                    Dim::Star => false,
+                })
+            ));
+            if !has_anon_output {
+                let inferred = a.output_shapes(&from_inputs).unwrap();
+                let expected: Vec<Option<Vec<u64>>> = fit
+                    .outputs
+                    .iter()
+                    .zip(&a.outputs)
+                    .map(|(s, shape)| match shape {
+                        Shape::Tensor(dims) if is_scalar_one(dims) => Some(vec![1]),
+                        _ => s.clone(),
+                    })
+                    .collect();
+                // A `*` in an output takes its sizes from the inputs only when
+                // some input has one, which the generator guarantees.
+                prop_assert_eq!(inferred, expected);
+            }
+        }
+    }
+}

@@ -12,6 +12,8 @@ mod bind;
 mod parse;
 mod registry;
 mod rule;
+#[cfg(test)]
+mod testgen;
 
 pub use ast::{Annotation, Dim, Factor, Mark, Shape};
 pub use bind::{BindError, Binding, Side, TensorRef};

@@ -466,3 +466,238 @@ fn write_joined<T: fmt::Display>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test fails
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::anno::testgen;
+
+    fn err(src: &str) -> String {
+        match parse_annotation(src) {
+            Ok(a) => panic!("{src:?} parsed as {a}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn named(name: &str, mark: Mark) -> Factor {
+        Factor::Named {
+            name: name.into(),
+            mark,
+        }
+    }
+
+    #[test]
+    fn parses_every_construct() {
+        let a = parse_annotation("* k+, ?, n (g r^) 64 ? -> * n").unwrap();
+        assert_eq!(
+            a,
+            Annotation {
+                inputs: vec![
+                    Shape::Tensor(vec![Dim::Star, Dim::Single(named("k", Mark::Reduce))]),
+                    Shape::Opaque,
+                    Shape::Tensor(vec![
+                        Dim::Single(named("n", Mark::Spatial)),
+                        Dim::Group(vec![named("g", Mark::Spatial), named("r", Mark::Frozen)]),
+                        Dim::Single(Factor::Number(64)),
+                        Dim::Single(Factor::Anon),
+                    ]),
+                ],
+                outputs: vec![Shape::Tensor(vec![
+                    Dim::Star,
+                    Dim::Single(named("n", Mark::Spatial)),
+                ])],
+            }
+        );
+        assert_eq!(a.to_string(), "* k+, ?, n (g r^) 64 ? -> * n");
+    }
+
+    #[test]
+    fn whitespace_and_newlines_are_free() {
+        let a: Annotation = "  b  l\n k+ ,n k+\t->\n b l n ".parse().unwrap();
+        assert_eq!(a.to_string(), "b l k+, n k+ -> b l n");
+        let a: Annotation = "b(h d)->b h d".parse().unwrap();
+        assert_eq!(a.to_string(), "b (h d) -> b h d");
+    }
+
+    #[test]
+    fn empty_lists_and_scalar_output() {
+        assert_eq!(parse_annotation("-> 1").unwrap().to_string(), "-> 1");
+        assert_eq!(parse_annotation("->").unwrap().to_string(), "->");
+        assert_eq!(parse_annotation("b ->").unwrap().to_string(), "b ->");
+        let a = parse_annotation("b+ l+ -> 1").unwrap();
+        assert_eq!(
+            a.outputs,
+            vec![Shape::Tensor(vec![Dim::Single(Factor::Number(1))])]
+        );
+    }
+
+    #[test]
+    fn a_lone_question_mark_is_opaque() {
+        let a = parse_annotation("?, b ? -> b, ?").unwrap();
+        assert_eq!(a.inputs[0], Shape::Opaque);
+        assert_eq!(
+            a.inputs[1],
+            Shape::Tensor(vec![
+                Dim::Single(named("b", Mark::Spatial)),
+                Dim::Single(Factor::Anon)
+            ])
+        );
+        assert_eq!(a.outputs[1], Shape::Opaque);
+    }
+
+    #[test]
+    fn frozen_mark_on_a_number_is_redundant() {
+        assert_eq!(
+            parse_annotation("b 1^ -> b").unwrap().to_string(),
+            "b 1 -> b"
+        );
+    }
+
+    #[test]
+    fn later_group_factors_may_carry_any_mark() {
+        // Later factors are never split; that is a partition rule, not syntax.
+        let a = parse_annotation("b (h d+) -> b").unwrap();
+        assert_eq!(a.to_string(), "b (h d+) -> b");
+    }
+
+    #[test]
+    fn syntax_errors_say_where_and_what() {
+        let cases = [
+            (
+                "b l k+, n k+ - b l n",
+                "1:14: expected a dimension, ',' or '->', found '-'",
+            ),
+            ("b l, , n -> b", "1:6: expected a dimension, found ','"),
+            ("b l, -> b", "1:6: expected a dimension, found '->'"),
+            (
+                "b l -> b,",
+                "1:10: expected a dimension, found end of input",
+            ),
+            (", b -> b", "1:1: expected a dimension or '->', found ','"),
+            ("", "1:1: expected a dimension or '->', found end of input"),
+            (
+                "a b",
+                "1:4: expected a dimension, ',' or '->', found end of input",
+            ),
+            (
+                "b -> b )",
+                "1:8: expected a dimension, ',' or end of input, found ')'",
+            ),
+            (
+                "b 2x -> b",
+                "1:3: expected an identifier or a number, found '2x'",
+            ),
+            (
+                "b 1+ -> b",
+                "1:3: expected a number without '+' (numbers are frozen), found '1+'",
+            ),
+            (
+                "b 99999999999999999999 -> b",
+                "1:3: expected a number below 2^64, found '99999999999999999999'",
+            ),
+            (
+                "b () -> b",
+                "1:4: expected a factor (an identifier, a number or '?'), found ')'",
+            ),
+            (
+                "b (h *) -> b",
+                "1:6: expected a factor (an identifier, a number or '?'), found '*'",
+            ),
+            ("b (h d -> b", "1:8: expected a factor or ')', found '->'"),
+            (
+                "b +k -> b",
+                "1:3: expected a dimension, ',' or '->', found '+'",
+            ),
+            (
+                "b k^^ -> b",
+                "1:5: expected a dimension, ',' or '->', found '^'",
+            ),
+            (
+                "* ?+ -> b",
+                "1:4: expected a dimension, ',' or '->', found '+'",
+            ),
+            (
+                "b\n  l$ -> b",
+                "2:4: expected a dimension, ',' or '->', found '$'",
+            ),
+            (
+                "b -> b -> b",
+                "1:8: expected a dimension, ',' or end of input, found '->'",
+            ),
+        ];
+        for (src, expected) in cases {
+            assert_eq!(err(src), expected, "for {src:?}");
+        }
+    }
+
+    #[test]
+    fn semantic_errors_say_where_and_what() {
+        let cases = [
+            (
+                "b k+, k^ -> b",
+                "1:7: expected 'k+' like at 1:3, found 'k^'",
+            ),
+            ("b k+ -> b k", "1:11: expected 'k+' like at 1:3, found 'k'"),
+            (
+                "b (h d) -> b h^ d",
+                "1:14: expected 'h' like at 1:4, found 'h^'",
+            ),
+            (
+                "b -> c",
+                "1:6: expected an identifier that an input names, or a number, found 'c'",
+            ),
+            (
+                "-> b",
+                "1:4: expected an identifier that an input names, or a number, found 'b'",
+            ),
+            (
+                "b\n-> b (x 2)",
+                "2:7: expected an identifier that an input names, or a number, found 'x'",
+            ),
+            (
+                "b -> b *",
+                "1:8: expected a dimension that an input names, found '*', which no input has",
+            ),
+        ];
+        for (src, expected) in cases {
+            assert_eq!(err(src), expected, "for {src:?}");
+        }
+    }
+
+    #[test]
+    fn parse_error_fields() {
+        let e = parse_annotation("b l, , n -> b").unwrap_err();
+        assert_eq!((e.line, e.col), (1, 6));
+        assert_eq!(e.expected, "a dimension");
+        assert_eq!(e.found, "','");
+    }
+
+    proptest! {
+        #[test]
+        fn print_then_parse_round_trips(a in testgen::annotation()) {
+            let printed = a.to_string();
+            let parsed = parse_annotation(&printed);
+            prop_assert_eq!(parsed.as_ref(), Ok(&a), "printed as {:?}", printed);
+            prop_assert_eq!(parsed.map(|p| p.to_string()), Ok(printed));
+        }
+
+        #[test]
+        fn arbitrary_text_never_panics(src in "[a-c0-9 ,()*?^+>\\-\n]{0,24}") {
+            if let Err(e) = parse_annotation(&src) {
+                prop_assert!(e.line >= 1 && e.col >= 1);
+                prop_assert!(!e.expected.is_empty() && !e.found.is_empty());
+            }
+        }
+
+        #[test]
+        fn printed_parses_are_canonical(src in "[a-c ,()*?^+]{0,12} -> [a-c ,()1]{0,8}") {
+            if let Ok(a) = parse_annotation(&src) {
+                let printed = a.to_string();
+                prop_assert_eq!(parse_annotation(&printed), Ok(a));
+            }
+        }
+    }
+}

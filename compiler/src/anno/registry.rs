@@ -24,6 +24,7 @@
 //!   binding) or an `Int` attribute of the op. It counts forward FLOPs.
 //! - `attrs` kinds are `Int`, `Float`, `Bool` and `Str`; `default`, when
 //!   given, is written as a string and must parse as the kind.
+//! - Optional strings may be written without `Some(..)`.
 //! - `implementation`: `crate` is the crate the generated code depends on,
 //!   `path` the Rust path of the function, `crate_path` the crate's directory
 //!   (relative to the annotation file) when it is not on crates.io.
@@ -76,14 +77,14 @@ pub enum RegistryError {
         found: String,
     },
     #[error(
-        "{at}: unknown identifier '{name}' in the flops formula of op '{op}': expected a dim of its annotations ({dims}) or an Int attribute ({attrs})"
+        "{at}: unknown identifier '{name}' in the flops formula of op '{op}'; expected {expected}"
     )]
     FormulaIdent {
         at: Location,
         name: String,
         op: String,
-        dims: String,
-        attrs: String,
+        /// The dims and attributes the formula may use.
+        expected: String,
     },
     /// Any other broken rule of the schema, with what was expected.
     #[error("{at}: {message}")]
@@ -204,7 +205,7 @@ impl OpSignature {
 
 /// The entry as written in the file, before its strings are parsed.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(rename = "Op", deny_unknown_fields)]
 struct RawOp {
     name: String,
     #[serde(default)]
@@ -218,6 +219,7 @@ struct RawOp {
 }
 
 #[derive(Deserialize)]
+#[serde(rename = "FlopsSpec")]
 enum RawFlops {
     Formula(String),
     Profile,
@@ -241,17 +243,18 @@ impl Registry {
     /// Registers every op of one annotation file given as text; `file` names
     /// it in errors. On error nothing of the file is registered.
     pub fn load_str(&mut self, src: &str, file: &str) -> Result<(), RegistryError> {
-        let raw: Vec<RawOp> =
-            ron::Options::default()
-                .from_str(src)
-                .map_err(|e| RegistryError::Syntax {
-                    at: Location {
-                        file: file.into(),
-                        line: e.span.start.line,
-                        col: e.span.start.col,
-                    },
-                    message: lowercase_first(&e.code.to_string()),
-                })?;
+        // Implicit `Some` lets `default: "1e-5"` stand for `Some("1e-5")`.
+        let raw: Vec<RawOp> = ron::Options::default()
+            .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME)
+            .from_str(src)
+            .map_err(|e| RegistryError::Syntax {
+                at: Location {
+                    file: file.into(),
+                    line: e.span.start.line,
+                    col: e.span.start.col,
+                },
+                message: lowercase_first(&e.code.to_string()),
+            })?;
         let mut locator = Locator::new(src, file);
         let mut loaded: Vec<(OpSignature, Location)> = Vec::new();
         for op in raw {
@@ -535,8 +538,11 @@ fn check_formula_ids(
                     at: at(index),
                     name: name.into(),
                     op: op.into(),
-                    dims: or_none(&dims),
-                    attrs: or_none(&int_attrs),
+                    expected: format!(
+                        "a dim of its annotations ({}) or an Int attribute ({})",
+                        or_none(&dims),
+                        or_none(&int_attrs)
+                    ),
                 });
             }
         }
@@ -1110,5 +1116,369 @@ impl FormulaParser {
             };
         }
         Err(self.error(expected))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test fails
+mod tests {
+    use super::*;
+
+    const FILE: &str = "ops.ron";
+
+    fn load(src: &str) -> Result<Registry, String> {
+        let mut r = Registry::new();
+        r.load_str(src, FILE).map_err(|e| e.to_string())?;
+        Ok(r)
+    }
+
+    fn load_err(src: &str) -> String {
+        match load(src) {
+            Ok(r) => panic!("loaded {} ops from {src}", r.len()),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn builtin_files_load() {
+        // Backs the `expect` in `builtin_registry`.
+        for (label, src) in BUILTIN {
+            let mut r = Registry::new();
+            assert_eq!(r.load_str(src, label), Ok(()), "{label}");
+            assert!(!r.is_empty(), "{label} registers no op");
+        }
+        let registry = builtin_registry();
+        let names: Vec<&str> = registry.iter().map(|(n, _, _)| n).collect();
+        assert_eq!(
+            names,
+            [
+                "add",
+                "attention",
+                "cross_entropy",
+                "embedding",
+                "gelu",
+                "layer_norm",
+                "linear",
+                "linear_bias",
+                "mean",
+                "merge_heads",
+                "pos_embedding",
+                "rms_norm",
+                "rope",
+                "split_heads",
+                "swiglu",
+            ]
+        );
+    }
+
+    #[test]
+    fn full_entry_loads() {
+        let r = load(
+            r#"[
+    (
+        name: "chunked",
+        doc: "a custom op",
+        annotations: ["b l d^, n^ d^, b l -> b l", "? -> ?"],
+        flops: Formula("2 * b * l * d * n / chunk"),
+        attrs: [(name: "chunk", kind: Int, default: Some("1024")), (name: "eps", kind: Float)],
+        implementation: Some((crate: "my_ops", path: "my_ops::chunked_ce", crate_path: Some("../my_ops"))),
+    ),
+    (name: "profiled", annotations: ["b -> b"], flops: Profile),
+]"#,
+        )
+        .unwrap();
+        let sig = r.get("chunked").unwrap();
+        assert_eq!(sig.doc, "a custom op");
+        assert_eq!(sig.annotations.len(), 2);
+        assert_eq!(sig.annotations[0].to_string(), "b l d^, n^ d^, b l -> b l");
+        assert_eq!(
+            sig.attrs[0],
+            AttrSpec {
+                name: "chunk".into(),
+                kind: AttrKind::Int,
+                default: Some("1024".into()),
+            }
+        );
+        assert_eq!(
+            sig.implementation,
+            Some(ImplSpec {
+                crate_name: "my_ops".into(),
+                path: "my_ops::chunked_ce".into(),
+                crate_path: Some("../my_ops".into()),
+            })
+        );
+        assert_eq!(r.source("chunked").unwrap().to_string(), "ops.ron:3:16");
+        assert_eq!(r.source("profiled").unwrap().to_string(), "ops.ron:10:13");
+        // `Some` may be left out.
+        let implicit = load(
+            "[(name: \"x\", annotations: [\"a -> a\"], flops: Profile, attrs: [(name: \"eps\", kind: Float, default: \"0.1\")], implementation: Some((crate: \"c\", path: \"c::f\", crate_path: \"../c\")))]",
+        )
+        .unwrap();
+        let x = implicit.get("x").unwrap();
+        assert_eq!(x.attrs[0].default.as_deref(), Some("0.1"));
+        assert_eq!(
+            x.implementation
+                .as_ref()
+                .and_then(|i| i.crate_path.as_deref()),
+            Some("../c")
+        );
+        let profiled = r.get("profiled").unwrap();
+        assert_eq!(profiled.flops, FlopsSpec::Profile);
+        assert_eq!(profiled.doc, "");
+        assert!(profiled.attrs.is_empty() && profiled.implementation.is_none());
+        assert_eq!(
+            profiled.flops.eval(&Binding::default(), &BTreeMap::new()),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn ron_errors_point_at_the_file() {
+        assert_eq!(
+            load_err("[\n  (name: \"x\" annotations: [\"a -> a\"], flops: Profile),\n]"),
+            "ops.ron:2:14: expected comma"
+        );
+        assert_eq!(
+            load_err("[(name: \"x\", annotation: [\"a -> a\"], flops: Profile)]"),
+            "ops.ron:1:14: unexpected field named `annotation` in `Op`, expected one of `name`, `doc`, `annotations`, `flops`, `attrs`, or `implementation` instead"
+        );
+        let missing = load_err("[(name: \"x\", annotations: [\"a -> a\"])]");
+        assert!(
+            missing.starts_with("ops.ron:1:") && missing.contains("missing field named `flops`"),
+            "{missing}"
+        );
+        let variant = load_err("[(name: \"x\", annotations: [\"a -> a\"], flops: Measure)]");
+        assert!(
+            variant.starts_with("ops.ron:1:") && variant.contains("`Formula`"),
+            "{variant}"
+        );
+        let kind = load_err(
+            "[(name: \"x\", annotations: [\"a -> a\"], flops: Profile, attrs: [(name: \"e\", kind: Double)])]",
+        );
+        assert!(
+            kind.starts_with("ops.ron:1:") && kind.contains("`Float`"),
+            "{kind}"
+        );
+    }
+
+    #[test]
+    fn bad_annotation_strings_point_into_the_string() {
+        let src = "[\n    (\n        name: \"x\",\n        annotations: [\"a b -> a\", \"a b, , c -> a\"],\n        flops: Profile,\n    ),\n]";
+        assert_eq!(
+            load_err(src),
+            "ops.ron:4:41: invalid annotation: expected a dimension, found ','"
+        );
+        // The error position maps through escapes, raw strings and lines.
+        assert_eq!(
+            load_err("[(name: \"x\", annotations: [\"\\u{61} b \\\"\"], flops: Profile)]"),
+            "ops.ron:1:38: invalid annotation: expected a dimension, ',' or '->', found '\"'"
+        );
+        assert_eq!(
+            load_err("[(name: \"x\", annotations: [r#\"a\nb k+ -> b k^\"#], flops: Profile)]"),
+            "ops.ron:2:11: invalid annotation: expected 'k+' like at 2:3, found 'k^'"
+        );
+        // The same string in an earlier entry does not confuse the locator.
+        let src = "[\n (name: \"p\", doc: \"a -> b\", annotations: [\"a -> a\"], flops: Profile),\n (name: \"q\", annotations: [\"a -> b\"], flops: Profile),\n]";
+        assert_eq!(
+            load_err(src),
+            "ops.ron:3:34: invalid annotation: expected an identifier that an input names, or a number, found 'b'"
+        );
+    }
+
+    proptest::proptest! {
+        /// An error inside an annotation string is reported at the file
+        /// position of the offending char, across lines of the string.
+        #[test]
+        fn annotation_errors_map_to_file_positions(text in "[a-c ,()*?^+>\\-\n]{0,20}") {
+            let Err(error) = parse_annotation(&text) else {
+                return Ok(());
+            };
+            let src = format!(
+                "[\n  (name: \"x\", doc: \"a\nb\", annotations: [\"{text}\"], flops: Profile),\n]"
+            );
+            // The string's first char is on line 3, after `b", annotations: ["`.
+            let (line, col) = if error.line == 1 {
+                (3, 19 + error.col)
+            } else {
+                (2 + error.line, error.col)
+            };
+            let expected = format!(
+                "ops.ron:{line}:{col}: invalid annotation: expected {}, found {}",
+                error.expected, error.found
+            );
+            proptest::prop_assert_eq!(load_err(&src), expected);
+        }
+    }
+
+    #[test]
+    fn formula_errors_point_into_the_string() {
+        assert_eq!(
+            load_err("[(name: \"x\", annotations: [\"a b -> a\"], flops: Formula(\"2 * a * \"))]"),
+            "ops.ron:1:65: invalid flops formula: expected a number, an identifier or '(', found end of formula"
+        );
+        assert_eq!(
+            load_err(
+                "[(name: \"x\", annotations: [\"a b -> a\"], flops: Formula(\"2 * (a + b\"))]"
+            ),
+            "ops.ron:1:67: invalid flops formula: expected an operator (+ - * /) or ')', found end of formula"
+        );
+        assert_eq!(
+            load_err(
+                "[(name: \"x\", annotations: [\"a b -> a\"], flops: Formula(\"2 * a * q\"), attrs: [(name: \"h\", kind: Int)])]"
+            ),
+            "ops.ron:1:65: unknown identifier 'q' in the flops formula of op 'x'; expected a dim of its annotations (a, b) or an Int attribute (h)"
+        );
+        assert_eq!(
+            load_err(
+                "[(name: \"x\", annotations: [\"a -> a\"], flops: Formula(\"a * eps\"), attrs: [(name: \"eps\", kind: Float)])]"
+            ),
+            "ops.ron:1:59: attribute 'eps' is Float; expected a dim or an Int attribute in the flops formula of op 'x'"
+        );
+    }
+
+    #[test]
+    fn schema_rules_point_at_the_entry() {
+        assert_eq!(
+            load_err("[(name: \"x\", annotations: [], flops: Profile)]"),
+            "ops.ron:1:10: op 'x' has no annotations; expected at least one"
+        );
+        assert_eq!(
+            load_err("[(name: \"two words\", annotations: [\"a -> a\"], flops: Profile)]"),
+            "ops.ron:1:10: expected an op name without spaces, found 'two words'"
+        );
+        assert_eq!(
+            load_err(
+                "[(name: \"x\", annotations: [\"a -> a\"], flops: Profile, attrs: [(name: \"eps\", kind: Float, default: Some(\"small\"))])]"
+            ),
+            "ops.ron:1:105: expected a default of kind Float for attribute 'eps', found 'small'"
+        );
+        assert_eq!(
+            load_err(
+                "[(name: \"x\", annotations: [\"a -> a\"], flops: Profile, attrs: [(name: \"h\", kind: Int), (name: \"h\", kind: Bool)])]"
+            ),
+            "ops.ron:1:95: attribute 'h' of op 'x' is declared twice; expected unique names"
+        );
+        assert_eq!(
+            load_err(
+                "[(name: \"x\", annotations: [\"a -> a\"], flops: Profile, implementation: Some((crate: \"c\", path: \"c::not a path\")))]"
+            ),
+            "ops.ron:1:96: expected a Rust path such as 'my_ops::chunked_ce' as the implementation, found 'c::not a path'"
+        );
+    }
+
+    #[test]
+    fn duplicates_name_both_places() {
+        assert_eq!(
+            load_err(
+                "[\n (name: \"x\", annotations: [\"a -> a\"], flops: Profile),\n (name: \"x\", annotations: [\"a -> a\"], flops: Profile),\n]"
+            ),
+            "ops.ron:3:10: op 'x' is already registered by ops.ron:2:10"
+        );
+        let mut r = builtin_registry();
+        let before = r.len();
+        let e = r
+            .load_str(
+                "[(name: \"mine\", annotations: [\"a -> a\"], flops: Profile),\n (name: \"linear\", annotations: [\"a -> a\"], flops: Profile)]",
+                "user.ron",
+            )
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "user.ron:2:10: op 'linear' is already registered by annotations/linear.ron:5:16"
+        );
+        // A file that fails registers nothing.
+        assert_eq!(r.len(), before);
+        assert!(r.get("mine").is_none());
+    }
+
+    #[test]
+    fn resolve_picks_the_first_matching_alternative() {
+        let r = load(
+            "[(name: \"mm\", annotations: [\"b m k+, b k+ n -> b m n\", \"m k+, k+ n -> m n\"], flops: Formula(\"2 * m * k * n\"))]",
+        )
+        .unwrap();
+        assert_eq!(
+            r.resolve("mm", &[Some(3), Some(3)]).unwrap().to_string(),
+            "b m k+, b k+ n -> b m n"
+        );
+        assert_eq!(
+            r.resolve("mm", &[Some(2), Some(2)]).unwrap().to_string(),
+            "m k+, k+ n -> m n"
+        );
+        assert_eq!(
+            r.resolve("mm", &[Some(2), None]).unwrap_err().to_string(),
+            "op 'mm' (ops.ron:1:10) has no annotation for input ranks [2, -]; expected one of: 'b m k+, b k+ n -> b m n', 'm k+, k+ n -> m n'"
+        );
+        assert_eq!(
+            r.resolve("foo", &[]).unwrap_err().to_string(),
+            "unknown op 'foo': no annotation file registers it; add one with --annotations FILE"
+        );
+    }
+
+    #[test]
+    fn load_file_reports_unreadable_files() {
+        let mut r = Registry::new();
+        let e = r.load_file("/nonexistent/ops.ron").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("/nonexistent/ops.ron: cannot read annotation file: "),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.ron");
+        std::fs::write(
+            &path,
+            "[(name: \"x\", annotations: [\"a -> q\"], flops: Profile)]",
+        )
+        .unwrap();
+        let e = r.load_file(&path).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}:1:34: invalid annotation: expected an identifier that an input names, or a number, found 'q'",
+                path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn formulas_evaluate() {
+        let binding = Binding {
+            sizes: [("b".to_string(), 2), ("l".to_string(), 16)].into(),
+            star_rank: 0,
+        };
+        let attrs: BTreeMap<String, i64> = [("h".to_string(), 4)].into();
+        let eval = |src: &str| {
+            FlopsSpec::Formula(Formula::parse(src).unwrap())
+                .eval(&binding, &attrs)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(eval("2 * b * l + h"), Ok(Some(68.0)));
+        assert_eq!(eval("2 * (b + l) / 4"), Ok(Some(9.0)));
+        assert_eq!(eval("-b - -l"), Ok(Some(14.0)));
+        assert_eq!(eval("1.5e1 * b - 0.5"), Ok(Some(29.5)));
+        assert_eq!(eval("b - l - h"), Ok(Some(-18.0)));
+        assert_eq!(eval("l / b / 2"), Ok(Some(4.0)));
+        assert_eq!(
+            eval("b / (l - 16)"),
+            Err("flops formula 'b / (l - 16)': division by zero".into())
+        );
+        assert_eq!(
+            eval("b * q"),
+            Err(
+                "flops formula 'b * q': expected a size or an attribute named 'q', found neither"
+                    .into()
+            )
+        );
+        let f = Formula::parse("2 * b * l").unwrap();
+        assert_eq!(f.identifiers(), vec![("b", 4), ("l", 8)]);
+        assert_eq!(f.to_string(), "2 * b * l");
+        let e = Formula::parse("2 b").unwrap_err();
+        assert_eq!(
+            (e.index, e.expected.as_str(), e.found.as_str()),
+            (2, "an operator (+ - * /) or the end of the formula", "'b'")
+        );
+        let e = Formula::parse("1.2.3").unwrap_err();
+        assert_eq!((e.index, e.found.as_str()), (0, "'1.2.3'"));
     }
 }
