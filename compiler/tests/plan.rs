@@ -10,7 +10,8 @@ use autopart::ir::{DType, Graph};
 use autopart::plan::{
     FORMAT_VERSION, MemoryBreakdown, MeshSpec, ModelRef, OpSplit, Plan, PlanError, Prediction,
     Recompute, Schedule, StagePlan, StagePrediction, TraceSpec, layer_pattern, parse_plan,
-    plan_to_ron, read_plan, render_report, render_summary, validate_plan, write_plan,
+    plan_to_ron, read_plan, render_alternatives, render_report, render_summary, validate_plan,
+    write_plan,
 };
 use autopart::trace::{TraceOptions, preset, trace_model};
 use expect_test::{expect, expect_file};
@@ -311,6 +312,42 @@ fn summary_snapshot() {
     let graph = llama_mini();
     expect_file!["snapshots/llama-mini.summary.txt"]
         .assert_eq(&render_summary(&llama_mini_plan(&graph)));
+}
+
+#[test]
+fn alternatives_are_one_line_each() {
+    let graph = llama_mini();
+    let best = llama_mini_plan(&graph);
+    let mut second = best.clone();
+    (second.mesh.tp, second.mesh.pp, second.mesh.dp) = (1, 2, 2);
+    second.n_micro_batches = 4;
+    second.schedule = Schedule::GPipe;
+    second.stages[0].recompute = Recompute::Full;
+    second.stages[1].recompute = Recompute::Full;
+    second.prediction.step_s = 1.25;
+    second.prediction.tokens_per_s = 1638.4;
+    second.prediction.mfu = 0.3;
+    expect![[r#"
+        #  tp  pp  dp  micro-batches  schedule  recompute       ZeRO  SP       step  tokens/s    MFU  peak GiB
+        1   2   2   1  8 × 1          1f1b      selective/none     1  off  137.5 ms    14,895  41.2%     61.75
+        2   1   2   2  4 × 1          gpipe     full               1  off   1.250 s     1,638  30.0%     61.75
+    "#]].assert_eq(&render_alternatives(&[best, second]));
+}
+
+#[test]
+fn memory_over_capacity_is_flagged() {
+    let graph = llama_mini();
+    let mut plan = llama_mini_plan(&graph);
+    plan.prediction.stages[1].memory.activations_bytes = 80 * GIB;
+    let report = render_report(&plan);
+    let bar = report
+        .lines()
+        .find(|l| l.starts_with("stage 1 |"))
+        .expect("has a bar");
+    assert_eq!(
+        bar,
+        "stage 1 |████████████████████| 127.00 / 76.00 GiB  over capacity"
+    );
 }
 
 #[test]

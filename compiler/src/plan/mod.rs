@@ -17,7 +17,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-pub use report::{render_report, render_summary};
+pub use report::{render_alternatives, render_report, render_summary};
 pub use validate::{
     PlanError, layer_pattern, parse_plan, plan_to_ron, read_plan, validate_plan, write_plan,
 };

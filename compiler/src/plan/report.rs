@@ -211,6 +211,69 @@ pub fn render_summary(plan: &Plan) -> String {
     out
 }
 
+/// The top-k alternatives, best first, one line each: what a user compares
+/// when the chosen plan surprises them.
+pub fn render_alternatives(plans: &[Plan]) -> String {
+    let mut table = Table::new(
+        &[
+            "#",
+            "tp",
+            "pp",
+            "dp",
+            "micro-batches",
+            "schedule",
+            "recompute",
+            "ZeRO",
+            "SP",
+            "step",
+            "tokens/s",
+            "MFU",
+            "peak GiB",
+        ],
+        &[
+            Align::Right,
+            Align::Right,
+            Align::Right,
+            Align::Right,
+            Align::Left,
+            Align::Left,
+            Align::Left,
+            Align::Right,
+            Align::Left,
+            Align::Right,
+            Align::Right,
+            Align::Right,
+            Align::Right,
+        ],
+    );
+    for (rank, p) in plans.iter().enumerate() {
+        let modes: Vec<String> = p.stages.iter().map(|s| s.recompute.to_string()).collect();
+        let mut distinct = modes.clone();
+        distinct.dedup();
+        let recompute = if distinct.len() <= 1 {
+            distinct.pop().unwrap_or_else(|| "—".to_string())
+        } else {
+            modes.join("/")
+        };
+        table.row([
+            (rank + 1).to_string(),
+            p.mesh.tp.to_string(),
+            p.mesh.pp.to_string(),
+            p.mesh.dp.to_string(),
+            format!("{} × {}", p.n_micro_batches, p.micro_batch),
+            p.schedule.to_string(),
+            recompute,
+            p.zero.to_string(),
+            if p.sequence_parallel { "on" } else { "off" }.to_string(),
+            seconds(p.prediction.step_s),
+            thousands(p.prediction.tokens_per_s.round() as u64),
+            percent(p.prediction.mfu),
+            gib(p.prediction.peak_mem_bytes),
+        ]);
+    }
+    table.text()
+}
+
 fn gpus(p: &Plan) -> String {
     if p.runtime_gpus == p.plan_gpus {
         format!("{} GPUs", p.plan_gpus)

@@ -607,8 +607,8 @@ mod tests {
 
     #[test]
     fn a_failed_atomic_write_leaves_the_old_file_and_no_temporary() {
-        let dir = std::env::temp_dir().join(format!("autopart-atomic-{}", std::process::id()));
-        fs::create_dir_all(&dir).expect("temp dir");
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path();
         let path = dir.join("plan.ron");
         fs::write(&path, "old contents\n").expect("seed file");
 
@@ -623,7 +623,7 @@ mod tests {
             fs::read_to_string(&path).expect("old file"),
             "old contents\n"
         );
-        let names: Vec<_> = fs::read_dir(&dir)
+        let names: Vec<_> = fs::read_dir(dir)
             .expect("list")
             .map(|e| e.expect("entry").file_name())
             .collect();
@@ -634,6 +634,5 @@ mod tests {
             fs::read_to_string(&path).expect("new file"),
             "new contents\n"
         );
-        fs::remove_dir_all(&dir).expect("clean up");
     }
 }
