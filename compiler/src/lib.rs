@@ -2,10 +2,12 @@
 //!
 //! The stages, each a module with its own hand-off type (see docs/ARCHITECTURE.md):
 //! [`trace`] builds an [`ir::Graph`] whose ops carry [`anno`] annotations;
-//! later stages (cost, search, plan, lower, rewrite, codegen) consume it.
+//! [`plan`] is the search's output (`plan.ron`, its validation and report);
+//! later stages (search, lower, rewrite, codegen) consume them.
 
 pub mod anno;
 pub mod cli;
 pub mod cost;
 pub mod ir;
+pub mod plan;
 pub mod trace;

@@ -17,14 +17,17 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-pub use report::render_report;
-pub use validate::{PlanError, read_plan, validate_plan, write_plan};
+pub use report::{render_alternatives, render_report, render_summary};
+pub use validate::{
+    PlanError, layer_pattern, parse_plan, plan_to_ron, read_plan, validate_plan, write_plan,
+};
 
 /// Current `plan.ron` format version.
 pub const FORMAT_VERSION: u32 = 1;
 
 /// The pipeline schedule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum Schedule {
     /// All forwards, then all backwards.
     GPipe,
@@ -53,11 +56,19 @@ impl std::str::FromStr for Schedule {
             _ => s
                 .strip_prefix("interleaved-")
                 .or_else(|| s.strip_prefix("interleaved"))
-                .and_then(|v| if v.is_empty() { Some(2) } else { v.parse().ok() })
+                .and_then(|v| {
+                    if v.is_empty() {
+                        Some(2)
+                    } else {
+                        v.parse().ok()
+                    }
+                })
                 .filter(|&chunks| chunks >= 2)
                 .map(|chunks| Schedule::Interleaved { chunks })
                 .ok_or_else(|| {
-                    format!("unknown schedule '{s}' (expected gpipe, 1f1b or interleaved-V with V >= 2)")
+                    format!(
+                        "unknown schedule '{s}' (expected gpipe, 1f1b or interleaved-V with V >= 2)"
+                    )
                 }),
         }
     }
@@ -100,6 +111,7 @@ impl std::str::FromStr for Recompute {
 
 /// Where the model comes from, so lowering can trace the same graph.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModelRef {
     /// The `--model` argument: a preset name or a config.json path.
     pub spec: String,
@@ -114,6 +126,7 @@ pub struct ModelRef {
 /// The tracing inputs: the graph each pipeline stage runs is the model
 /// traced at one micro-batch.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TraceSpec {
     pub seq_len: u64,
     /// `bf16`, `fp16` or `fp32`.
@@ -123,6 +136,7 @@ pub struct TraceSpec {
 /// Mesh axes. `order` lists them innermost first (tp innermost keeps tensor
 /// parallel groups inside a node).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MeshSpec {
     pub tp: u32,
     pub pp: u32,
@@ -133,6 +147,7 @@ pub struct MeshSpec {
 /// One pipeline stage: a contiguous range of transformer layers; the first
 /// stage also holds the embedding, the last the final norm, head and loss.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StagePlan {
     pub index: u32,
     /// First transformer layer (inclusive).
@@ -148,6 +163,7 @@ pub struct StagePlan {
 /// split across the tp axis (`None`: the op runs replicated), and the
 /// resulting layouts, for readers and for lowering's checks.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct OpSplit {
     /// Op source name; transformer-layer ops are written with the layer
     /// index as `*` (`layers.*.self_attn.q_proj`) and apply to every layer.
@@ -161,6 +177,7 @@ pub struct OpSplit {
 
 /// Peak memory of one device of a stage, by cause.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MemoryBreakdown {
     pub params_bytes: u64,
     pub grads_bytes: u64,
@@ -181,6 +198,7 @@ impl MemoryBreakdown {
 
 /// Predicted time and memory of one stage.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StagePrediction {
     /// Forward + backward time of one micro-batch, communication included.
     pub micro_batch_s: f64,
@@ -191,6 +209,7 @@ pub struct StagePrediction {
 
 /// What the cost model predicts for the plan.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Prediction {
     pub step_s: f64,
     pub tokens_per_s: f64,
@@ -209,6 +228,7 @@ pub struct Prediction {
 
 /// A complete parallel training plan.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Plan {
     pub format_version: u32,
     pub model: ModelRef,
@@ -228,4 +248,28 @@ pub struct Plan {
     pub stages: Vec<StagePlan>,
     pub sharding: Vec<OpSplit>,
     pub prediction: Prediction,
+}
+
+impl StagePlan {
+    /// Number of transformer layers on the stage (0 if the range is empty
+    /// or reversed).
+    pub fn n_layers(&self) -> u32 {
+        self.end_layer.saturating_sub(self.first_layer)
+    }
+}
+
+impl Plan {
+    /// How many copies of the plan run side by side (`runtime_gpus /
+    /// plan_gpus`, at least 1 where the plan is not yet validated).
+    pub fn replicas(&self) -> u32 {
+        self.runtime_gpus
+            .checked_div(self.plan_gpus)
+            .unwrap_or(1)
+            .max(1)
+    }
+
+    /// Tokens consumed by one optimizer step over all runtime GPUs.
+    pub fn tokens_per_step(&self) -> u64 {
+        self.global_batch.saturating_mul(self.trace.seq_len)
+    }
 }
