@@ -10,4 +10,5 @@ pub mod cli;
 pub mod cost;
 pub mod ir;
 pub mod plan;
+pub mod search;
 pub mod trace;

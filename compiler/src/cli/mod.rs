@@ -11,7 +11,13 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::anno::{Registry, builtin_registry};
+use crate::cost::load_cluster;
 use crate::ir::DType;
+use crate::plan::{
+    Plan, Recompute, Schedule, render_report, render_summary, validate_plan, write_plan,
+};
+use crate::search::to_plan::{PlanContext, to_plan};
+use crate::search::{Constraints, SearchInput, search};
 use crate::trace::{Summary, TraceOptions, load_model, trace_model};
 
 #[derive(Debug, Parser)]
@@ -29,6 +35,8 @@ struct Cli {
 enum Command {
     /// Trace a model's training-step graph and summarise it.
     Trace(TraceArgs),
+    /// Search the fastest parallel plan that fits and write plan.ron + report.md.
+    Compile(Box<CompileArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -61,6 +69,68 @@ struct TraceArgs {
     /// Print the traced graph in its text form.
     #[arg(long)]
     dump_graph: bool,
+}
+
+#[derive(Debug, Args)]
+struct CompileArgs {
+    /// A preset or a path to a HuggingFace config.json.
+    #[arg(long)]
+    model: String,
+    /// GPUs one copy of the plan spans.
+    #[arg(long)]
+    plan_ngpus: u32,
+    /// GPUs at run time: a multiple of --plan-ngpus (the plan is replicated
+    /// with data parallelism). Default: --plan-ngpus.
+    #[arg(long)]
+    runtime_ngpus: Option<u32>,
+    /// Cluster preset (a100-80gb, h100, h200, mi300x, trn1, cpu) or a RON file.
+    #[arg(long, default_value = "a100-80gb")]
+    cluster: String,
+    /// Tokens per sequence (default: the model's context, capped at 8192).
+    #[arg(long)]
+    seq_len: Option<u64>,
+    /// Sequences per optimizer step over all runtime GPUs (default: about
+    /// 2M tokens, a multiple of the runtime GPUs).
+    #[arg(long)]
+    global_batch: Option<u64>,
+    /// Parameter and activation dtype.
+    #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
+    dtype: DType,
+    /// Output folder for plan.ron and report.md.
+    #[arg(long, default_value = "out")]
+    out: PathBuf,
+    /// How many alternatives to list.
+    #[arg(long, default_value_t = 5)]
+    top: usize,
+    /// Print one JSON object instead of the readable summary.
+    #[arg(long)]
+    json: bool,
+    /// Extra annotation files registering custom ops (repeatable).
+    #[arg(long = "annotations", value_name = "FILE")]
+    annotations: Vec<PathBuf>,
+    /// A RON constraints file (fields as the flags below, plus `splits`).
+    #[arg(long)]
+    constraints: Option<PathBuf>,
+    #[arg(long)]
+    tp: Option<u32>,
+    #[arg(long)]
+    pp: Option<u32>,
+    #[arg(long)]
+    dp: Option<u32>,
+    #[arg(long)]
+    micro_batch: Option<u64>,
+    /// gpipe, 1f1b or interleaved-V.
+    #[arg(long)]
+    schedule: Option<Schedule>,
+    /// none, selective or full (every stage).
+    #[arg(long)]
+    recompute: Option<Recompute>,
+    /// ZeRO stage 0-3.
+    #[arg(long)]
+    zero: Option<u8>,
+    /// Sequence parallelism: true or false.
+    #[arg(long)]
+    sp: Option<bool>,
 }
 
 fn parse_dtype(s: &str) -> Result<DType, String> {
@@ -113,6 +183,205 @@ fn trace(args: &TraceArgs) -> Result<()> {
     Ok(())
 }
 
+fn compile(args: &CompileArgs) -> Result<()> {
+    let registry = registry(&args.annotations)?;
+    let model =
+        load_model(&args.model).with_context(|| format!("loading model '{}'", args.model))?;
+    let cluster = load_cluster(&args.cluster)
+        .with_context(|| format!("loading cluster '{}'", args.cluster))?;
+    let seq_len = args.seq_len.unwrap_or_else(|| model.default_seq_len());
+    let runtime = args.runtime_ngpus.unwrap_or(args.plan_ngpus);
+    let global_batch = match args.global_batch {
+        Some(g) => g,
+        None => {
+            let per_gpu = (1u64 << 21).div_ceil(seq_len * u64::from(runtime.max(1)));
+            per_gpu.max(1) * u64::from(runtime.max(1))
+        }
+    };
+    let mut constraints = match &args.constraints {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading constraints file {}", path.display()))?;
+            ron::Options::default()
+                .from_str::<Constraints>(&text)
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}:{}:{}: {}",
+                        path.display(),
+                        e.span.start.line,
+                        e.span.start.col,
+                        e.code
+                    )
+                })?
+        }
+        None => Constraints::default(),
+    };
+    macro_rules! flag {
+        ($field:ident, $value:expr) => {
+            if let Some(v) = $value {
+                constraints.$field = Some(v);
+            }
+        };
+    }
+    flag!(tp, args.tp);
+    flag!(pp, args.pp);
+    flag!(dp, args.dp);
+    flag!(micro_batch, args.micro_batch);
+    flag!(schedule, args.schedule);
+    flag!(recompute, args.recompute);
+    flag!(zero, args.zero);
+    flag!(sequence_parallel, args.sp);
+
+    let options = TraceOptions {
+        batch: 1,
+        seq_len: Some(seq_len),
+        dtype: args.dtype,
+    };
+    let graph = trace_model(&model, &options, &registry)
+        .with_context(|| format!("tracing {}", model.name()))?;
+    let summary = Summary::new(&graph, model.family(), &registry)?;
+    let input = SearchInput {
+        graph: &graph,
+        registry: &registry,
+        model: &model,
+        cluster: &cluster,
+        plan_gpus: args.plan_ngpus,
+        runtime_gpus: runtime,
+        global_batch,
+        constraints: &constraints,
+        top_k: args.top.max(1),
+    };
+    let started = std::time::Instant::now();
+    let result = search(&input).context("searching a plan")?;
+    let elapsed = started.elapsed().as_secs_f64();
+    tracing::info!(
+        evaluated = result.evaluated,
+        sharding_solves = result.sharding_solves,
+        seconds = elapsed,
+        "search finished"
+    );
+    let annotation_files: Vec<String> = args
+        .annotations
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    let ctx = PlanContext {
+        graph: &graph,
+        model_spec: &args.model,
+        family: model.family(),
+        annotation_files,
+        cluster: &args.cluster,
+        seq_len,
+        dtype: args.dtype,
+        plan_gpus: args.plan_ngpus,
+        runtime_gpus: runtime,
+        global_batch,
+        flops_per_token: summary.flops_per_token,
+        peak_flops_per_s: cluster.peak_flops_per_s.for_dtype(args.dtype),
+    };
+    let plans: Vec<Plan> = result.plans.iter().map(|c| to_plan(&ctx, c)).collect();
+    let best = &plans[0];
+    validate_plan(best, &graph, None).context("checking the chosen plan")?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let plan_path = args.out.join("plan.ron");
+    write_plan(best, &plan_path).with_context(|| format!("writing {}", plan_path.display()))?;
+    let mut report = render_report(best);
+    report.push_str(&alternatives_table(&plans));
+    let report_path = args.out.join("report.md");
+    write_atomic(&report_path, report.as_bytes())
+        .with_context(|| format!("writing {}", report_path.display()))?;
+    if args.json {
+        let p = &best.prediction;
+        let value = serde_json::json!({
+            "tp": best.mesh.tp,
+            "pp": best.mesh.pp,
+            "dp": best.mesh.dp,
+            "micro_batch": best.micro_batch,
+            "n_micro_batches": best.n_micro_batches,
+            "global_batch": best.global_batch,
+            "schedule": best.schedule.to_string(),
+            "recompute": best.stages.iter().map(|s| s.recompute.to_string()).collect::<Vec<_>>(),
+            "zero": best.zero,
+            "sequence_parallel": best.sequence_parallel,
+            "predicted_step_s": p.step_s,
+            "predicted_tokens_per_s": p.tokens_per_s,
+            "predicted_mfu": p.mfu,
+            "peak_mem_gib": p.peak_mem_bytes as f64 / GIB,
+            "capacity_gib": p.capacity_bytes as f64 / GIB,
+            "search_s": elapsed,
+            "plan": plan_path.display().to_string(),
+            "alternatives": plans.iter().skip(1).map(|q| serde_json::json!({
+                "tp": q.mesh.tp, "pp": q.mesh.pp, "dp": q.mesh.dp,
+                "micro_batch": q.micro_batch, "schedule": q.schedule.to_string(),
+                "zero": q.zero, "sequence_parallel": q.sequence_parallel,
+                "predicted_step_s": q.prediction.step_s,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{value}");
+    } else {
+        print!("{}", render_summary(best));
+        print!("{}", alternatives_table(&plans));
+        println!(
+            "\nsearched {} configurations ({} sharding problems solved with z3) in {:.2} s",
+            result.evaluated, result.sharding_solves, elapsed
+        );
+        println!(
+            "wrote {} and {}",
+            plan_path.display(),
+            report_path.display()
+        );
+    }
+    Ok(())
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// The top-k plans side by side.
+fn alternatives_table(plans: &[Plan]) -> String {
+    let mut s = String::from("\n## Alternatives (fastest first)\n\n");
+    s.push_str("| # | tp | pp | dp | micro-batch x n | schedule | recompute | zero | sp | step s | MFU | peak GiB |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for (i, p) in plans.iter().enumerate() {
+        let mut rec: Vec<String> = p.stages.iter().map(|s| s.recompute.to_string()).collect();
+        rec.dedup();
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} x {} | {} | {} | {} | {} | {:.3} | {:.1}% | {:.1} |\n",
+            i + 1,
+            p.mesh.tp,
+            p.mesh.pp,
+            p.mesh.dp,
+            p.micro_batch,
+            p.n_micro_batches,
+            p.schedule,
+            rec.join("/"),
+            p.zero,
+            if p.sequence_parallel { "on" } else { "off" },
+            p.prediction.step_s,
+            100.0 * p.prediction.mfu,
+            p.prediction.peak_mem_bytes as f64 / GIB
+        ));
+    }
+    s
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so an
+/// existing file is never left half-written.
+fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("out")
+    ));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
 /// Entry point of the `autopart` binary.
 pub fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -125,6 +394,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Trace(args) => trace(args),
+        Command::Compile(args) => compile(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
