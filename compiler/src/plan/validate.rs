@@ -18,9 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Deserialize;
 use thiserror::Error;
 
-use super::{FORMAT_VERSION, Plan, Schedule};
+use super::{FORMAT_VERSION, OpSplit, Plan, Schedule};
 use crate::anno::{Layout, PartitionError, partition};
-use crate::ir::{Graph, Op, Role};
+use crate::ir::{Graph, Op, Role, TensorId};
 
 /// Why a plan could not be written, read or accepted.
 #[derive(Debug, Error)]
@@ -446,7 +446,7 @@ fn split_layouts(
             replicated(annotation.outputs.len()),
         ));
     };
-    let shape = |t: &crate::ir::TensorId| graph.get_tensor(*t).map(|t| t.shape.as_slice());
+    let shape = |t: &TensorId| graph.get_tensor(*t).map(|t| t.shape.as_slice());
     let inputs: Vec<Option<&[u64]>> = op.inputs.iter().map(shape).collect();
     let outputs: Vec<Option<&[u64]>> = op.outputs.iter().map(shape).collect();
     let binding = annotation
@@ -463,7 +463,7 @@ fn split_layouts(
 }
 
 fn layout_mismatch(
-    entry: &super::OpSplit,
+    entry: &OpSplit,
     inputs: &[String],
     outputs: &[String],
     tp: u64,
