@@ -14,7 +14,8 @@ use crate::anno::{Registry, builtin_registry};
 use crate::cost::load_cluster;
 use crate::ir::DType;
 use crate::plan::{
-    Plan, Recompute, Schedule, render_report, render_summary, validate_plan, write_plan,
+    Plan, Recompute, Schedule, render_alternatives, render_report, render_summary, validate_plan,
+    write_plan,
 };
 use crate::search::to_plan::{PlanContext, to_plan};
 use crate::search::{Constraints, SearchInput, search};
@@ -287,7 +288,7 @@ fn compile(args: &CompileArgs) -> Result<()> {
     let plan_path = args.out.join("plan.ron");
     write_plan(best, &plan_path).with_context(|| format!("writing {}", plan_path.display()))?;
     let mut report = render_report(best);
-    report.push_str(&alternatives_table(&plans));
+    report.push_str(&render_alternatives(&plans));
     let report_path = args.out.join("report.md");
     write_atomic(&report_path, report.as_bytes())
         .with_context(|| format!("writing {}", report_path.display()))?;
@@ -321,7 +322,7 @@ fn compile(args: &CompileArgs) -> Result<()> {
         println!("{value}");
     } else {
         print!("{}", render_summary(best));
-        print!("{}", alternatives_table(&plans));
+        print!("{}", render_alternatives(&plans));
         println!(
             "\nsearched {} configurations ({} sharding problems solved with z3) in {:.2} s",
             result.evaluated, result.sharding_solves, elapsed
@@ -336,34 +337,6 @@ fn compile(args: &CompileArgs) -> Result<()> {
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
-
-/// The top-k plans side by side.
-fn alternatives_table(plans: &[Plan]) -> String {
-    let mut s = String::from("\n## Alternatives (fastest first)\n\n");
-    s.push_str("| # | tp | pp | dp | micro-batch x n | schedule | recompute | zero | sp | step s | MFU | peak GiB |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
-    for (i, p) in plans.iter().enumerate() {
-        let mut rec: Vec<String> = p.stages.iter().map(|s| s.recompute.to_string()).collect();
-        rec.dedup();
-        s.push_str(&format!(
-            "| {} | {} | {} | {} | {} x {} | {} | {} | {} | {} | {:.3} | {:.1}% | {:.1} |\n",
-            i + 1,
-            p.mesh.tp,
-            p.mesh.pp,
-            p.mesh.dp,
-            p.micro_batch,
-            p.n_micro_batches,
-            p.schedule,
-            rec.join("/"),
-            p.zero,
-            if p.sequence_parallel { "on" } else { "off" },
-            p.prediction.step_s,
-            100.0 * p.prediction.mfu,
-            p.prediction.peak_mem_bytes as f64 / GIB
-        ));
-    }
-    s
-}
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so an
 /// existing file is never left half-written.
