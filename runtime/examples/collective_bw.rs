@@ -15,6 +15,9 @@ use mpi::traits::CommunicatorCollectives;
 use std::time::Instant;
 use tch::{Kind, Tensor};
 
+/// One timed operation.
+type Op<'a> = Box<dyn Fn() -> Result<(), CommError> + 'a>;
+
 fn main() -> Result<(), CommError> {
     tch::set_num_threads(1);
     let world = MpiComm::init_world()?;
@@ -30,7 +33,7 @@ fn main() -> Result<(), CommError> {
         // Divisible by any rank count up to 8 for the split ops.
         let x = Tensor::randn([elems / 8, 8], (Kind::Float, tch::Device::Cpu));
         let iters = (64 << 20) / bytes.max(1 << 20) * 2 + if bytes < (1 << 20) { 200 } else { 0 };
-        let ops: Vec<(&str, Box<dyn Fn() -> Result<(), CommError>>)> = vec![
+        let ops: Vec<(&str, Op)> = vec![
             ("all_reduce", Box::new(|| world.all_reduce(&x).map(drop))),
             ("all_gather", Box::new(|| world.all_gather(&x, 0).map(drop))),
             (
