@@ -12,3 +12,4 @@
 
 pub mod comm;
 pub mod mesh;
+pub mod ops;

@@ -3,7 +3,8 @@
 //! [`Communicator`] is the interface the generated code and the executor call;
 //! [`MpiComm`] implements it for CPU tensors over MPI (rsmpi, OpenMPI), and
 //! `NcclComm` (cargo feature `nccl`) for CUDA tensors, bootstrapped over MPI.
-//! [`MeshComms`] builds one sub-communicator per mesh axis.
+//! [`MeshComms`] builds one sub-communicator per mesh axis; [`SoloComm`]
+//! serves groups of one rank without a launcher.
 //!
 //! This module owns moving bytes between ranks and the tensor layouts around
 //! a collective (which dim is gathered, scattered or exchanged). It does not
@@ -19,8 +20,10 @@
 mod layout;
 mod mem;
 mod mpi;
+mod solo;
 
 pub use self::mpi::MpiComm;
+pub use self::solo::SoloComm;
 
 use crate::mesh::{Axis, Coord, Mesh, MeshError};
 use tch::{Device, Kind, Tensor};
