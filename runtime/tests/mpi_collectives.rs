@@ -65,6 +65,22 @@ fn body(world: &MpiComm, check: &mut Check) {
         check_group(&format!("{axis:?}"), comm, &members, check);
     }
     check_errors(world, check);
+    #[cfg(feature = "nccl")]
+    check_nccl_refuses_without_cuda(world, check);
+}
+
+/// Built with `--features nccl` on a machine without CUDA, NCCL set-up is a
+/// clear error on every rank (and no rank hangs waiting for the others).
+#[cfg(feature = "nccl")]
+fn check_nccl_refuses_without_cuda(world: &MpiComm, check: &mut Check) {
+    use autopart_runtime::comm::NcclComm;
+    if tch::Cuda::is_available() {
+        // This test covers CPU-only machines; GPU runs need one GPU per rank.
+        return;
+    }
+    check.err("nccl without cuda", NcclComm::new(world, 0), |e| {
+        matches!(e, CommError::Unavailable(_))
+    });
 }
 
 /// Checks every collective of `comm`, whose ranks are the world ranks `members`.

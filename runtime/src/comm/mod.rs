@@ -20,9 +20,13 @@
 mod layout;
 mod mem;
 mod mpi;
+#[cfg(feature = "nccl")]
+mod nccl;
 mod solo;
 
 pub use self::mpi::MpiComm;
+#[cfg(feature = "nccl")]
+pub use self::nccl::NcclComm;
 pub use self::solo::SoloComm;
 
 use crate::mesh::{Axis, Coord, Mesh, MeshError};
@@ -157,6 +161,22 @@ impl MeshComms<MpiComm> {
             tp,
             dp,
             pp,
+        })
+    }
+}
+
+#[cfg(feature = "nccl")]
+impl MeshComms<NcclComm> {
+    /// NCCL communicators over the same groups as `mpi`, driving CUDA device
+    /// `device`. Collective over the world.
+    pub fn nccl(mpi: &MeshComms<MpiComm>, device: usize) -> Result<Self, CommError> {
+        Ok(Self {
+            mesh: mpi.mesh,
+            coord: mpi.coord,
+            world: NcclComm::new(&mpi.world, device)?,
+            tp: NcclComm::new(&mpi.tp, device)?,
+            dp: NcclComm::new(&mpi.dp, device)?,
+            pp: NcclComm::new(&mpi.pp, device)?,
         })
     }
 }
