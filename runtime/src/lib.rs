@@ -5,7 +5,11 @@
 //! depends on the compiler (`autopart`): generated code links only this crate
 //! (and the crates of custom ops).
 //!
-//! The modules land with the runtime issue; this crate currently exposes only
-//! the mesh arithmetic that both the generated code and the launcher share.
+//! Modules: `mesh` (rank arithmetic), `comm` (collectives over tch tensors,
+//! MPI for CPU, NCCL behind the `nccl` feature), `ops` (the built-in ops, named
+//! as in the annotation files). Segments, schedules, optimizers, checkpoints,
+//! data and metrics are not here yet.
 
+pub mod comm;
 pub mod mesh;
+pub mod ops;

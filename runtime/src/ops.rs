@@ -1,0 +1,304 @@
+//! tch implementations of the built-in ops, named as in the compiler's
+//! annotation files (`annotations/*.ron`), plus the shard-aware variants the
+//! layouts need: vocab-parallel embedding (a shard of the table, partial sums)
+//! and vocab-parallel cross-entropy (statistics all-reduced over the tp group).
+//!
+//! Every op is differentiable by libtorch autograd inside a segment. The ops
+//! never communicate, except `vocab_parallel_cross_entropy`, whose collectives
+//! carry their backward duals explicitly (see its doc). Shape mistakes are
+//! errors, never panics. Shapes use the annotation letters: b batch, l and s
+//! sequence, h heads, d head size, e/n hidden and vocab.
+
+use crate::comm::{CommError, Communicator};
+use tch::{Kind, Reduction, Tensor};
+use thiserror::Error;
+
+/// What can go wrong in an op.
+#[derive(Debug, Error)]
+pub enum OpError {
+    #[error("{op}: {msg}")]
+    Shape { op: &'static str, msg: String },
+    #[error(transparent)]
+    Comm(#[from] CommError),
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+}
+
+/// Labels equal to this contribute no loss and no gradient (PyTorch's convention).
+pub const IGNORE_INDEX: i64 = -100;
+
+fn shape_err(op: &'static str, msg: String) -> OpError {
+    OpError::Shape { op, msg }
+}
+
+fn expect_dims(op: &'static str, what: &str, t: &Tensor, dims: usize) -> Result<Vec<i64>, OpError> {
+    let size = t.size();
+    if size.len() != dims {
+        return Err(shape_err(
+            op,
+            format!("{what} must have {dims} dims, got {size:?}"),
+        ));
+    }
+    Ok(size)
+}
+
+/// Vocab-parallel token embedding. `weight` holds rows
+/// `vocab_start..vocab_start + n` of the table; ids outside that range give
+/// zero rows, so the outputs of all shards sum to the full lookup.
+/// ids `[b, l]` (int64), weight `[n, e]` -> `[b, l, e]`.
+pub fn embedding(ids: &Tensor, weight: &Tensor, vocab_start: i64) -> Result<Tensor, OpError> {
+    const OP: &str = "embedding";
+    expect_dims(OP, "ids", ids, 2)?;
+    let n = expect_dims(OP, "weight", weight, 2)?[0];
+    let local = ids.f_sub_scalar(vocab_start)?;
+    let mask = local.f_ge(0)?.f_logical_and(&local.f_lt(n)?)?;
+    let safe = local.f_where_self(&mask, &local.f_zeros_like()?)?;
+    let rows = Tensor::f_embedding(weight, &safe, -1, false, false)?;
+    Ok(rows.f_mul(&mask.f_unsqueeze(-1)?.f_to_kind(weight.kind())?)?)
+}
+
+/// Learned position embedding (GPT). Looks up rows `positions + seq_start`
+/// of `weight [p, e]`: pass local positions `0..l` and the shard's sequence
+/// start, or global positions and 0. positions `[b, l]` -> `[b, l, e]`.
+pub fn pos_embedding(
+    positions: &Tensor,
+    weight: &Tensor,
+    seq_start: i64,
+) -> Result<Tensor, OpError> {
+    const OP: &str = "pos_embedding";
+    expect_dims(OP, "positions", positions, 2)?;
+    let p = expect_dims(OP, "weight", weight, 2)?[0];
+    let pos = positions.f_add_scalar(seq_start)?;
+    if pos.numel() > 0 {
+        let (lo, hi) = (pos.f_min()?.int64_value(&[]), pos.f_max()?.int64_value(&[]));
+        if lo < 0 || hi >= p {
+            return Err(shape_err(
+                OP,
+                format!("positions {lo}..={hi} outside the table's {p} rows"),
+            ));
+        }
+    }
+    Ok(Tensor::f_embedding(weight, &pos, -1, false, false)?)
+}
+
+/// Positions `seq_start..seq_start + l` for every row of a `[b, l]` batch.
+pub fn positions(b: i64, l: i64, seq_start: i64) -> Result<Tensor, OpError> {
+    let row = Tensor::f_arange_start(seq_start, seq_start + l, (Kind::Int64, tch::Device::Cpu))?;
+    Ok(row.f_unsqueeze(0)?.f_expand([b, l], false)?)
+}
+
+/// `x W^T`: x `[.., k]`, weight `[n, k]` -> `[.., n]`.
+pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor, OpError> {
+    Ok(x.f_linear::<Tensor>(weight, None)?)
+}
+
+/// `x W^T + bias`: x `[.., k]`, weight `[n, k]`, bias `[n]` -> `[.., n]`.
+pub fn linear_bias(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor, OpError> {
+    Ok(x.f_linear(weight, Some(bias))?)
+}
+
+/// RMSNorm as in HF Llama: `x / sqrt(mean(x^2) + eps)` in f32, cast back to
+/// x's kind, times `weight [d]`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor, OpError> {
+    let x32 = x.f_to_kind(Kind::Float)?;
+    let var = x32.f_square()?.f_mean_dim(-1, true, Kind::Float)?;
+    let normed = x32.f_mul(&var.f_add_scalar(eps)?.f_rsqrt()?)?;
+    Ok(normed.f_to_kind(x.kind())?.f_mul(weight)?)
+}
+
+/// LayerNorm over the last dim with `weight [d]` and `bias [d]`.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor, OpError> {
+    let d = weight.size();
+    Ok(x.f_layer_norm(d.as_slice(), Some(weight), Some(bias), eps, true)?)
+}
+
+/// `[b, l, h*d]` -> `[b, l, h, d]`.
+pub fn split_heads(x: &Tensor, h: i64) -> Result<Tensor, OpError> {
+    const OP: &str = "split_heads";
+    let s = expect_dims(OP, "x", x, 3)?;
+    if h <= 0 || s[2] % h != 0 {
+        return Err(shape_err(
+            OP,
+            format!("{} features do not split into {h} heads", s[2]),
+        ));
+    }
+    Ok(x.f_reshape([s[0], s[1], h, s[2] / h])?)
+}
+
+/// `[b, l, h, d]` -> `[b, l, h*d]`.
+pub fn merge_heads(x: &Tensor) -> Result<Tensor, OpError> {
+    let s = expect_dims("merge_heads", "x", x, 4)?;
+    Ok(x.f_reshape([s[0], s[1], s[2] * s[3]])?)
+}
+
+/// Rotary position embedding, HF Llama's rotate-half convention (element i
+/// pairs with i + d/2), computed in f32 and cast back. Token j of `x` sits at
+/// position `position_offset + j` (the shard's start when the sequence is split).
+/// x `[b, l, h, d]`, d even.
+pub fn rope(x: &Tensor, theta: f64, position_offset: i64) -> Result<Tensor, OpError> {
+    const OP: &str = "rope";
+    let s = expect_dims(OP, "x", x, 4)?;
+    let (l, d) = (s[1], s[3]);
+    if d % 2 != 0 {
+        return Err(shape_err(OP, format!("head size {d} is odd")));
+    }
+    let opts = (Kind::Float, x.device());
+    let exponents = Tensor::f_arange_start_step(0, d, 2, opts)?.f_div_scalar(d as f64)?;
+    let inv_freq = Tensor::f_pow_scalar(theta, &exponents)?.f_reciprocal()?;
+    let pos = Tensor::f_arange_start(position_offset, position_offset + l, opts)?;
+    let freqs = pos.f_outer(&inv_freq)?; // [l, d/2]
+    let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?.f_view([1, l, 1, d])?;
+    let (cos, sin) = (emb.f_cos()?, emb.f_sin()?);
+    let x32 = x.f_to_kind(Kind::Float)?;
+    let halves = x32.f_chunk(2, -1)?;
+    let rotated = Tensor::f_cat(&[&halves[1].f_neg()?, &halves[0]], -1)?;
+    let out = x32.f_mul(&cos)?.f_add(&rotated.f_mul(&sin)?)?;
+    Ok(out.f_to_kind(x.kind())?)
+}
+
+/// How attention masks future positions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mask {
+    /// Query i sees keys `0..=i` (top-left aligned when l != s).
+    Causal,
+    /// Every query sees every key.
+    Full,
+}
+
+/// Grouped-query scaled-dot-product attention: query head i uses kv head
+/// `i / (H / G)`, so any shard of heads works as long as each kv group keeps
+/// its query heads. q `[b, l, H, d]`, k and v `[b, s, G, d]` -> `[b, l, H, d]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask) -> Result<Tensor, OpError> {
+    const OP: &str = "attention";
+    let qs = expect_dims(OP, "q", q, 4)?;
+    let ks = expect_dims(OP, "k", k, 4)?;
+    let vs = expect_dims(OP, "v", v, 4)?;
+    if ks != vs || qs[0] != ks[0] || qs[3] != ks[3] {
+        return Err(shape_err(
+            OP,
+            format!("q {qs:?}, k {ks:?}, v {vs:?} do not match"),
+        ));
+    }
+    if ks[2] == 0 || qs[2] % ks[2] != 0 {
+        return Err(shape_err(
+            OP,
+            format!("{} query heads do not group into {} kv heads", qs[2], ks[2]),
+        ));
+    }
+    let heads_first = |t: &Tensor| t.f_transpose(1, 2);
+    let out = Tensor::f_scaled_dot_product_attention::<Tensor>(
+        &heads_first(q)?,
+        &heads_first(k)?,
+        &heads_first(v)?,
+        None,
+        0.0,
+        mask == Mask::Causal,
+        None,
+        qs[2] != ks[2],
+    )?;
+    Ok(out.f_transpose(1, 2)?)
+}
+
+/// Element-wise sum.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor, OpError> {
+    Ok(a.f_add(b)?)
+}
+
+/// `silu(gate) * up`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor, OpError> {
+    Ok(gate.f_silu()?.f_mul(up)?)
+}
+
+/// GeLU, tanh approximation (GPT-2).
+pub fn gelu(x: &Tensor) -> Result<Tensor, OpError> {
+    Ok(x.f_gelu("tanh")?)
+}
+
+/// Per-token cross-entropy in f32: logits `[b, l, n]`, labels `[b, l]` ->
+/// `[b, l]`; labels equal to [`IGNORE_INDEX`] give 0.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor, OpError> {
+    const OP: &str = "cross_entropy";
+    let s = expect_dims(OP, "logits", logits, 3)?;
+    let ls = expect_dims(OP, "labels", labels, 2)?;
+    if ls[..] != s[..2] {
+        return Err(shape_err(
+            OP,
+            format!("labels {ls:?} do not match logits {s:?}"),
+        ));
+    }
+    let flat = logits.f_to_kind(Kind::Float)?.f_reshape([-1, s[2]])?;
+    let loss = flat.f_cross_entropy_loss::<Tensor>(
+        &labels.f_reshape([-1])?,
+        None,
+        Reduction::None,
+        IGNORE_INDEX,
+        0.0,
+    )?;
+    Ok(loss.f_reshape([s[0], s[1]])?)
+}
+
+/// Cross-entropy when the vocab dim is split over `comm` (the tp group):
+/// `local_logits [b, l, n]` are columns `vocab_start..vocab_start + n` of the
+/// full logits. Returns the full per-token loss `[b, l]` (f32) on every rank.
+///
+/// The global max and sum of exponentials are all-reduced. Autograd sees
+/// `log S + (s - s.detach()) / S - (t + (t_local - t_local.detach()))`,
+/// whose value is the loss and whose gradient on this shard is
+/// `softmax - onehot` restricted to its columns: exactly the full op's
+/// gradient, provided the incoming gradient is the same on every rank of
+/// `comm` (the loss is replicated there, so it is).
+pub fn vocab_parallel_cross_entropy(
+    local_logits: &Tensor,
+    labels: &Tensor,
+    vocab_start: i64,
+    comm: &dyn Communicator,
+) -> Result<Tensor, OpError> {
+    const OP: &str = "vocab_parallel_cross_entropy";
+    let s = expect_dims(OP, "logits", local_logits, 3)?;
+    let ls = expect_dims(OP, "labels", labels, 2)?;
+    if ls[..] != s[..2] {
+        return Err(shape_err(
+            OP,
+            format!("labels {ls:?} do not match logits {s:?}"),
+        ));
+    }
+    let n = s[2];
+    let logits = local_logits.f_to_kind(Kind::Float)?;
+    // The max only stabilises exp(); its gradient cancels, so it is a constant.
+    let local_max = logits.f_detach()?.f_amax([-1], true)?;
+    let global_max = comm.all_gather(&local_max, -1)?.f_amax([-1], true)?;
+    let shifted = logits.f_sub(&global_max)?;
+    let sum_local = shifted.f_exp()?.f_sum_dim_intlist(-1, false, Kind::Float)?;
+    let sum_global = comm.all_reduce(&sum_local.f_detach()?)?;
+    let log_sum = sum_global.f_log()?.f_add(
+        &sum_local
+            .f_sub(&sum_local.f_detach()?)?
+            .f_div(&sum_global)?,
+    )?;
+    // Target logit: the shard holding the label contributes it, the others zero.
+    let local_label = labels.f_sub_scalar(vocab_start)?;
+    let in_shard = local_label.f_ge(0)?.f_logical_and(&local_label.f_lt(n)?)?;
+    let safe = local_label.f_where_self(&in_shard, &local_label.f_zeros_like()?)?;
+    let target_local = shifted
+        .f_gather(-1, &safe.f_unsqueeze(-1)?, false)?
+        .f_squeeze_dim(-1)?
+        .f_mul(&in_shard.f_to_kind(Kind::Float)?)?;
+    let target_global = comm.all_reduce(&target_local.f_detach()?)?;
+    let target = target_global.f_add(&target_local.f_sub(&target_local.f_detach()?)?)?;
+    let valid = labels.f_ne(IGNORE_INDEX)?.f_to_kind(Kind::Float)?;
+    Ok(log_sum.f_sub(&target)?.f_mul(&valid)?)
+}
+
+/// Sum of `per_token` divided by `total_count`, the token count of the whole
+/// (unsplit) batch, so that the results of shards are partial sums of the mean.
+pub fn mean(per_token: &Tensor, total_count: i64) -> Result<Tensor, OpError> {
+    if total_count <= 0 {
+        return Err(shape_err(
+            "mean",
+            format!("token count {total_count} is not positive"),
+        ));
+    }
+    Ok(per_token
+        .f_sum(Kind::Float)?
+        .f_div_scalar(total_count as f64)?)
+}

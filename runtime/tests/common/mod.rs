@@ -1,0 +1,196 @@
+//! Runs a test body on every rank of an `mpirun` job.
+//!
+//! Started by `cargo test` (no launcher around it), the binary re-launches
+//! itself as `mpirun -np N <self>` and exits with the job's status. Started by
+//! `mpirun` directly, it runs the body. Each rank collects failures in a
+//! [`Check`]; the job fails when any rank reports a failure or no check ran.
+
+#![allow(dead_code)]
+
+use autopart_runtime::comm::{CommError, Communicator, MpiComm};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+use tch::{Kind, Tensor};
+
+const CHILD_ENV: &str = "AUTOPART_MPI_CHILD";
+const TIMEOUT: Duration = Duration::from_secs(300);
+
+pub fn main_under_mpirun(np: usize, body: fn(&MpiComm, &mut Check)) -> ExitCode {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return run_rank(body);
+    }
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("cannot find own executable: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut child = match Command::new("mpirun")
+        .args([
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "--bind-to",
+            "none",
+        ])
+        .args(["-np", &np.to_string(), "-x", &format!("{CHILD_ENV}=1")])
+        .arg(&exe)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env(CHILD_ENV, "1")
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cannot start mpirun (is it on PATH?): {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let start = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return ExitCode::SUCCESS,
+            Ok(Some(status)) => {
+                eprintln!("mpirun -np {np} failed: {status}");
+                return ExitCode::FAILURE;
+            }
+            Ok(None) if start.elapsed() > TIMEOUT => {
+                eprintln!("mpirun -np {np} still running after {TIMEOUT:?}; killing it");
+                let _ = child.kill();
+                let _ = child.wait();
+                return ExitCode::FAILURE;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => {
+                eprintln!("waiting for mpirun: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+}
+
+fn run_rank(body: fn(&MpiComm, &mut Check)) -> ExitCode {
+    tch::set_num_threads(1);
+    let world = match MpiComm::init_world() {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("mpi init: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut check = Check::new(world.rank());
+    body(&world, &mut check);
+    for f in &check.failures {
+        eprintln!("rank {}: FAIL {f}", world.rank());
+    }
+    let counts = Tensor::from_slice(&[check.failures.len() as i64, check.passed as i64]);
+    let total = match world.all_reduce(&counts) {
+        Ok(t) => Vec::<i64>::try_from(&t).unwrap_or_default(),
+        Err(e) => {
+            eprintln!("rank {}: summing results: {e}", world.rank());
+            return ExitCode::FAILURE;
+        }
+    };
+    let (failed, passed) = (total.first().copied(), total.get(1).copied());
+    if world.rank() == 0 {
+        eprintln!(
+            "{} ranks: {} checks passed, {} failed",
+            world.size(),
+            passed.unwrap_or(0),
+            failed.unwrap_or(-1)
+        );
+    }
+    drop(world); // finalises MPI before exiting
+    if failed == Some(0) && passed.is_some_and(|p| p > 0) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Failures and the number of passed checks on one rank.
+#[derive(Debug)]
+pub struct Check {
+    pub rank: usize,
+    pub failures: Vec<String>,
+    pub passed: usize,
+}
+
+impl Check {
+    pub fn new(rank: usize) -> Self {
+        Self {
+            rank,
+            failures: Vec::new(),
+            passed: 0,
+        }
+    }
+
+    pub fn ok(&mut self, what: &str, cond: bool, detail: impl FnOnce() -> String) {
+        if cond {
+            self.passed += 1;
+        } else {
+            self.failures.push(format!("{what}: {}", detail()));
+        }
+    }
+
+    /// `got` has `want`'s shape and kind and lies within `tol * (1 + max|want|)` of it.
+    pub fn close<E: std::fmt::Display>(
+        &mut self,
+        what: &str,
+        got: Result<Tensor, E>,
+        want: &Tensor,
+        tol: f64,
+    ) {
+        let got = match got {
+            Ok(g) => g,
+            Err(e) => return self.failures.push(format!("{what}: error {e}")),
+        };
+        if got.size() != want.size() || got.kind() != want.kind() {
+            return self.failures.push(format!(
+                "{what}: got {:?} {:?}, want {:?} {:?}",
+                got.size(),
+                got.kind(),
+                want.size(),
+                want.kind()
+            ));
+        }
+        let (diff, scale) = max_diff(&got, want);
+        self.ok(what, diff <= tol * (1.0 + scale), || {
+            format!("max |got - want| = {diff:e} > {tol:e} * (1 + {scale})")
+        });
+    }
+
+    pub fn err<T>(&mut self, what: &str, r: Result<T, CommError>, expect: fn(&CommError) -> bool) {
+        match r {
+            Err(e) if expect(&e) => self.passed += 1,
+            Err(e) => self.failures.push(format!("{what}: wrong error {e}")),
+            Ok(_) => self.failures.push(format!("{what}: expected an error")),
+        }
+    }
+}
+
+/// (max |a - b|, max |b|), compared in f64.
+pub fn max_diff(a: &Tensor, b: &Tensor) -> (f64, f64) {
+    if b.numel() == 0 {
+        return (0.0, 0.0);
+    }
+    let a = a.to_kind(Kind::Double);
+    let b = b.to_kind(Kind::Double);
+    let diff = (&a - &b).abs().max().double_value(&[]);
+    let scale = b.abs().max().double_value(&[]);
+    (diff, scale)
+}
+
+/// Rank `rank`'s input for test `seed`: the same on every rank that builds it.
+pub fn input(seed: i64, rank: usize, shape: &[i64], kind: Kind) -> Tensor {
+    tch::manual_seed(seed * 1009 + rank as i64);
+    let opts = (Kind::Float, tch::Device::Cpu);
+    match kind {
+        Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 => {
+            Tensor::randint_low(-50, 50, shape, (kind, tch::Device::Cpu))
+        }
+        Kind::Uint8 => Tensor::randint_low(0, 50, shape, (kind, tch::Device::Cpu)),
+        Kind::Bool => Tensor::randn(shape, opts).gt(0.0),
+        _ => Tensor::randn(shape, opts).to_kind(kind),
+    }
+}
