@@ -1,0 +1,384 @@
+//! The plan search: exact against brute force on reduced spaces, the
+//! sharding it finds, user constraints and their errors.
+
+use autopart::anno::{Layout, Registry, builtin_registry};
+use autopart::cost::{Cluster, load_cluster};
+use autopart::ir::{DType, Graph, OpId};
+use autopart::plan::{Recompute, Schedule};
+use autopart::search::model::{Config, evaluate_fixed};
+use autopart::search::sharding::{Segment, SegmentCtx, boundaries};
+use autopart::search::{Constraints, SearchInput, check_tp, search, solve_segments};
+use autopart::trace::{ModelConfig, TraceOptions, preset, trace_model};
+
+fn traced(model: &str, seq: u64, dtype: DType) -> (ModelConfig, Graph, Registry) {
+    let registry = builtin_registry();
+    let cfg = preset(model).expect("preset");
+    let graph = trace_model(
+        &cfg,
+        &TraceOptions {
+            batch: 1,
+            seq_len: Some(seq),
+            dtype,
+        },
+        &registry,
+    )
+    .expect("traces");
+    (cfg, graph, registry)
+}
+
+fn layer_segment(
+    graph: &Graph,
+    registry: &Registry,
+    cluster: &Cluster,
+    tp: u32,
+    boundary: Layout,
+) -> Segment {
+    let ops: Vec<OpId> = graph.layer_ops(0).map(|(id, _)| id).collect();
+    let (bin, bout) = boundaries(graph, &ops);
+    let ctx = SegmentCtx {
+        graph,
+        registry,
+        cluster,
+        tp,
+        boundary,
+        scale: 2.0,
+    };
+    Segment::build(&ctx, &ops, bin, bout).expect("builds")
+}
+
+/// z3's optimum equals brute-force enumeration on a reduced space (two
+/// candidate splits per op: replicated, and the last legal split).
+#[test]
+fn sharding_matches_brute_force() {
+    let (_, graph, registry) = traced("llama-mini", 64, DType::F32);
+    for (cluster_name, tp, boundary) in [
+        ("a100-80gb", 2, Layout::R),
+        ("a100-80gb", 2, Layout::D(1)),
+        ("cpu", 4, Layout::R),
+    ] {
+        let cluster = load_cluster(cluster_name).expect("preset");
+        let mut seg = layer_segment(&graph, &registry, &cluster, tp, boundary);
+        // 2^16 assignments: the first 16 ops keep two candidates, the last
+        // three run replicated (debug-build brute force stays in seconds).
+        let n_ops = seg.ops.len();
+        for (i, op) in seg.ops.iter_mut().enumerate() {
+            let last = op.choices.len() - 1;
+            op.choices = if i + 3 < n_ops {
+                vec![op.choices[0].clone(), op.choices[last].clone()]
+            } else {
+                vec![op.choices[0].clone()]
+            };
+        }
+        assert_eq!(seg.space_size(), 65536.0);
+        let (z3_assignment, z3_cost) = seg.solve(&cluster, &[]).expect("solves");
+        let (_, bf_cost) = seg.brute_force(&cluster);
+        assert_eq!(z3_cost, bf_cost, "{cluster_name} tp={tp} {boundary}");
+        assert_eq!(seg.evaluate(&cluster, &z3_assignment), z3_cost);
+    }
+}
+
+fn split_of(seg: &Segment, graph: &Graph, assignment: &[usize], suffix: &str) -> Option<String> {
+    seg.ops
+        .iter()
+        .zip(assignment)
+        .find(|(o, _)| graph.op(o.op).name.ends_with(suffix))
+        .and_then(|(o, &c)| o.choices[c].split.clone())
+}
+
+/// With sequence parallelism the residual stream stays split along the
+/// sequence: norms and residual adds split `l`, the projections are
+/// Megatron's column / row split (all-gather in, reduce-scatter out).
+#[test]
+fn sequence_parallel_sharding_is_megatron_sp() {
+    let (_, graph, registry) = traced("llama3-8b", 4096, DType::Bf16);
+    let cluster = load_cluster("a100-80gb").expect("preset");
+    let seg = layer_segment(&graph, &registry, &cluster, 8, Layout::D(1));
+    let (a, _) = seg.solve(&cluster, &[]).expect("solves");
+    let s = |suffix| split_of(&seg, &graph, &a, suffix);
+    assert_eq!(s("input_layernorm").as_deref(), Some("l"));
+    assert_eq!(s("attn_residual").as_deref(), Some("l"));
+    assert_eq!(s("q_proj").as_deref(), Some("n"));
+    assert_eq!(s("o_proj").as_deref(), Some("k"));
+    assert_eq!(s("gate_proj").as_deref(), Some("n"));
+    assert_eq!(s("down_proj").as_deref(), Some("k"));
+    assert_eq!(s("self_attn.attn").as_deref(), Some("g"));
+}
+
+/// A cluster whose memory binds for llama-mini, so recompute, ZeRO and
+/// stage placement matter.
+fn tight_cluster(memory_bytes: u64) -> Cluster {
+    let mut c = load_cluster("cpu").expect("preset");
+    c.memory_bytes = memory_bytes;
+    c.memory_reserve_bytes = 0;
+    c
+}
+
+/// Every composition of `n` layers into `parts` non-empty stages.
+fn compositions(n: u32, parts: u32) -> Vec<Vec<u32>> {
+    if parts == 1 {
+        return vec![vec![n]];
+    }
+    let mut out = Vec::new();
+    for first in 1..=n - (parts - 1) {
+        for mut rest in compositions(n - first, parts - 1) {
+            rest.insert(0, first);
+            out.push(rest);
+        }
+    }
+    out
+}
+
+/// The search's best plan is the brute-force optimum over the whole
+/// reduced space: every mesh, micro-batch, SP, schedule, ZeRO stage, stage
+/// placement and per-stage recompute mode.
+#[test]
+fn search_matches_brute_force() {
+    let (model, graph, registry) = traced("llama-mini", 128, DType::F32);
+    let n_layers = graph.n_layers();
+    let gpus = 4u32;
+    let global_batch = 8u64;
+    let constraints = Constraints::default();
+    let full = [Recompute::None, Recompute::Selective, Recompute::Full];
+    for memory in [64u64 << 20, 9 << 20, 5 << 20] {
+        let cluster = tight_cluster(memory);
+        let input = SearchInput {
+            graph: &graph,
+            registry: &registry,
+            model: &model,
+            cluster: &cluster,
+            plan_gpus: gpus,
+            runtime_gpus: gpus,
+            global_batch,
+            constraints: &constraints,
+            top_k: 3,
+        };
+        let found = search(&input).map(|r| r.plans[0].eval.step_s);
+
+        let mut best = f64::INFINITY;
+        for tp in [1u32, 2, 4] {
+            if check_tp(&model, tp).is_err() {
+                continue;
+            }
+            for pp in [1u32, 2, 4] {
+                if tp * pp > gpus || gpus % (tp * pp) != 0 || pp > n_layers {
+                    continue;
+                }
+                let dp = gpus / (tp * pp);
+                if global_batch % u64::from(dp) != 0 {
+                    continue;
+                }
+                let per = global_batch / u64::from(dp);
+                let mbs: Vec<u64> = (1..=per).filter(|m| per % m == 0).collect();
+                for sp in [false, true] {
+                    if sp && tp == 1 {
+                        continue;
+                    }
+                    let solved = solve_segments(&input, tp, sp, &mbs).expect("solves");
+                    for &mb in &mbs {
+                        let n_micro = per / mb;
+                        let mut schedules = vec![Schedule::OneFOneB, Schedule::GPipe];
+                        for v in [2u32, 4] {
+                            if pp > 1 && n_micro % u64::from(pp) == 0 && n_layers % (pp * v) == 0 {
+                                schedules.push(Schedule::Interleaved { chunks: v });
+                            }
+                        }
+                        for schedule in schedules {
+                            for zero in 0..=3u8 {
+                                let cfg = Config {
+                                    tp,
+                                    pp,
+                                    dp,
+                                    replicas: 1,
+                                    micro_batch: mb,
+                                    n_micro,
+                                    schedule,
+                                    zero,
+                                    sp,
+                                    n_layers,
+                                    recompute: None,
+                                };
+                                let placements = match schedule {
+                                    Schedule::Interleaved { .. } => {
+                                        vec![vec![n_layers / pp; pp as usize]]
+                                    }
+                                    _ => compositions(n_layers, pp),
+                                };
+                                let seg = &solved[&mb];
+                                for layers in &placements {
+                                    // Every recompute vector.
+                                    let n_vec = 3usize.pow(pp);
+                                    for code in 0..n_vec {
+                                        let mut c = code;
+                                        let rec: Vec<Recompute> = (0..pp)
+                                            .map(|_| {
+                                                let r = full[c % 3];
+                                                c /= 3;
+                                                r
+                                            })
+                                            .collect();
+                                        if let Some(e) =
+                                            evaluate_fixed(&cluster, &cfg, seg, layers, &rec)
+                                        {
+                                            best = best.min(e.step_s);
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        match found {
+            Ok(step) => assert!(
+                (step - best).abs() <= 1e-12 * best,
+                "memory {memory}: search {step} vs brute force {best}"
+            ),
+            Err(e) => assert!(best.is_infinite(), "search failed ({e}) but {best} fits"),
+        }
+    }
+}
+
+fn compile_input<'a>(
+    graph: &'a Graph,
+    registry: &'a Registry,
+    model: &'a ModelConfig,
+    cluster: &'a Cluster,
+    gpus: u32,
+    global_batch: u64,
+    constraints: &'a Constraints,
+) -> SearchInput<'a> {
+    SearchInput {
+        graph,
+        registry,
+        model,
+        cluster,
+        plan_gpus: gpus,
+        runtime_gpus: gpus,
+        global_batch,
+        constraints,
+        top_k: 3,
+    }
+}
+
+#[test]
+fn impossible_constraints_say_which_and_why() {
+    let (model, graph, registry) = traced("llama3-8b", 8192, DType::Bf16);
+    let cluster = load_cluster("a100-80gb").expect("preset");
+    let err = |c: Constraints, gpus: u32| {
+        search(&compile_input(
+            &graph, &registry, &model, &cluster, gpus, 64, &c,
+        ))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default()
+    };
+    let msg = err(
+        Constraints {
+            tp: Some(16),
+            ..Constraints::default()
+        },
+        16,
+    );
+    assert!(msg.contains("tp=16 does not divide 8 kv heads"), "{msg}");
+    let msg = err(
+        Constraints {
+            tp: Some(1),
+            pp: Some(1),
+            zero: Some(0),
+            recompute: Some(Recompute::None),
+            ..Constraints::default()
+        },
+        8,
+    );
+    assert!(msg.contains("needs"), "{msg}");
+    assert!(msg.contains("capacity 76.0 GiB"), "{msg}");
+    assert!(msg.contains("--recompute full"), "{msg}");
+    let msg = err(
+        Constraints {
+            pp: Some(64),
+            ..Constraints::default()
+        },
+        64,
+    );
+    assert!(msg.contains("pp=64 exceeds the model's 32 layers"), "{msg}");
+    let msg = err(
+        Constraints {
+            sequence_parallel: Some(true),
+            tp: Some(1),
+            ..Constraints::default()
+        },
+        8,
+    );
+    assert!(msg.contains("sequence parallelism needs tp > 1"), "{msg}");
+}
+
+#[test]
+fn fixed_plan_is_evaluated_as_given() {
+    let (model, graph, registry) = traced("llama3-8b", 8192, DType::Bf16);
+    let cluster = load_cluster("a100-80gb").expect("preset");
+    let c = Constraints {
+        tp: Some(2),
+        pp: Some(2),
+        dp: Some(2),
+        micro_batch: Some(1),
+        schedule: Some(Schedule::OneFOneB),
+        recompute: Some(Recompute::Full),
+        zero: Some(1),
+        sequence_parallel: Some(true),
+        ..Constraints::default()
+    };
+    let r = search(&compile_input(
+        &graph, &registry, &model, &cluster, 8, 64, &c,
+    ))
+    .expect("fits");
+    let p = &r.plans[0];
+    assert_eq!(
+        (p.config.tp, p.config.pp, p.config.dp, p.config.micro_batch),
+        (2, 2, 2, 1)
+    );
+    assert_eq!(p.config.n_micro, 32);
+    assert!(p.eval.stages.iter().all(|s| s.recompute == Recompute::Full));
+    assert!(p.eval.peak_mem_bytes <= p.eval.capacity_bytes);
+    // Stages cover the layers in order.
+    assert_eq!(p.eval.stages[0].first_layer, 0);
+    assert_eq!(p.eval.stages[0].end_layer, p.eval.stages[1].first_layer);
+    assert_eq!(p.eval.stages[1].end_layer, 32);
+}
+
+#[test]
+fn pinned_split_is_respected_and_illegal_one_rejected() {
+    let (model, graph, registry) = traced("llama-mini", 64, DType::F32);
+    let cluster = load_cluster("a100-80gb").expect("preset");
+    let mut c = Constraints {
+        tp: Some(2),
+        ..Constraints::default()
+    };
+    c.splits.insert(
+        "layers.*.mlp.down_proj".into(),
+        None, // run the down projection replicated
+    );
+    let r = search(&compile_input(
+        &graph, &registry, &model, &cluster, 2, 8, &c,
+    ))
+    .expect("fits");
+    let down: Vec<_> = r.plans[0]
+        .splits
+        .iter()
+        .filter(|(id, ..)| graph.op(*id).name.ends_with("mlp.down_proj"))
+        .collect();
+    assert_eq!(down.len(), 4);
+    assert!(down.iter().all(|(_, split, ..)| split.is_none()));
+    c.splits
+        .insert("layers.*.mlp.down_proj".into(), Some("d".into()));
+    let msg = search(&compile_input(
+        &graph, &registry, &model, &cluster, 2, 8, &c,
+    ))
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(
+        msg.contains("split d of layers.*.mlp.down_proj is not legal"),
+        "{msg}"
+    );
+}
