@@ -288,7 +288,9 @@ fn compile(args: &CompileArgs) -> Result<()> {
     let plan_path = args.out.join("plan.ron");
     write_plan(best, &plan_path).with_context(|| format!("writing {}", plan_path.display()))?;
     let mut report = render_report(best);
+    report.push_str("\n## Alternatives (fastest first)\n\n```text\n");
     report.push_str(&render_alternatives(&plans));
+    report.push_str("```\n");
     let report_path = args.out.join("report.md");
     write_atomic(&report_path, report.as_bytes())
         .with_context(|| format!("writing {}", report_path.display()))?;
@@ -322,6 +324,7 @@ fn compile(args: &CompileArgs) -> Result<()> {
         println!("{value}");
     } else {
         print!("{}", render_summary(best));
+        println!("\nalternatives (fastest first):");
         print!("{}", render_alternatives(&plans));
         println!(
             "\nsearched {} configurations ({} sharding problems solved with z3) in {:.2} s",
