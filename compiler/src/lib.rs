@@ -12,3 +12,4 @@ pub mod ir;
 pub mod plan;
 pub mod search;
 pub mod trace;
+pub mod validate;

@@ -38,6 +38,15 @@ enum Command {
     Trace(TraceArgs),
     /// Search the fastest parallel plan that fits and write plan.ron + report.md.
     Compile(Box<CompileArgs>),
+    /// Compare the cost model with published runs (predicted vs measured TFLOP/s).
+    Validate(ValidateArgs),
+}
+
+#[derive(Debug, Args)]
+struct ValidateArgs {
+    /// A runs file in the format of shared/data/published_runs.csv.
+    #[arg(long)]
+    runs: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -341,6 +350,69 @@ fn compile(args: &CompileArgs) -> Result<()> {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
+fn validate(args: &ValidateArgs) -> Result<()> {
+    let registry = builtin_registry();
+    let runs = crate::validate::read_runs(&args.runs)?;
+    println!(
+        "{:<22} {:>5} {:>6}  {:<38} {:>9} {:>9} {:>7}  {:<38} {:>8}",
+        "source",
+        "line",
+        "GPUs",
+        "published config (as evaluated)",
+        "measured",
+        "predicted",
+        "error",
+        "free search best",
+        "speed-up"
+    );
+    let mut errors = Vec::new();
+    for (i, run) in runs.iter().enumerate() {
+        eprint!(
+            "\r[{}/{}] {} line {}   ",
+            i + 1,
+            runs.len(),
+            run.source,
+            run.line
+        );
+        let cluster = load_cluster(&run.gpu)
+            .with_context(|| format!("line {}: cluster for gpu '{}'", run.line, run.gpu))?;
+        match crate::validate::validate_run(run, &cluster, &registry) {
+            Ok(r) => {
+                errors.push(r.error.abs());
+                println!(
+                    "{:<22} {:>5} {:>6}  {:<38} {:>9.1} {:>9.1} {:>+6.1}%  {:<38} {:>7.2}x",
+                    run.source,
+                    run.line,
+                    run.n_gpus,
+                    r.fixed_desc,
+                    run.measured_tflops,
+                    r.predicted_tflops,
+                    100.0 * r.error,
+                    r.free_desc,
+                    r.fixed_step_s / r.free_step_s
+                );
+            }
+            Err(e) => println!(
+                "{:<22} {:>5} {:>6}  error: {e}",
+                run.source, run.line, run.n_gpus
+            ),
+        }
+    }
+    eprintln!();
+    errors.sort_by(f64::total_cmp);
+    if !errors.is_empty() {
+        let median = errors[errors.len() / 2];
+        let worst = errors[errors.len() - 1];
+        println!(
+            "\n{} runs: median |error| {:.1}%, worst {:.1}% (targets: 10%, 25%)",
+            errors.len(),
+            100.0 * median,
+            100.0 * worst
+        );
+    }
+    Ok(())
+}
+
 /// Writes `bytes` to `path` through a temporary file and a rename, so an
 /// existing file is never left half-written.
 fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -371,6 +443,7 @@ pub fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Trace(args) => trace(args),
         Command::Compile(args) => compile(args),
+        Command::Validate(args) => validate(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,384 @@
+//! Validation of the cost model against published training runs.
+//!
+//! Each row of a runs file (`shared/data/published_runs.csv`) gives a model,
+//! a GPU count, a parallel configuration and the measured TFLOP/s per GPU
+//! under that source's FLOP-counting convention. The row's configuration is
+//! evaluated with everything the source published fixed (what it left out,
+//! such as the micro-batch size, is searched), the predicted step time is
+//! converted into the source's convention, and compared. The free search on
+//! the same model, GPUs, batch and sequence must find a plan at least as
+//! fast. This module reads rows and computes; the CLI prints.
+
+use std::path::Path;
+
+use thiserror::Error;
+
+use crate::anno::Registry;
+use crate::cost::Cluster;
+use crate::ir::DType;
+use crate::plan::{Recompute, Schedule};
+use crate::search::{Constraints, SearchInput, search};
+use crate::trace::{GptConfig, LlamaConfig, ModelConfig, TraceOptions, trace_model};
+
+#[derive(Debug, Error)]
+pub enum ValidateError {
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {what}")]
+    Row {
+        path: String,
+        line: usize,
+        what: String,
+    },
+}
+
+/// One published run.
+#[derive(Clone, Debug)]
+pub struct Run {
+    pub line: usize,
+    pub source: String,
+    pub model: ModelConfig,
+    pub seq_len: u64,
+    pub gpu: String,
+    pub n_gpus: u32,
+    pub tp: u32,
+    pub pp: u32,
+    pub dp: u32,
+    pub virtual_stages: Option<u32>,
+    pub sequence_parallel: bool,
+    pub recompute: Recompute,
+    pub zero: u8,
+    pub micro_batch: Option<u64>,
+    pub global_batch: u64,
+    pub measured_tflops: f64,
+    pub convention: Convention,
+}
+
+/// How a source counts FLOPs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Convention {
+    /// Narayanan et al. 2021 eq. 3: `96·B·s·l·h²·(1 + s/6h + V/16lh)` per
+    /// batch, recompute forward included.
+    Narayanan,
+    /// Hardware FLOPs with full recompute: `8N + 16·l·h·s` per token.
+    HardwareRecompute,
+    /// `6N + 12·l·h·s` per token (torchtitan; no recompute, no causal discount).
+    SixN,
+}
+
+fn split_csv(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for ch in line.chars() {
+        match ch {
+            '"' => quoted = !quoted,
+            ',' if !quoted => out.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out
+}
+
+/// Reads a runs file.
+pub fn read_runs(path: &Path) -> Result<Vec<Run>, ValidateError> {
+    let p = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ValidateError::Io {
+        path: p.clone(),
+        source,
+    })?;
+    let mut lines = text.lines().enumerate();
+    let header: Vec<String> = match lines.next() {
+        Some((_, h)) => split_csv(h),
+        None => {
+            return Err(ValidateError::Row {
+                path: p,
+                line: 1,
+                what: "empty file, expected a header row".into(),
+            });
+        }
+    };
+    let mut runs = Vec::new();
+    for (i, line) in lines {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let line_no = i + 1;
+        let cells = split_csv(line);
+        let row_err = |what: String| ValidateError::Row {
+            path: p.clone(),
+            line: line_no,
+            what,
+        };
+        if cells.len() != header.len() {
+            return Err(row_err(format!(
+                "{} fields, expected {} as in the header",
+                cells.len(),
+                header.len()
+            )));
+        }
+        let get = |name: &str| -> Result<&str, ValidateError> {
+            header
+                .iter()
+                .position(|h| h == name)
+                .map(|i| cells[i].trim())
+                .ok_or_else(|| row_err(format!("no column '{name}' in the header")))
+        };
+        let num = |name: &str| -> Result<u64, ValidateError> {
+            let v = get(name)?;
+            v.parse::<u64>()
+                .map_err(|_| row_err(format!("column '{name}': expected an integer, found '{v}'")))
+        };
+        let opt_num = |name: &str| -> Result<Option<u64>, ValidateError> {
+            let v = get(name)?;
+            if v.is_empty() {
+                Ok(None)
+            } else {
+                v.parse::<u64>().map(Some).map_err(|_| {
+                    row_err(format!("column '{name}': expected an integer, found '{v}'"))
+                })
+            }
+        };
+        let seq_len = num("seq_len")?;
+        let family = get("family")?;
+        let (layers, hidden, heads, vocab) = (
+            num("n_layers")?,
+            num("hidden")?,
+            num("heads")?,
+            num("vocab")?,
+        );
+        let name = format!("{}-{}l-{}h", family, layers, hidden);
+        let model = match family {
+            "gpt" => ModelConfig::Gpt(GptConfig {
+                name,
+                n_layers: layers,
+                hidden,
+                n_heads: heads,
+                ffn: num("ffn")?,
+                vocab,
+                n_positions: seq_len,
+                layer_norm_eps: 1e-5,
+            }),
+            "llama" => ModelConfig::Llama(LlamaConfig {
+                name,
+                hidden,
+                intermediate: num("ffn")?,
+                n_layers: layers,
+                n_heads: heads,
+                n_kv_heads: opt_num("kv_heads")?.unwrap_or(heads),
+                head_dim: hidden / heads.max(1),
+                vocab,
+                max_positions: seq_len,
+                rms_norm_eps: 1e-5,
+                rope_theta: 10_000.0,
+                tie_embeddings: false,
+            }),
+            other => return Err(row_err(format!("family '{other}': expected gpt or llama"))),
+        };
+        let convention = {
+            let c = get("flops_convention")?;
+            if c.contains("96*B*s*l*h^2") {
+                Convention::Narayanan
+            } else if c.contains("hardware FLOPs") {
+                Convention::HardwareRecompute
+            } else if c.contains("6*N") {
+                Convention::SixN
+            } else {
+                return Err(row_err(format!(
+                    "flops_convention '{c}' is not one autopart knows"
+                )));
+            }
+        };
+        let recompute = get("recompute")?
+            .parse::<Recompute>()
+            .map_err(|e| row_err(e))?;
+        let measured: f64 = get("measured_tflops_per_gpu")?
+            .parse()
+            .map_err(|_| row_err("measured_tflops_per_gpu: expected a number".into()))?;
+        runs.push(Run {
+            line: line_no,
+            source: get("source")?.to_string(),
+            model,
+            seq_len,
+            gpu: get("gpu")?.to_string(),
+            n_gpus: num("n_gpus")? as u32,
+            tp: num("tp")? as u32,
+            pp: num("pp")? as u32,
+            dp: num("dp")? as u32,
+            virtual_stages: opt_num("virtual_stages")?.map(|v| v as u32),
+            sequence_parallel: get("sequence_parallel")? == "yes",
+            recompute,
+            zero: num("zero")? as u8,
+            micro_batch: opt_num("micro_batch")?,
+            global_batch: num("global_batch")?,
+            measured_tflops: measured,
+            convention,
+        });
+    }
+    Ok(runs)
+}
+
+/// The outcome for one run.
+#[derive(Clone, Debug)]
+pub struct RunResult {
+    pub predicted_tflops: f64,
+    pub error: f64,
+    /// The published configuration's predicted step time.
+    pub fixed_step_s: f64,
+    pub fixed_desc: String,
+    /// The free search's best plan.
+    pub free_step_s: f64,
+    pub free_desc: String,
+}
+
+/// FLOPs per step under the run's convention.
+fn convention_flops(run: &Run, n_params: f64) -> f64 {
+    let s = run.seq_len as f64;
+    let tokens = run.global_batch as f64 * s;
+    match &run.model {
+        ModelConfig::Gpt(c) => {
+            let (l, h, v) = (c.n_layers as f64, c.hidden as f64, c.vocab as f64);
+            match run.convention {
+                Convention::Narayanan => {
+                    96.0 * run.global_batch as f64
+                        * s
+                        * l
+                        * h
+                        * h
+                        * (1.0 + s / (6.0 * h) + v / (16.0 * l * h))
+                }
+                Convention::HardwareRecompute => tokens * (8.0 * n_params + 16.0 * l * h * s),
+                Convention::SixN => tokens * (6.0 * n_params + 12.0 * l * h * s),
+            }
+        }
+        ModelConfig::Llama(c) => {
+            let (l, h) = (c.n_layers as f64, (c.n_heads * c.head_dim) as f64);
+            match run.convention {
+                Convention::Narayanan => {
+                    let v = c.vocab as f64;
+                    96.0 * run.global_batch as f64
+                        * s
+                        * l
+                        * h
+                        * h
+                        * (1.0 + s / (6.0 * h) + v / (16.0 * l * h))
+                }
+                Convention::HardwareRecompute => tokens * (8.0 * n_params + 16.0 * l * h * s),
+                Convention::SixN => tokens * (6.0 * n_params + 12.0 * l * h * s),
+            }
+        }
+    }
+}
+
+fn describe(p: &crate::search::Candidate) -> String {
+    let c = &p.config;
+    let mut rec: Vec<String> = p
+        .eval
+        .stages
+        .iter()
+        .map(|s| s.recompute.to_string())
+        .collect();
+    rec.dedup();
+    format!(
+        "tp{} pp{} dp{} mb{}x{} {} z{} {}{}",
+        c.tp,
+        c.pp,
+        c.dp,
+        c.micro_batch,
+        c.n_micro,
+        c.schedule,
+        c.zero,
+        rec.join("/"),
+        if c.sp { " sp" } else { "" }
+    )
+}
+
+/// Evaluates one run: its fixed configuration and the free search.
+pub fn validate_run(
+    run: &Run,
+    cluster: &Cluster,
+    registry: &Registry,
+) -> Result<RunResult, String> {
+    let options = TraceOptions {
+        batch: 1,
+        seq_len: Some(run.seq_len),
+        dtype: DType::Bf16,
+    };
+    let graph = trace_model(&run.model, &options, registry).map_err(|e| e.to_string())?;
+    let fixed = Constraints {
+        tp: Some(run.tp),
+        pp: Some(run.pp),
+        dp: Some(run.dp),
+        micro_batch: run.micro_batch,
+        schedule: match run.virtual_stages {
+            Some(v) if v >= 2 => Some(Schedule::Interleaved { chunks: v }),
+            Some(_) if run.pp > 1 => Some(Schedule::OneFOneB),
+            _ => None,
+        },
+        recompute: Some(run.recompute),
+        zero: Some(run.zero),
+        sequence_parallel: Some(run.sequence_parallel && run.tp > 1),
+        ..Constraints::default()
+    };
+    fn mk<'a>(
+        graph: &'a crate::ir::Graph,
+        registry: &'a Registry,
+        run: &'a Run,
+        cluster: &'a Cluster,
+        c: &'a Constraints,
+    ) -> SearchInput<'a> {
+        SearchInput {
+            graph,
+            registry,
+            model: &run.model,
+            cluster,
+            plan_gpus: run.n_gpus,
+            runtime_gpus: run.n_gpus,
+            global_batch: run.global_batch,
+            constraints: c,
+            top_k: 1,
+        }
+    }
+    // The published configuration ran, so it fits: evaluate it even where
+    // the memory model disagrees, by lifting capacity (and say so).
+    let fixed_plan = match search(&mk(&graph, registry, run, cluster, &fixed)) {
+        Ok(r) => r.plans.into_iter().next(),
+        Err(_) => None,
+    };
+    let (fixed_plan, note) = match fixed_plan {
+        Some(p) => (p, String::new()),
+        None => {
+            let mut big = cluster.clone();
+            big.memory_bytes *= 4;
+            let r = search(&mk(&graph, registry, run, &big, &fixed)).map_err(|e| e.to_string())?;
+            let p = r
+                .plans
+                .into_iter()
+                .next()
+                .ok_or_else(|| "no plan".to_string())?;
+            (p, " (over memory model)".to_string())
+        }
+    };
+    let free = Constraints::default();
+    let free_plan = search(&mk(&graph, registry, run, cluster, &free))
+        .map_err(|e| e.to_string())?
+        .plans
+        .into_iter()
+        .next()
+        .ok_or_else(|| "no plan".to_string())?;
+    let flops = convention_flops(run, graph.n_params() as f64);
+    let predicted = flops / (fixed_plan.eval.step_s * f64::from(run.n_gpus)) / 1e12;
+    Ok(RunResult {
+        predicted_tflops: predicted,
+        error: (predicted - run.measured_tflops) / run.measured_tflops,
+        fixed_step_s: fixed_plan.eval.step_s,
+        fixed_desc: format!("{}{note}", describe(&fixed_plan)),
+        free_step_s: free_plan.eval.step_s,
+        free_desc: describe(&free_plan),
+    })
+}
