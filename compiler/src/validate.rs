@@ -298,12 +298,26 @@ fn describe(p: &crate::search::Candidate) -> String {
     )
 }
 
-/// Evaluates one run: its fixed configuration and the free search.
+/// The cluster a run is priced on: the hardware preset, with the attention
+/// kernel of the run's software stack (Narayanan et al. 2021 predates
+/// FlashAttention: Megatron then materialised the scores).
+pub fn run_cluster(run: &Run, hardware: &Cluster) -> Cluster {
+    let mut c = hardware.clone();
+    if run.convention == Convention::Narayanan {
+        c.attention_kernel = crate::cost::AttentionKernel::Materialized;
+    }
+    c
+}
+
+/// Evaluates one run: its fixed configuration and (unless `free_search` is
+/// false) the free search.
 pub fn validate_run(
     run: &Run,
-    cluster: &Cluster,
+    hardware: &Cluster,
     registry: &Registry,
+    free_search: bool,
 ) -> Result<RunResult, String> {
+    let cluster = &run_cluster(run, hardware);
     let options = TraceOptions {
         batch: 1,
         seq_len: Some(run.seq_len),
@@ -365,12 +379,16 @@ pub fn validate_run(
         }
     };
     let free = Constraints::default();
-    let free_plan = search(&mk(&graph, registry, run, cluster, &free))
-        .map_err(|e| e.to_string())?
-        .plans
-        .into_iter()
-        .next()
-        .ok_or_else(|| "no plan".to_string())?;
+    let free_plan = if free_search {
+        search(&mk(&graph, registry, run, cluster, &free))
+            .map_err(|e| e.to_string())?
+            .plans
+            .into_iter()
+            .next()
+            .ok_or_else(|| "no plan".to_string())?
+    } else {
+        fixed_plan.clone()
+    };
     let flops = convention_flops(run, graph.n_params() as f64);
     let predicted = flops / (fixed_plan.eval.step_s * f64::from(run.n_gpus)) / 1e12;
     Ok(RunResult {

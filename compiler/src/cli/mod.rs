@@ -47,6 +47,10 @@ struct ValidateArgs {
     /// A runs file in the format of shared/data/published_runs.csv.
     #[arg(long)]
     runs: PathBuf,
+    /// Only evaluate the published configurations (no free search): quicker
+    /// calibration runs.
+    #[arg(long)]
+    skip_free_search: bool,
 }
 
 #[derive(Debug, Args)]
@@ -376,7 +380,7 @@ fn validate(args: &ValidateArgs) -> Result<()> {
         );
         let cluster = load_cluster(&run.gpu)
             .with_context(|| format!("line {}: cluster for gpu '{}'", run.line, run.gpu))?;
-        match crate::validate::validate_run(run, &cluster, &registry) {
+        match crate::validate::validate_run(run, &cluster, &registry, !args.skip_free_search) {
             Ok(r) => {
                 errors.push(r.error.abs());
                 println!(

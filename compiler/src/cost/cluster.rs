@@ -87,6 +87,22 @@ pub struct Cluster {
     pub inter_node: Link,
     /// Achieved fractions of the peaks above.
     pub efficiency: Efficiency,
+    /// How the software stack computes attention (default: flash).
+    #[serde(default)]
+    pub attention_kernel: AttentionKernel,
+}
+
+/// The attention implementation the cost model assumes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AttentionKernel {
+    /// Fused, tiled attention (FlashAttention, PyTorch SDPA): scores never
+    /// reach device memory.
+    #[default]
+    Flash,
+    /// Scores and probabilities written to and read back from device
+    /// memory, with attention dropout (Megatron-LM before FlashAttention,
+    /// 2021): memory traffic of several passes over b·h·l·s elements.
+    Materialized,
 }
 
 /// Dense peak FLOP/s of one device per dtype. `fp32` is the rate an fp32
@@ -483,7 +499,7 @@ mod tests {
               hbm                   2.04 TB/s
               intra-node link      300.0 GB/s, 2.0 us
               inter-node link       25.0 GB/s, 6.0 us
-              efficiency       matmul 0.80, attention 0.60, memory-bound 0.80, collective 0.80
+              efficiency       matmul 0.65, attention 0.60, memory-bound 0.80, collective 0.80
         "#]]
         .assert_eq(&a100().to_string());
     }

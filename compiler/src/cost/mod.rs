@@ -10,7 +10,7 @@ pub mod collective;
 pub mod time;
 
 pub use cluster::{
-    Cluster, ClusterError, Efficiency, InvalidField, Link, LinkLevel, PeakFlops, load_cluster,
+    AttentionKernel, Cluster, ClusterError, Efficiency, InvalidField, Link, LinkLevel, PeakFlops, load_cluster,
     preset_names,
 };
 pub use collective::{Collective, Group, collective_time, link_level, mesh_groups};

@@ -56,8 +56,14 @@ mod tests {
     use super::*;
     use crate::cost::cluster::load_cluster;
 
+    /// The a100 preset with fixed efficiency factors, so the formulas are
+    /// checked independently of the preset's calibration.
     fn a100() -> Cluster {
-        load_cluster("a100-80gb").expect("a100-80gb preset loads")
+        let mut c = load_cluster("a100-80gb").expect("a100-80gb preset loads");
+        c.efficiency.matmul = 0.8;
+        c.efficiency.attention = Some(0.6);
+        c.efficiency.memory_bound = 0.8;
+        c
     }
 
     fn assert_close(got: f64, want: f64) {

@@ -156,6 +156,28 @@ fn backward_factor(kind: &OpKind) -> f64 {
     }
 }
 
+/// Extra memory traffic of an attention op whose kernel materialises the
+/// scores: QKᵀ written, scale-mask-softmax read and written, dropout read and
+/// written with its mask, probabilities read by the AV product — six passes
+/// over b·h·l·s elements (Korthikanti et al. 2022 count the same tensors).
+fn materialized_attention_bytes(
+    ctx: &SegmentCtx<'_>,
+    op: &crate::ir::Op,
+    split: &Option<String>,
+) -> f64 {
+    if op.kind != OpKind::Attention
+        || ctx.cluster.attention_kernel != crate::cost::AttentionKernel::Materialized
+    {
+        return 0.0;
+    }
+    let q = ctx.graph.tensor(op.inputs[0]);
+    let k = ctx.graph.tensor(op.inputs[1]);
+    let (b, l, h) = (q.shape[0] as f64, q.shape[1] as f64, q.shape[2] as f64);
+    let s = k.shape[1] as f64;
+    let h = if split.is_some() { h / f64::from(ctx.tp) } else { h };
+    6.0 * b * h * l * s * q.dtype.size_bytes() as f64 * ctx.scale
+}
+
 fn local_bytes(bytes: f64, layout: Layout, tp: u32) -> f64 {
     match layout {
         Layout::D(_) => bytes / f64::from(tp),
@@ -255,6 +277,7 @@ impl Segment {
                     .chain(op.outputs.iter().zip(&outputs))
                     .map(|(t, l)| local_bytes(tensor_bytes(t), *l, ctx.tp))
                     .sum();
+                let bytes = bytes + materialized_attention_bytes(ctx, op, &split);
                 let fwd = compute_time(
                     ctx.cluster,
                     local_flops,
