@@ -120,15 +120,21 @@ impl Default for AdamW {
 }
 
 impl AdamW {
-    /// Checks `0 <= beta < 1`, `eps > 0` and `weight_decay >= 0`, all finite.
+    /// Checks `0 <= beta < 1`, `eps >= 0` and `weight_decay >= 0`, all finite
+    /// (torch's checks; with `eps == 0` a gradient that was always zero gives nan).
     pub fn validate(&self) -> Result<(), OptimError> {
         for (name, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&beta) {
-                return Err(invalid(format!("adamw {name} must lie in [0, 1), got {beta}")));
+                return Err(invalid(format!(
+                    "adamw {name} must lie in [0, 1), got {beta}"
+                )));
             }
         }
-        if !(self.eps.is_finite() && self.eps > 0.0) {
-            return Err(invalid(format!("adamw eps must be positive, got {}", self.eps)));
+        if !(self.eps.is_finite() && self.eps >= 0.0) {
+            return Err(invalid(format!(
+                "adamw eps must be non-negative, got {}",
+                self.eps
+            )));
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             return Err(invalid(format!(
@@ -184,7 +190,9 @@ impl AdamWState {
     ) -> Result<(), OptimError> {
         hp.validate()?;
         if !(lr.is_finite() && lr >= 0.0) {
-            return Err(invalid(format!("learning rate must be non-negative, got {lr}")));
+            return Err(invalid(format!(
+                "learning rate must be non-negative, got {lr}"
+            )));
         }
         let n = self.exp_avg.len();
         for (what, got) in [("parameters", params.len()), ("gradients", grads.len())] {
@@ -275,7 +283,9 @@ pub fn clip_grad_norm(
         });
     }
     if !(max_norm.is_finite() && max_norm > 0.0) {
-        return Err(invalid(format!("max_norm must be positive, got {max_norm}")));
+        return Err(invalid(format!(
+            "max_norm must be positive, got {max_norm}"
+        )));
     }
     if let Some(idx) = grads.iter().position(|g| !g.defined()) {
         return Err(OptimError::UndefinedGrad { idx });
