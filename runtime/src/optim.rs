@@ -237,7 +237,7 @@ impl AdamWState {
                 let _ = v.f_add_(&g.f_mul(&g)?.f_mul_scalar(1.0 - hp.beta2)?)?;
                 let denom = v.f_sqrt()?.f_div_scalar(bias2_sqrt)?.f_add_scalar(hp.eps)?;
                 let _ = p32.f_sub_(&m.f_div(&denom)?.f_mul_scalar(step_size)?)?;
-                let _ = p.f_copy_(&p32)?;
+                p.f_copy_(&p32)?;
             }
             Ok(())
         })?;
