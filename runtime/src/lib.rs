@@ -7,9 +7,11 @@
 //!
 //! Modules: `mesh` (rank arithmetic), `comm` (collectives over tch tensors,
 //! MPI for CPU, NCCL behind the `nccl` feature), `ops` (the built-in ops, named
-//! as in the annotation files). Segments, schedules, optimizers, checkpoints,
-//! data and metrics are not here yet.
+//! as in the annotation files), `optim` (LR schedule, AdamW, global-norm
+//! gradient clipping). Segments, schedules, ZeRO, checkpoints, data and
+//! metrics are not here yet.
 
 pub mod comm;
 pub mod mesh;
 pub mod ops;
+pub mod optim;
