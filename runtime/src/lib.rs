@@ -7,11 +7,17 @@
 //!
 //! Modules: `mesh` (rank arithmetic), `comm` (collectives over tch tensors,
 //! MPI for CPU, NCCL behind the `nccl` feature), `ops` (the built-in ops, named
-//! as in the annotation files), `optim` (LR schedule, AdamW, global-norm
-//! gradient clipping). Segments, schedules, ZeRO, checkpoints, data and
-//! metrics are not here yet.
+//! as in the annotation files), `exec` (segments, adapters with their backward
+//! duals, recompute, partition-independent parameter initialisation),
+//! `schedule` (GPipe and 1F1B pipeline orders), `model` (hand-written programs
+//! such as llama-mini, the golden examples of generated code), `optim` (LR
+//! schedule, AdamW, global-norm gradient clipping). ZeRO, checkpoints, data
+//! and metrics are not here yet.
 
 pub mod comm;
+pub mod exec;
 pub mod mesh;
+pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod schedule;
