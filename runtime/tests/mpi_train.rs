@@ -92,6 +92,9 @@ fn plans(world: usize) -> Vec<(&'static str, TrainPlan)> {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = common::nextest_listing("mpi_train") {
+        return code;
+    }
     match std::env::var(GROUP_ENV) {
         Ok(w) => run_rank(w.parse().unwrap_or(0)),
         Err(_) => launch_all(),

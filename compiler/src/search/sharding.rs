@@ -174,7 +174,11 @@ fn materialized_attention_bytes(
     let k = ctx.graph.tensor(op.inputs[1]);
     let (b, l, h) = (q.shape[0] as f64, q.shape[1] as f64, q.shape[2] as f64);
     let s = k.shape[1] as f64;
-    let h = if split.is_some() { h / f64::from(ctx.tp) } else { h };
+    let h = if split.is_some() {
+        h / f64::from(ctx.tp)
+    } else {
+        h
+    };
     6.0 * b * h * l * s * q.dtype.size_bytes() as f64 * ctx.scale
 }
 

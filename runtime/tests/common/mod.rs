@@ -15,6 +15,22 @@ use tch::{Kind, Tensor};
 const CHILD_ENV: &str = "AUTOPART_MPI_CHILD";
 const TIMEOUT: Duration = Duration::from_secs(300);
 
+/// The custom-harness side of cargo-nextest's protocol: asked for its list
+/// (`--list --format terse`), the binary names one test after itself (none
+/// when only ignored tests are listed); the run itself (`NAME --exact`) then
+/// proceeds as under `cargo test`. Returns the exit code when the call was
+/// only a listing.
+pub fn nextest_listing(name: &str) -> Option<ExitCode> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--list") {
+        return None;
+    }
+    if !args.iter().any(|a| a == "--ignored") {
+        println!("{name}: test");
+    }
+    Some(ExitCode::SUCCESS)
+}
+
 pub fn main_under_mpirun(np: usize, body: fn(&MpiComm, &mut Check)) -> ExitCode {
     if std::env::var_os(CHILD_ENV).is_some() {
         return run_rank(body);
