@@ -234,6 +234,87 @@ pub struct RunResult {
     /// The free search's best plan.
     pub free_step_s: f64,
     pub free_desc: String,
+    /// Where the free search's plan departs from the published one, and
+    /// what the model credits for it.
+    pub why: String,
+}
+
+fn heavier(a: Recompute, b: Recompute) -> bool {
+    let rank = |r: Recompute| match r {
+        Recompute::None => 0,
+        Recompute::Selective => 1,
+        Recompute::Full => 2,
+    };
+    rank(a) > rank(b)
+}
+
+/// A short account of how `free` differs from `fixed`.
+fn explain(fixed: &crate::search::Candidate, free: &crate::search::Candidate) -> String {
+    let (a, b) = (&fixed.config, &free.config);
+    let (ea, eb) = (&fixed.eval, &free.eval);
+    let gib = |x: u64| x as f64 / (1u64 << 30) as f64;
+    let mut parts = Vec::new();
+    let ra = ea
+        .stages
+        .iter()
+        .map(|s| s.recompute)
+        .max_by_key(|r| *r as u8);
+    let rb = eb
+        .stages
+        .iter()
+        .map(|s| s.recompute)
+        .max_by_key(|r| *r as u8);
+    if let (Some(ra), Some(rb)) = (ra, rb) {
+        if heavier(ra, rb) {
+            parts.push(format!(
+                "less recompute ({ra} -> {rb}): memory allows it ({:.1} of {:.1} GiB)",
+                gib(eb.peak_mem_bytes),
+                gib(eb.capacity_bytes)
+            ));
+        }
+    }
+    if a.zero != b.zero {
+        parts.push(format!("ZeRO {} -> {}", a.zero, b.zero));
+    }
+    if (ea.bubble_fraction - eb.bubble_fraction).abs() > 0.01 {
+        parts.push(format!(
+            "pipeline bubble {:.0}% -> {:.0}% (pp {} -> {})",
+            100.0 * ea.bubble_fraction,
+            100.0 * eb.bubble_fraction,
+            a.pp,
+            b.pp
+        ));
+    }
+    if a.tp != b.tp {
+        let comm = |e: &crate::search::Evaluation| {
+            e.stages.iter().map(|s| s.tp_comm_s).fold(0.0, f64::max)
+        };
+        parts.push(format!(
+            "tp {} -> {} (tp comm per micro-batch {:.0} -> {:.0} ms)",
+            a.tp,
+            b.tp,
+            1e3 * comm(ea),
+            1e3 * comm(eb)
+        ));
+    }
+    if a.micro_batch != b.micro_batch {
+        parts.push(format!(
+            "micro-batch {} -> {}",
+            a.micro_batch, b.micro_batch
+        ));
+    }
+    if (ea.dp_comm_s - eb.dp_comm_s).abs() > 1e-3 {
+        parts.push(format!(
+            "exposed dp comm {:.0} -> {:.0} ms",
+            1e3 * ea.dp_comm_s,
+            1e3 * eb.dp_comm_s
+        ));
+    }
+    if parts.is_empty() {
+        "same configuration".into()
+    } else {
+        parts.join("; ")
+    }
 }
 
 /// FLOPs per step under the run's convention.
@@ -398,5 +479,6 @@ pub fn validate_run(
         fixed_desc: format!("{}{note}", describe(&fixed_plan)),
         free_step_s: free_plan.eval.step_s,
         free_desc: describe(&free_plan),
+        why: explain(&fixed_plan, &free_plan),
     })
 }

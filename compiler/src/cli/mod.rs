@@ -395,6 +395,9 @@ fn validate(args: &ValidateArgs) -> Result<()> {
                     r.free_desc,
                     r.fixed_step_s / r.free_step_s
                 );
+                if !args.skip_free_search {
+                    println!("{:>36}why: {}", "", r.why);
+                }
             }
             Err(e) => println!(
                 "{:<22} {:>5} {:>6}  error: {e}",
