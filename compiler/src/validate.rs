@@ -194,9 +194,7 @@ pub fn read_runs(path: &Path) -> Result<Vec<Run>, ValidateError> {
                 )));
             }
         };
-        let recompute = get("recompute")?
-            .parse::<Recompute>()
-            .map_err(|e| row_err(e))?;
+        let recompute = get("recompute")?.parse::<Recompute>().map_err(&row_err)?;
         let measured: f64 = get("measured_tflops_per_gpu")?
             .parse()
             .map_err(|_| row_err("measured_tflops_per_gpu: expected a number".into()))?;

@@ -89,8 +89,15 @@ pub struct Candidate {
     pub config: Config,
     pub eval: Evaluation,
     /// Per op of the graph: the split chosen for its segment.
-    pub splits: Vec<(OpId, Option<String>, Vec<Layout>, Vec<Layout>)>,
+    pub splits: Vec<OpSplitOf>,
 }
+
+/// An op's tp split and the layouts it gives: (op, split identifier,
+/// input layouts, output layouts).
+pub type OpSplitOf = (OpId, Option<String>, Vec<Layout>, Vec<Layout>);
+
+/// Solved segments by (tp, sp, micro-batch).
+type SolvedJobs = Vec<((u32, bool, u64), Solved)>;
 
 /// The result of a search.
 #[derive(Clone, Debug)]
@@ -458,31 +465,30 @@ pub fn search(input: &SearchInput<'_>) -> Result<SearchResult, SearchError> {
         .map(|n| n.get())
         .unwrap_or(1)
         .min(jobs.len().max(1));
-    let results: Vec<Result<Vec<((u32, bool, u64), Solved)>, SearchError>> =
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..threads)
-                .map(|t| {
-                    let jobs = &jobs;
-                    scope.spawn(move || {
-                        let mut out = Vec::new();
-                        for ((tp, sp), mbs) in jobs.iter().skip(t).step_by(threads) {
-                            for (mb, s) in solve_segments(input, *tp, *sp, mbs)? {
-                                out.push(((*tp, *sp, mb), s));
-                            }
+    let results: Vec<Result<SolvedJobs, SearchError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let jobs = &jobs;
+                scope.spawn(move || {
+                    let mut out = Vec::new();
+                    for ((tp, sp), mbs) in jobs.iter().skip(t).step_by(threads) {
+                        for (mb, s) in solve_segments(input, *tp, *sp, mbs)? {
+                            out.push(((*tp, *sp, mb), s));
                         }
-                        Ok(out)
-                    })
+                    }
+                    Ok(out)
                 })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(SearchError::Constraint("a sharding thread panicked".into()))
-                    })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(SearchError::Constraint("a sharding thread panicked".into()))
                 })
-                .collect()
-        });
+            })
+            .collect()
+    });
     let mut solved: BTreeMap<(u32, bool, u64), Solved> = BTreeMap::new();
     for r in results {
         solved.extend(r?);
@@ -517,7 +523,7 @@ pub fn search(input: &SearchInput<'_>) -> Result<SearchResult, SearchError> {
     }
     if best.is_empty() {
         let mut why: Vec<(u64, String)> = reasons.into_iter().map(|(r, n)| (n, r)).collect();
-        why.sort_by(|a, b| b.0.cmp(&a.0));
+        why.sort_by_key(|w| std::cmp::Reverse(w.0));
         let text = why
             .iter()
             .take(3)

@@ -2,8 +2,8 @@
 //! program that places pipeline stage boundaries under it.
 //!
 //! Per micro-batch, stage `s` with `k` layers under recompute mode `r`:
-//! `t(s) = k·(fwd + bwd + recompute(r)) + embedding (s = 0) + head (last)
-//!  + p2p sends + exposed ZeRO-3 gathers`. The pipeline takes
+//! `t(s) = k·(fwd + bwd + recompute(r)) + embedding (s = 0) + head (last) +
+//! p2p sends + exposed ZeRO-3 gathers`. The pipeline takes
 //! `(m + p − 1)·max_s t(s)` for GPipe and 1F1B and `(m + (p − 1)/v)·max_s t(s)`
 //! interleaved with `v` chunks (Narayanan et al. 2021); data-parallel
 //! gradient reduction overlaps the last micro-batch's backward; the optimizer
@@ -113,11 +113,11 @@ struct StageModel<'a> {
 
 impl<'a> StageModel<'a> {
     fn new(cluster: &'a Cluster, cfg: &'a Config, seg: &'a Solved) -> Self {
-        let dtype_bytes = if seg.layer.params > 0 {
-            (seg.layer.param_bytes / seg.layer.params).max(1)
-        } else {
-            2
-        };
+        let dtype_bytes = seg
+            .layer
+            .param_bytes
+            .checked_div(seg.layer.params)
+            .map_or(2, |b| b.max(1));
         // pp neighbours are tp·dp ranks apart.
         let pp_group = Group::placed(cluster, cfg.pp.max(2), cfg.tp * cfg.dp);
         let p2p_s = if cfg.pp > 1 {

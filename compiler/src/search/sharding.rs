@@ -541,7 +541,7 @@ impl Segment {
             .collect();
         for xs in &x {
             let terms: Vec<(&Bool, i32)> = xs.iter().map(|b| (b, 1)).collect();
-            opt.assert(&Bool::pb_eq(&terms, 1));
+            opt.assert(Bool::pb_eq(&terms, 1));
         }
         for &(o, c) in fixed {
             opt.assert(&x[o][c]);
@@ -608,22 +608,22 @@ impl Segment {
                 .map(|i| Bool::new_const(format!("g_{ti}_{i}")))
                 .collect();
             let g_terms: Vec<(&Bool, i32)> = g.iter().map(|b| (b, 1)).collect();
-            opt.assert(&Bool::pb_eq(&g_terms, 1));
+            opt.assert(Bool::pb_eq(&g_terms, 1));
             let g_of = |l: Layout| layouts.iter().position(|&m| m == l).map(|i| &g[i]);
             let v = g_of(Layout::V)
                 .cloned()
                 .unwrap_or_else(|| Bool::from_bool(true));
             for &(o, j) in &t.consumers {
-                for c in 0..self.ops[o].choices.len() {
+                for (c, xc) in x[o].iter().enumerate() {
                     let gl = self.grad_layout(o, j, c);
                     if let Some(gc) = g_of(gl) {
-                        opt.assert(&x[o][c].implies(&Bool::or(&[gc, &v])));
+                        opt.assert(xc.implies(Bool::or(&[gc, &v])));
                     }
                 }
             }
             if let Some(b) = t.leaves_as {
                 if let Some(gb) = g_of(b) {
-                    opt.assert(&Bool::or(&[gb, &v]));
+                    opt.assert(Bool::or(&[gb, &v]));
                 }
             }
             match t.source {

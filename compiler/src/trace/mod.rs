@@ -62,7 +62,7 @@ pub enum TraceError {
         op: String,
         site: String,
         #[source]
-        source: RegistryError,
+        source: Box<RegistryError>,
     },
     #[error(
         "op '{op}' ({site}): input shapes {shapes:?} do not fit annotation [{annotation}]: {detail}"
@@ -164,7 +164,7 @@ impl<'r> Tracer<'r> {
             .map_err(|source| TraceError::Annotation {
                 op: name.clone(),
                 site: site.to_string(),
-                source,
+                source: Box::new(source),
             })?
             .clone();
         let attrs: BTreeMap<String, AttrValue> = attrs
