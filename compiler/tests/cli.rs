@@ -234,3 +234,56 @@ fn compile_rejects_impossible_requests_cleanly() {
     );
     assert!(!std::path::Path::new("/tmp/autopart-never/plan.ron").exists());
 }
+
+#[test]
+fn compile_reads_a_constraints_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let constraints = dir.path().join("constraints.ron");
+    std::fs::write(
+        &constraints,
+        "(tp: Some(2), zero: Some(1), splits: {\"layers.*.mlp.down_proj\": None})\n",
+    )
+    .expect("write");
+    let out = dir.path().join("out");
+    let v = json(&[
+        "compile",
+        "--model",
+        "llama-mini",
+        "--plan-ngpus",
+        "4",
+        "--cluster",
+        "cpu",
+        "--seq-len",
+        "64",
+        "--global-batch",
+        "8",
+        "--constraints",
+        &constraints.to_string_lossy(),
+        "--out",
+        &out.to_string_lossy(),
+        "--json",
+    ]);
+    assert_eq!(v["tp"].as_u64(), Some(2), "{v}");
+    assert_eq!(v["zero"].as_u64(), Some(1), "{v}");
+    let plan = autopart::plan::read_plan(&out.join("plan.ron")).expect("plan");
+    let down = plan
+        .sharding
+        .iter()
+        .find(|s| s.op == "layers.*.mlp.down_proj")
+        .expect("down_proj entry");
+    assert_eq!(down.split, None);
+
+    std::fs::write(&constraints, "(tp: Some(2),\n zeroo: Some(1))\n").expect("write");
+    fails_with(
+        &[
+            "compile",
+            "--model",
+            "llama-mini",
+            "--plan-ngpus",
+            "4",
+            "--constraints",
+            &constraints.to_string_lossy(),
+        ],
+        "constraints.ron:2:",
+    );
+}
