@@ -9,7 +9,7 @@
 //! MPI for CPU, NCCL behind the `nccl` feature), `ops` (the built-in ops, named
 //! as in the annotation files), `exec` (segments, adapters with their backward
 //! duals, recompute, partition-independent parameter initialisation),
-//! `schedule` (GPipe and 1F1B pipeline orders), `model` (hand-written programs
+//! `schedule` (GPipe, 1F1B and interleaved 1F1B pipeline orders), `model` (hand-written programs
 //! such as llama-mini, the golden examples of generated code), `optim` (LR
 //! schedule, AdamW, global-norm gradient clipping), `zero` (the data-parallel
 //! optimizer step: bucketed gradient all-reduce, ZeRO-1 and ZeRO-3).

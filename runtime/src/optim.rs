@@ -9,8 +9,9 @@
 //! `torch.nn.utils.clip_grad_norm_`. It does not decide which rank holds which
 //! parameter or gradient, nor average gradients over data-parallel replicas:
 //! callers pass the local tensors and, for the norm, which of them this rank
-//! counts. The only collective here is the one all-reduce in
-//! [`clip_grad_norm`], over the communicator the caller passes.
+//! counts ([`crate::zero`] does the data-parallel part). The only collectives
+//! here are the all-reduces of the sum of squares in [`clip_grad_norm`] and
+//! [`clip_grad_norm_over`] ([`sum_over`]), over the groups the caller passes.
 
 use crate::comm::{CommError, Communicator};
 use std::f64::consts::PI;

@@ -10,6 +10,11 @@
 //! never receives activations or sends gradients; the last stage never sends
 //! activations or receives gradients; their lists leave those halves out.
 //!
+//! Interleaved 1F1B ([`Schedule::Interleaved`]) has its own list type,
+//! [`ChunkAction`], made for all stages at once by [`interleaved`]: each
+//! stage holds several model chunks, runs them in Megatron's order, and
+//! passes activations and gradients around the pp ring in exchange rounds.
+//!
 //! This module only orders work; the program executes the actions and keeps
 //! each in-flight micro-batch's activations until its backward.
 

@@ -10,11 +10,15 @@
 //!   and `ReduceScatter` adapters, and the norm weights' gradients are partial
 //!   sums completed over tp.
 //! - dp: the batch is split; gradients are summed over dp (each rank's loss is
-//!   already divided by the global token count, so the sum is the average).
+//!   already divided by the global token count, so the sum is the average),
+//!   per parameter by [`LlamaStage::train_step`] or in buckets (and ZeRO
+//!   shards) by the [`DpOptimizer`] of [`LlamaStage::train_step_with`].
 //! - pp: layers are split into contiguous stages; the first stage embeds, the
 //!   last one normalises, projects and computes the loss; activations and
 //!   their gradients travel over the pp group in the order of the
-//!   [`Schedule`].
+//!   [`Schedule`]. Under [`Schedule::Interleaved`] with `v` chunks the layers
+//!   are split into `pp * v` model chunks assigned round-robin (stage `s`
+//!   holds chunks `s`, `s + pp`, …) and activations go around the pp ring.
 //!
 //! The loss is the mean over every token of the global batch. The program
 //! owns no optimizer: [`LlamaStage::train_step`] leaves complete gradients in
@@ -847,6 +851,22 @@ mod tests {
         let mut stage = LlamaStage::new(cfg, three, origin, 0).expect("fits");
         let msg = plan_err(stage.train_step(&Groups::of(&comms), &batch));
         assert!(msg.contains("batch"), "{msg}");
+        // 4 layers do not split into 2 stages of 3 chunks.
+        let interleaved = |chunks| TrainPlan {
+            schedule: Schedule::Interleaved { chunks },
+            ..with_mesh(1, 1, 2)
+        };
+        assert!(plan_err(LlamaStage::new(cfg, interleaved(3), origin, 0)).contains("layers"));
+        // One stage cannot interleave chunks: a schedule error, not a panic.
+        let solo_interleaved = TrainPlan {
+            schedule: Schedule::Interleaved { chunks: 2 },
+            ..TrainPlan::single()
+        };
+        let mut stage = LlamaStage::new(cfg, solo_interleaved, origin, 0).expect("fits");
+        assert!(matches!(
+            stage.train_step(&Groups::of(&comms), &batch),
+            Err(ExecError::Schedule(_))
+        ));
     }
 
     #[test]
