@@ -231,6 +231,8 @@ struct Trained {
     losses: Vec<f64>,
     norms: Vec<f64>,
     weights: HashMap<String, Tensor>,
+    /// How many gradient buckets the rank's optimizer used.
+    buckets: usize,
 }
 
 fn optim_config(zero: ZeroStage) -> OptimConfig {
@@ -273,6 +275,7 @@ fn train(
         losses,
         norms,
         weights,
+        buckets: opt.n_buckets(),
     })
 }
 
@@ -325,6 +328,7 @@ fn reference() -> Result<Trained, String> {
         losses,
         norms,
         weights,
+        buckets: 0,
     })
 }
 
@@ -350,6 +354,11 @@ fn compare(name: &str, got: &Trained, want: &Trained, check: &mut Check) -> (f64
             || format!("{g} vs single-device {w} (relative error {rel:e})"),
         );
     }
+    check.ok(
+        &format!("{name}: several gradient buckets"),
+        got.buckets > 1,
+        || format!("{} bucket(s)", got.buckets),
+    );
     check.ok(
         &format!("{name}: step count"),
         got.losses.len() == STEPS,
