@@ -20,6 +20,14 @@
 //!   the whole step (forward and backward of every micro-batch), and
 //!   [`DpOptimizer::step`] releases them again after the update.
 //!
+//! ZeRO-1 already reduce-scatters, so at the step each rank holds only its
+//! gradient slice as ZeRO-2 prescribes; what a separate ZeRO-2 would add is
+//! freeing each bucket's full gradients during backward, which needs
+//! gradient hooks the tape does not have. Likewise ZeRO-3 keeps parameters
+//! gathered for the whole step rather than gathering each layer's before
+//! its forward and again before its backward: the tape's saved autograd
+//! graphs hold the full weights until backward anyway.
+//!
 //! Gradients are summed over dp (each rank's loss is already divided by the
 //! global token count, so the sum is the average). The clipping norm is the
 //! norm of the model's gradient after that average, each element counted
