@@ -52,6 +52,8 @@ pub enum ExecError {
     Plan(String),
     #[error(transparent)]
     Schedule(#[from] crate::schedule::ScheduleError),
+    #[error(transparent)]
+    Optim(#[from] crate::optim::OptimError),
     #[error("pipeline: {0}")]
     Pipeline(String),
 }
@@ -517,35 +519,43 @@ impl Param {
 
 /// Completes the gradients of `params` after every micro-batch's backward:
 /// all-reduce over `tp` for [`TpGrad::Partial`] parameters, then sum over `dp`
-/// (each rank's loss is already scaled by the global token count, so the sum
-/// is the data-parallel average). Missing gradients become zeros.
+/// one parameter at a time (each rank's loss is already scaled by the global
+/// token count, so the sum is the data-parallel average). Missing gradients
+/// become zeros. [`crate::zero`] does the dp part in buckets instead.
 pub fn sync_grads(
     params: &mut [Param],
     tp: &dyn Communicator,
     dp: &dyn Communicator,
 ) -> Result<(), ExecError> {
+    complete_tp_grads(params, tp)?;
+    if dp.size() > 1 {
+        for p in params.iter_mut() {
+            let g = p.tensor.grad();
+            let sum = dp.all_reduce(&g.detach())?;
+            tch::no_grad(|| g.detach().f_copy_(&sum))?;
+        }
+    }
+    Ok(())
+}
+
+/// The tp half of [`sync_grads`]: all-reduces [`TpGrad::Partial`] gradients
+/// over `tp` and gives parameters no micro-batch reached a zero gradient, so
+/// that afterwards every parameter's `.grad()` is defined and complete for
+/// this rank's share of the batch.
+pub fn complete_tp_grads(params: &mut [Param], tp: &dyn Communicator) -> Result<(), ExecError> {
     for p in params.iter_mut() {
-        let mut g = p.tensor.grad();
-        if !g.defined() {
-            g = p.tensor.f_zeros_like()?;
-        }
-        let mut g = g.detach();
-        if p.spec.tp_grad == TpGrad::Partial && tp.size() > 1 {
-            g = tp.all_reduce(&g)?;
-        }
-        if dp.size() > 1 {
-            g = dp.all_reduce(&g)?;
-        }
-        let cur = p.tensor.grad();
-        if cur.defined() {
-            tch::no_grad(|| cur.detach().f_copy_(&g))?;
-        } else {
+        if !p.tensor.grad().defined() {
             // A parameter no micro-batch reached: give it an explicit zero
             // gradient by differentiating `sum(p * 0)`.
             p.tensor
                 .f_mul_scalar(0.0)?
                 .f_sum(Kind::Float)?
                 .f_backward()?;
+        }
+        if p.spec.tp_grad == TpGrad::Partial && tp.size() > 1 {
+            let cur = p.tensor.grad();
+            let sum = tp.all_reduce(&cur.detach())?;
+            tch::no_grad(|| cur.detach().f_copy_(&sum))?;
         }
     }
     Ok(())

@@ -9,10 +9,11 @@
 //! MPI for CPU, NCCL behind the `nccl` feature), `ops` (the built-in ops, named
 //! as in the annotation files), `exec` (segments, adapters with their backward
 //! duals, recompute, partition-independent parameter initialisation),
-//! `schedule` (GPipe and 1F1B pipeline orders), `model` (hand-written programs
+//! `schedule` (GPipe, 1F1B and interleaved 1F1B pipeline orders), `model` (hand-written programs
 //! such as llama-mini, the golden examples of generated code), `optim` (LR
-//! schedule, AdamW, global-norm gradient clipping). ZeRO, checkpoints, data
-//! and metrics are not here yet.
+//! schedule, AdamW, global-norm gradient clipping), `zero` (the data-parallel
+//! optimizer step: bucketed gradient all-reduce, ZeRO-1 and ZeRO-3).
+//! Checkpoints, data and metrics are not here yet.
 
 pub mod comm;
 pub mod exec;
@@ -21,3 +22,4 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod schedule;
+pub mod zero;

@@ -9,8 +9,9 @@
 //! `torch.nn.utils.clip_grad_norm_`. It does not decide which rank holds which
 //! parameter or gradient, nor average gradients over data-parallel replicas:
 //! callers pass the local tensors and, for the norm, which of them this rank
-//! counts. The only collective here is the one all-reduce in
-//! [`clip_grad_norm`], over the communicator the caller passes.
+//! counts ([`crate::zero`] does the data-parallel part). The only collectives
+//! here are the all-reduces of the sum of squares in [`clip_grad_norm`] and
+//! [`clip_grad_norm_over`] ([`sum_over`]), over the groups the caller passes.
 
 use crate::comm::{CommError, Communicator};
 use std::f64::consts::PI;
@@ -275,6 +276,19 @@ pub fn clip_grad_norm(
     max_norm: f64,
     comm: &dyn Communicator,
 ) -> Result<f64, OptimError> {
+    clip_grad_norm_over(grads, shares, max_norm, &[comm])
+}
+
+/// [`clip_grad_norm`] where the gradients are spread over several groups
+/// (e.g. tp and pp): the sum of squares is all-reduced over each of `groups`
+/// in turn, so it sums over every rank of their product. Collective over
+/// every group.
+pub fn clip_grad_norm_over(
+    grads: &mut [Tensor],
+    shares: &[NormShare],
+    max_norm: f64,
+    groups: &[&dyn Communicator],
+) -> Result<f64, OptimError> {
     if shares.len() != grads.len() {
         return Err(OptimError::LengthMismatch {
             what: "norm shares",
@@ -282,23 +296,53 @@ pub fn clip_grad_norm(
             got: shares.len(),
         });
     }
-    if !(max_norm.is_finite() && max_norm > 0.0) {
-        return Err(invalid(format!(
-            "max_norm must be positive, got {max_norm}"
-        )));
-    }
+    check_max_norm(max_norm)?;
     if let Some(idx) = grads.iter().position(|g| !g.defined()) {
         return Err(OptimError::UndefinedGrad { idx });
     }
     let mut local = 0.0f64;
     for (g, share) in grads.iter().zip(shares) {
         if *share == NormShare::Counted {
-            let sq = g.f_to_kind(Kind::Double)?.f_square()?.f_sum(Kind::Double)?;
-            local += sq.f_double_value(&[])?;
+            local += sum_of_squares(g)?;
         }
     }
-    let total = comm.all_reduce(&Tensor::from_slice(&[local]))?;
-    let norm = total.f_double_value(&[0])?.sqrt();
+    let norm = sum_over(local, groups)?.sqrt();
+    scale_to_norm(grads, norm, max_norm)?;
+    Ok(norm)
+}
+
+/// Checks that a clipping threshold is positive and finite.
+pub fn check_max_norm(max_norm: f64) -> Result<(), OptimError> {
+    if !(max_norm.is_finite() && max_norm > 0.0) {
+        return Err(invalid(format!(
+            "max_norm must be positive, got {max_norm}"
+        )));
+    }
+    Ok(())
+}
+
+/// The sum of the squares of `t`'s elements, computed in f64.
+pub fn sum_of_squares(t: &Tensor) -> Result<f64, OptimError> {
+    let sq = t.f_to_kind(Kind::Double)?.f_square()?.f_sum(Kind::Double)?;
+    Ok(sq.f_double_value(&[])?)
+}
+
+/// `local` summed over every rank of each of `groups` in turn (in f64).
+/// Collective over every group.
+pub fn sum_over(local: f64, groups: &[&dyn Communicator]) -> Result<f64, OptimError> {
+    let mut total = Tensor::from_slice(&[local]);
+    for comm in groups {
+        if comm.size() > 1 {
+            total = comm.all_reduce(&total)?;
+        }
+    }
+    Ok(total.f_double_value(&[0])?)
+}
+
+/// Scales `grads` in place by `max_norm / (norm + 1e-6)` when that is below 1,
+/// as `clip_grad_norm_` does once it knows the global `norm`. A non-finite
+/// norm is an error and nothing is scaled.
+pub fn scale_to_norm(grads: &mut [Tensor], norm: f64, max_norm: f64) -> Result<(), OptimError> {
     if !norm.is_finite() {
         return Err(OptimError::NonFiniteNorm(norm));
     }
@@ -311,5 +355,5 @@ pub fn clip_grad_norm(
             Ok(())
         })?;
     }
-    Ok(norm)
+    Ok(())
 }

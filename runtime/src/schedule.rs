@@ -10,6 +10,11 @@
 //! never receives activations or sends gradients; the last stage never sends
 //! activations or receives gradients; their lists leave those halves out.
 //!
+//! Interleaved 1F1B ([`Schedule::Interleaved`]) has its own list type,
+//! [`ChunkAction`], made for all stages at once by [`interleaved`]: each
+//! stage holds several model chunks, runs them in Megatron's order, and
+//! passes activations and gradients around the pp ring in exchange rounds.
+//!
 //! This module only orders work; the program executes the actions and keeps
 //! each in-flight micro-batch's activations until its backward.
 
@@ -22,6 +27,10 @@ pub enum Schedule {
     GPipe,
     /// One forward, one backward: at most `stages - stage` micro-batches in flight.
     OneFOneB,
+    /// Megatron's interleaved 1F1B: each stage holds `chunks` model chunks
+    /// (stage `s` holds chunks `s`, `s + stages`, …) and runs them in the
+    /// order of [`interleaved`]; needs a multiple of `stages` micro-batches.
+    Interleaved { chunks: usize },
 }
 
 /// One step of a stage's program. Micro-batches are numbered `0..m`.
@@ -51,6 +60,16 @@ pub enum ScheduleError {
     StageOutOfRange { stage: usize, stages: usize },
     #[error("a schedule needs at least one stage and one micro-batch")]
     Empty,
+    #[error(
+        "interleaved 1f1b needs two stages or more, at least one chunk, and a number of micro-batches ({micro_batches}) that is a multiple of the stages ({stages})"
+    )]
+    Interleaving { stages: usize, micro_batches: usize },
+    #[error(
+        "the interleaved schedule of stage {0} is a list of chunk actions (schedule::interleaved)"
+    )]
+    Chunked(usize),
+    #[error("interleaved schedule made no progress in round {round}")]
+    Stuck { round: usize },
 }
 
 struct Builder {
@@ -94,6 +113,7 @@ pub fn actions(
         out: Vec::new(),
     };
     match schedule {
+        Schedule::Interleaved { .. } => return Err(ScheduleError::Chunked(stage)),
         Schedule::GPipe => {
             for mb in 0..m {
                 b.push(RecvForward(mb));
@@ -139,6 +159,174 @@ pub fn actions(
         }
     }
     Ok(b.out)
+}
+
+/// Micro-batch `mb` of model chunk `chunk` (the chunk's index on its stage,
+/// `0..chunks`; stage `s`'s chunk `c` is virtual stage `c * stages + s`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Work {
+    pub chunk: usize,
+    pub mb: usize,
+}
+
+/// One step of a stage's interleaved program. The pp group is a ring: the
+/// next stage of the last is the first (virtual stage `c * stages + stages -
+/// 1` feeds `(c + 1) * stages`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ChunkAction {
+    Forward(Work),
+    Backward(Work),
+    /// With the ring's next stage and previous stage at once: send `send`'s
+    /// output activation to the next stage, receive `recv`'s input
+    /// activation from the previous one (either half may be absent).
+    ShiftForward {
+        send: Option<Work>,
+        recv: Option<Work>,
+    },
+    /// Send `send`'s input gradient to the previous stage, receive `recv`'s
+    /// output gradient from the next one (either half may be absent).
+    ShiftBackward {
+        send: Option<Work>,
+        recv: Option<Work>,
+    },
+}
+
+/// Megatron's interleaved 1F1B compute order of `stage`: `warmup` forwards,
+/// then one forward and one backward at a time, then the remaining
+/// backwards. The `k`-th forward runs chunk `(k mod (stages * chunks)) /
+/// stages` of micro-batch `(k / (stages * chunks)) * stages + k mod stages`;
+/// backwards run the chunks in reverse.
+fn megatron_order(stages: usize, chunks: usize, m: usize, stage: usize) -> Vec<(bool, Work)> {
+    let total = m * chunks;
+    let group = stages * chunks;
+    let warmup = if m == stages {
+        total
+    } else {
+        ((stages - stage - 1) * 2 + (chunks - 1) * stages).min(total)
+    };
+    let work = |k: usize, forward: bool| {
+        let c = (k % group) / stages;
+        Work {
+            chunk: if forward { c } else { chunks - 1 - c },
+            mb: (k / group) * stages + k % stages,
+        }
+    };
+    let mut out: Vec<(bool, Work)> = (0..warmup).map(|k| (true, work(k, true))).collect();
+    for i in 0..total - warmup {
+        out.push((true, work(i + warmup, true)));
+        out.push((false, work(i, false)));
+    }
+    out.extend((total - warmup..total).map(|k| (false, work(k, false))));
+    out
+}
+
+/// The interleaved 1F1B programs of every stage (index = stage).
+///
+/// Each stage runs its compute in Megatron's order; the communication is
+/// placed by simulating all stages in rounds. In a round, every stage whose
+/// next computation has its input runs it, then every stage exchanges what
+/// was produced with its ring neighbours: one [`ChunkAction::ShiftForward`]
+/// and one [`ChunkAction::ShiftBackward`] (when either half is present),
+/// matched by the neighbours' actions of the same round. The lists are
+/// deadlock-free with blocking communication: the earliest pending exchange
+/// of any stage is met by its neighbours' actions of the same round, which
+/// nothing earlier blocks.
+pub fn interleaved(
+    stages: usize,
+    chunks: usize,
+    micro_batches: usize,
+) -> Result<Vec<Vec<ChunkAction>>, ScheduleError> {
+    let m = micro_batches;
+    if stages == 0 || m == 0 {
+        return Err(ScheduleError::Empty);
+    }
+    // A single stage has no neighbour to pass chunks around the ring to.
+    if chunks == 0 || m % stages != 0 || (stages == 1 && chunks > 1) {
+        return Err(ScheduleError::Interleaving {
+            stages,
+            micro_batches: m,
+        });
+    }
+    let orders: Vec<Vec<(bool, Work)>> = (0..stages)
+        .map(|s| megatron_order(stages, chunks, m, s))
+        .collect();
+    let first = |s: usize, w: Work| s == 0 && w.chunk == 0;
+    let last = |s: usize, w: Work| s + 1 == stages && w.chunk + 1 == chunks;
+    let mut pos = vec![0usize; stages];
+    let mut have_act = vec![vec![vec![false; m]; chunks]; stages];
+    let mut have_grad = vec![vec![vec![false; m]; chunks]; stages];
+    let mut lists: Vec<Vec<ChunkAction>> = vec![Vec::new(); stages];
+    let mut round = 0;
+    while (0..stages).any(|s| pos[s] < orders[s].len()) {
+        // (activation sent to the next stage, gradient sent to the previous one)
+        let mut sent: Vec<(Option<Work>, Option<Work>)> = vec![(None, None); stages];
+        let mut progress = false;
+        for s in 0..stages {
+            let Some(&(forward, w)) = orders[s].get(pos[s]) else {
+                continue;
+            };
+            let ready = if forward {
+                first(s, w) || have_act[s][w.chunk][w.mb]
+            } else {
+                last(s, w) || have_grad[s][w.chunk][w.mb]
+            };
+            if !ready {
+                continue;
+            }
+            progress = true;
+            pos[s] += 1;
+            if forward {
+                lists[s].push(ChunkAction::Forward(w));
+                if !last(s, w) {
+                    sent[s].0 = Some(w);
+                }
+            } else {
+                lists[s].push(ChunkAction::Backward(w));
+                if !first(s, w) {
+                    sent[s].1 = Some(w);
+                }
+            }
+        }
+        if !progress {
+            return Err(ScheduleError::Stuck { round });
+        }
+        for s in 0..stages {
+            let (prev, next) = ((s + stages - 1) % stages, (s + 1) % stages);
+            // What the neighbours sent, renamed to this stage's chunks.
+            let recv_act = sent[prev].0.map(|w| Work {
+                chunk: if s == 0 { w.chunk + 1 } else { w.chunk },
+                mb: w.mb,
+            });
+            let recv_grad = sent[next].1.map(|w| Work {
+                chunk: if s + 1 == stages {
+                    w.chunk - 1
+                } else {
+                    w.chunk
+                },
+                mb: w.mb,
+            });
+            if sent[s].0.is_some() || recv_act.is_some() {
+                lists[s].push(ChunkAction::ShiftForward {
+                    send: sent[s].0,
+                    recv: recv_act,
+                });
+            }
+            if sent[s].1.is_some() || recv_grad.is_some() {
+                lists[s].push(ChunkAction::ShiftBackward {
+                    send: sent[s].1,
+                    recv: recv_grad,
+                });
+            }
+            if let Some(w) = recv_act {
+                have_act[s][w.chunk][w.mb] = true;
+            }
+            if let Some(w) = recv_grad {
+                have_grad[s][w.chunk][w.mb] = true;
+            }
+        }
+        round += 1;
+    }
+    Ok(lists)
 }
 
 #[cfg(test)]
@@ -285,6 +473,175 @@ mod tests {
                 stage: 2,
                 stages: 2
             })
+        );
+    }
+
+    /// Runs the interleaved lists of every stage with blocking halves (an
+    /// exchange completes once each half met the matching half of the
+    /// neighbour's current action) and checks data flow: every chunk's
+    /// forward and backward once, a forward after its input arrived, a
+    /// backward after its forward and its output gradient.
+    fn simulate_interleaved(stages: usize, chunks: usize, m: usize) {
+        use ChunkAction::*;
+        let lists = interleaved(stages, chunks, m).expect("valid");
+        let vs = |s: usize, w: Work| w.chunk * stages + s;
+        // (direction, virtual stage of the receiver's work, mb, from, to)
+        type Msg = (u8, usize, usize, usize, usize);
+        let halves = |s: usize, a: ChunkAction| -> (Vec<Msg>, Vec<Msg>) {
+            let (prev, next) = ((s + stages - 1) % stages, (s + 1) % stages);
+            let (mut sends, mut recvs) = (vec![], vec![]);
+            match a {
+                ShiftForward { send, recv } => {
+                    if let Some(w) = send {
+                        sends.push((0, vs(s, w) + 1, w.mb, s, next));
+                    }
+                    if let Some(w) = recv {
+                        recvs.push((0, vs(s, w), w.mb, prev, s));
+                    }
+                }
+                ShiftBackward { send, recv } => {
+                    if let Some(w) = send {
+                        sends.push((1, vs(s, w) - 1, w.mb, s, prev));
+                    }
+                    if let Some(w) = recv {
+                        recvs.push((1, vs(s, w), w.mb, next, s));
+                    }
+                }
+                Forward(_) | Backward(_) => {}
+            }
+            (sends, recvs)
+        };
+        let n_vs = stages * chunks;
+        let mut pc = vec![0usize; stages];
+        let mut pending: Vec<Option<(Vec<Msg>, Vec<Msg>)>> = vec![None; stages];
+        let mut have_act = vec![vec![false; m]; n_vs];
+        let mut have_grad = vec![vec![false; m]; n_vs];
+        let mut done_f = vec![vec![0usize; m]; n_vs];
+        let mut done_b = vec![vec![0usize; m]; n_vs];
+        loop {
+            let mut progress = false;
+            for s in 0..stages {
+                if pending[s].is_none() && pc[s] < lists[s].len() {
+                    pending[s] = Some(halves(s, lists[s][pc[s]]));
+                }
+            }
+            for s in 0..stages {
+                let sends = pending[s].as_ref().map(|p| p.0.clone()).unwrap_or_default();
+                for msg in sends {
+                    let to = msg.4;
+                    let Some(recvs) = pending[to].as_mut().map(|p| &mut p.1) else {
+                        continue;
+                    };
+                    if let Some(i) = recvs.iter().position(|r| *r == msg) {
+                        recvs.remove(i);
+                        if let Some(p) = pending[s].as_mut() {
+                            p.0.retain(|x| *x != msg);
+                        }
+                        let table = if msg.0 == 0 {
+                            &mut have_act
+                        } else {
+                            &mut have_grad
+                        };
+                        table[msg.1][msg.2] = true;
+                        progress = true;
+                    }
+                }
+            }
+            for s in 0..stages {
+                match &pending[s] {
+                    Some((sends, recvs)) if sends.is_empty() && recvs.is_empty() => {}
+                    _ => continue,
+                }
+                match lists[s][pc[s]] {
+                    Forward(w) => {
+                        let v = vs(s, w);
+                        assert!(
+                            v == 0 || have_act[v][w.mb],
+                            "stage {s} F{w:?} without input"
+                        );
+                        done_f[v][w.mb] += 1;
+                    }
+                    Backward(w) => {
+                        let v = vs(s, w);
+                        assert_eq!(done_f[v][w.mb], 1, "stage {s} B{w:?} before its forward");
+                        assert!(
+                            v + 1 == n_vs || have_grad[v][w.mb],
+                            "stage {s} B{w:?} without output gradient"
+                        );
+                        done_b[v][w.mb] += 1;
+                    }
+                    _ => {}
+                }
+                pc[s] += 1;
+                pending[s] = None;
+                progress = true;
+            }
+            if (0..stages).all(|s| pc[s] == lists[s].len()) {
+                break;
+            }
+            assert!(
+                progress,
+                "interleaved deadlocks: {stages} stages, {chunks} chunks, {m} mb, at {pc:?}"
+            );
+        }
+        for v in 0..n_vs {
+            assert!(
+                done_f[v].iter().chain(&done_b[v]).all(|n| *n == 1),
+                "vs {v}"
+            );
+        }
+    }
+
+    #[test]
+    fn interleaved_runs_every_chunk_once_without_deadlock() {
+        for stages in 1..=4 {
+            for chunks in 1..=3 {
+                if stages == 1 && chunks > 1 {
+                    continue;
+                }
+                for m in (stages..=12).step_by(stages) {
+                    simulate_interleaved(stages, chunks, m);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn interleaved_follows_megatron_and_rejects_bad_shapes() {
+        // Stage 0 of 2 with 2 chunks and 4 micro-batches: warm-up of
+        // (2 - 0 - 1) * 2 + (2 - 1) * 2 = 4 forwards, chunk 0 of mbs 0 and 1
+        // then chunk 1 of mbs 0 and 1; the first backward is chunk 1's mb 0.
+        let lists = interleaved(2, 2, 4).expect("valid");
+        let compute: Vec<(bool, usize, usize)> = lists[0]
+            .iter()
+            .filter_map(|a| match a {
+                ChunkAction::Forward(w) => Some((true, w.chunk, w.mb)),
+                ChunkAction::Backward(w) => Some((false, w.chunk, w.mb)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            &compute[..6],
+            &[
+                (true, 0, 0),
+                (true, 0, 1),
+                (true, 1, 0),
+                (true, 1, 1),
+                (true, 0, 2),
+                (false, 1, 0)
+            ]
+        );
+        assert_eq!(
+            interleaved(2, 2, 3),
+            Err(ScheduleError::Interleaving {
+                stages: 2,
+                micro_batches: 3
+            })
+        );
+        assert!(interleaved(1, 2, 2).is_err());
+        assert_eq!(
+            actions(Schedule::Interleaved { chunks: 2 }, 2, 0, 4),
+            Err(ScheduleError::Chunked(0))
         );
     }
 }

@@ -1,14 +1,17 @@
-//! Differential training test: llama-mini trained for 5 SGD steps under each
-//! plan (dp2, tp2, pp2, tp2+sp, tp2·pp2, pp4, dp2·tp2·pp2; recompute full and
-//! selective; GPipe and 1F1B) must give the single-device run's per-step
-//! losses (1e-5 relative) and, after training, its weights (1e-5 absolute,
-//! every tp shard all-gathered and compared on every rank, so every pp stage
-//! and every dp replica is checked).
+//! Differential training test: llama-mini trained for 5 AdamW steps (warm-up
+//! then cosine learning rate, global-norm clipping, dp gradients averaged in
+//! small buckets) under each plan (dp2, tp2, pp2, tp2+sp, tp2·pp2, pp4,
+//! dp2·tp2·pp2; recompute full and selective; GPipe, 1F1B and interleaved
+//! 1F1B; ZeRO-1 and ZeRO-3) must give the single-device run's per-step losses and global
+//! gradient norms (1e-5 relative) and, after training, its weights (1e-5
+//! absolute, every tp shard all-gathered and compared on every rank, so every
+//! pp stage and every dp replica is checked).
 //!
 //! `cargo test -p autopart-runtime --test mpi_train` re-launches this binary
 //! once per world size (`mpirun -np 2`, `4`, `8`); each job runs the plans of
 //! that size one after the other and the single-device reference in-process.
-//! The optimizer is plain SGD written here, so what is compared is gradients.
+//! The reference is one process calling `AdamWState` and `clip_grad_norm`
+//! directly on whole parameters; the plans go through `DpOptimizer`.
 
 mod common;
 
@@ -18,7 +21,9 @@ use autopart_runtime::mesh::{Coord, Mesh};
 use autopart_runtime::model::llama::{
     Batch, Groups, LlamaConfig, LlamaStage, Recompute, SeqParallel, TrainPlan,
 };
+use autopart_runtime::optim::{AdamW, AdamWState, LrSchedule, NormShare, clip_grad_norm};
 use autopart_runtime::schedule::Schedule;
+use autopart_runtime::zero::{DpOptimizer, OptimConfig, ZeroStage};
 use common::Check;
 use std::collections::HashMap;
 use std::process::{Command, ExitCode};
@@ -29,7 +34,28 @@ const GROUP_ENV: &str = "AUTOPART_TRAIN_WORLD";
 const TIMEOUT: Duration = Duration::from_secs(240);
 const SEED: u64 = 1234;
 const STEPS: usize = 5;
-const LR: f64 = 0.5;
+const LR: LrSchedule = LrSchedule {
+    peak_lr: 4e-3,
+    warmup_steps: 2,
+    total_steps: STEPS as u64,
+    min_lr: 4e-4,
+};
+/// Between the reference's gradient norms (2.41, 2.05, 2.76, 4.80, 3.15):
+/// steps 3 and 4 are clipped, the others not.
+const MAX_NORM: f64 = 3.0;
+/// torch's AdamW defaults but eps 1e-6: AdamW's first updates are about
+/// `lr * sign(g)`, so gradient elements at rounding level (whose sign depends
+/// on the summation order of a split) move weights by up to `lr`; a larger
+/// eps and a small learning rate keep that under the weight tolerance (with
+/// eps 1e-8 and lr 1e-2, tp2 differed by 4e-5).
+const ADAMW: AdamW = AdamW {
+    beta1: 0.9,
+    beta2: 0.999,
+    eps: 1e-6,
+    weight_decay: 0.01,
+};
+/// Small enough that llama-mini's stages fill several buckets.
+const BUCKET_BYTES: usize = 32 * 1024;
 const BATCH: i64 = 4;
 const SEQ: i64 = 16;
 const LOSS_RTOL: f64 = 1e-5;
@@ -51,40 +77,77 @@ fn plan(
     }
 }
 
-/// The plans run by a job of `world` ranks.
-fn plans(world: usize) -> Vec<(&'static str, TrainPlan)> {
+/// The plans run by a job of `world` ranks, each with its ZeRO stage.
+fn plans(world: usize) -> Vec<(&'static str, TrainPlan, ZeroStage)> {
     use Recompute::{Full, None, Selective};
-    use Schedule::{GPipe, OneFOneB};
+    use Schedule::{GPipe, Interleaved, OneFOneB};
     use SeqParallel::{Off, On};
+    use ZeroStage::{One, Three};
+    let z0 = ZeroStage::Off;
     match world {
         2 => vec![
-            ("dp2", plan((1, 2, 1), Off, None, GPipe, 1)),
-            ("tp2", plan((2, 1, 1), Off, None, GPipe, 1)),
-            ("tp2+sp", plan((2, 1, 1), On, None, GPipe, 1)),
-            ("pp2 1f1b mb4", plan((1, 1, 2), Off, None, OneFOneB, 4)),
-            ("pp2 gpipe mb2", plan((1, 1, 2), Off, None, GPipe, 2)),
-            ("tp2 recompute full", plan((2, 1, 1), Off, Full, GPipe, 1)),
+            ("dp2", plan((1, 2, 1), Off, None, GPipe, 1), z0),
+            ("dp2 zero1", plan((1, 2, 1), Off, None, GPipe, 1), One),
+            ("dp2 zero3 mb2", plan((1, 2, 1), Off, None, GPipe, 2), Three),
+            ("tp2", plan((2, 1, 1), Off, None, GPipe, 1), z0),
+            ("tp2+sp", plan((2, 1, 1), On, None, GPipe, 1), z0),
+            ("pp2 1f1b mb4", plan((1, 1, 2), Off, None, OneFOneB, 4), z0),
+            ("pp2 gpipe mb2", plan((1, 1, 2), Off, None, GPipe, 2), z0),
+            (
+                "pp2 interleaved v=2 mb4",
+                plan((1, 1, 2), Off, None, Interleaved { chunks: 2 }, 4),
+                z0,
+            ),
+            (
+                "tp2 recompute full",
+                plan((2, 1, 1), Off, Full, GPipe, 1),
+                z0,
+            ),
             (
                 "tp2+sp recompute sel",
                 plan((2, 1, 1), On, Selective, GPipe, 2),
+                z0,
             ),
         ],
         4 => vec![
-            ("tp2.pp2 1f1b mb2", plan((2, 1, 2), Off, None, OneFOneB, 2)),
-            ("tp2+sp.pp2 gpipe full", plan((2, 1, 2), On, Full, GPipe, 2)),
+            (
+                "tp2.pp2 1f1b mb2",
+                plan((2, 1, 2), Off, None, OneFOneB, 2),
+                z0,
+            ),
+            (
+                "tp2+sp.pp2 gpipe full",
+                plan((2, 1, 2), On, Full, GPipe, 2),
+                z0,
+            ),
             (
                 "pp4 1f1b mb4 sel",
                 plan((1, 1, 4), Off, Selective, OneFOneB, 4),
+                z0,
+            ),
+            ("dp2.tp2 zero1", plan((2, 2, 1), Off, None, GPipe, 1), One),
+            ("dp2.tp2+sp zero1", plan((2, 2, 1), On, None, GPipe, 1), One),
+            (
+                "dp2.pp2 zero3 1f1b",
+                plan((1, 2, 2), Off, None, OneFOneB, 2),
+                Three,
+            ),
+            (
+                "tp2.pp2 interleaved v=2",
+                plan((2, 1, 2), Off, Selective, Interleaved { chunks: 2 }, 2),
+                z0,
             ),
         ],
         8 => vec![
             (
                 "dp2.tp2.pp2 1f1b mb2",
                 plan((2, 2, 2), Off, None, OneFOneB, 2),
+                z0,
             ),
             (
                 "dp2.tp2+sp.pp2 full",
                 plan((2, 2, 2), On, Full, OneFOneB, 2),
+                z0,
             ),
         ],
         _ => Vec::new(),
@@ -163,42 +226,60 @@ fn launch_all() -> ExitCode {
     }
 }
 
-/// Per-step losses and the full weights after training.
+/// Per-step losses and global gradient norms, and the full weights after training.
 struct Trained {
     losses: Vec<f64>,
+    norms: Vec<f64>,
     weights: HashMap<String, Tensor>,
+    /// How many gradient buckets the rank's optimizer used.
+    buckets: usize,
 }
 
-fn sgd(stage: &mut LlamaStage) -> Result<(), String> {
-    for p in stage.params_mut() {
-        let g = p.tensor.grad();
-        if !g.defined() {
-            return Err(format!("{} has no gradient", p.spec.name));
-        }
-        tch::no_grad(|| p.tensor.f_sub_(&g.f_mul_scalar(LR)?).map(drop))
-            .map_err(|e| e.to_string())?;
-        p.zero_grad();
+fn optim_config(zero: ZeroStage) -> OptimConfig {
+    OptimConfig {
+        max_norm: Some(MAX_NORM),
+        bucket_bytes: BUCKET_BYTES,
+        zero,
+        ..OptimConfig::new(ADAMW, LR)
     }
-    Ok(())
 }
 
-fn train(plan: TrainPlan, coord: Coord, g: &Groups<'_>) -> Result<Trained, String> {
+fn train(
+    plan: TrainPlan,
+    zero: ZeroStage,
+    coord: Coord,
+    g: &Groups<'_>,
+) -> Result<Trained, String> {
     let cfg = LlamaConfig::mini();
-    let mut stage = LlamaStage::new(cfg, plan, coord, SEED).map_err(|e| e.to_string())?;
-    let mut losses = Vec::new();
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let mut stage = LlamaStage::new(cfg, plan, coord, SEED).map_err(|e| err(&e))?;
+    let mut opt =
+        DpOptimizer::new(optim_config(zero), stage.params_mut(), g).map_err(|e| err(&e))?;
+    let (mut losses, mut norms) = (Vec::new(), Vec::new());
     for _ in 0..STEPS {
-        let batch = Batch::synthetic(cfg.vocab, BATCH, SEQ, 100).map_err(|e| e.to_string())?;
-        losses.push(stage.train_step(g, &batch).map_err(|e| e.to_string())?);
-        sgd(&mut stage)?;
+        let batch = Batch::synthetic(cfg.vocab, BATCH, SEQ, 100).map_err(|e| err(&e))?;
+        let (loss, stats) = stage
+            .train_step_with(g, &batch, &mut opt)
+            .map_err(|e| err(&e))?;
+        losses.push(loss);
+        norms.push(stats.grad_norm.unwrap_or(f64::NAN));
     }
+    opt.gather_params(stage.params_mut(), g.dp)
+        .map_err(|e| err(&e))?;
     let weights = stage
         .full_weights(g.tp)
-        .map_err(|e| e.to_string())?
+        .map_err(|e| err(&e))?
         .into_iter()
         .collect();
-    Ok(Trained { losses, weights })
+    Ok(Trained {
+        losses,
+        norms,
+        weights,
+        buckets: opt.n_buckets(),
+    })
 }
 
+/// The single-device run: whole parameters, `AdamWState` and `clip_grad_norm`.
 fn reference() -> Result<Trained, String> {
     let mesh = Mesh::new(1, 1, 1).map_err(|e| e.to_string())?;
     let solo = MeshComms {
@@ -213,10 +294,46 @@ fn reference() -> Result<Trained, String> {
         dp: SoloComm,
         pp: SoloComm,
     };
-    train(TrainPlan::single(), solo.coord, &Groups::of(&solo))
+    let g = Groups::of(&solo);
+    let cfg = LlamaConfig::mini();
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let mut stage =
+        LlamaStage::new(cfg, TrainPlan::single(), solo.coord, SEED).map_err(|e| err(&e))?;
+    let mut params: Vec<Tensor> = stage
+        .params()
+        .iter()
+        .map(|p| p.tensor.shallow_clone())
+        .collect();
+    let mut state = AdamWState::new(&params).map_err(|e| err(&e))?;
+    let (mut losses, mut norms) = (Vec::new(), Vec::new());
+    for step in 0..STEPS {
+        let batch = Batch::synthetic(cfg.vocab, BATCH, SEQ, 100).map_err(|e| err(&e))?;
+        losses.push(stage.train_step(&g, &batch).map_err(|e| err(&e))?);
+        let mut grads: Vec<Tensor> = params.iter().map(Tensor::grad).collect();
+        let shares = vec![NormShare::Counted; grads.len()];
+        norms.push(clip_grad_norm(&mut grads, &shares, MAX_NORM, &SoloComm).map_err(|e| err(&e))?);
+        state
+            .step(&ADAMW, &mut params, &grads, LR.lr(step as u64))
+            .map_err(|e| err(&e))?;
+        for p in stage.params_mut() {
+            p.zero_grad();
+        }
+    }
+    let weights = stage
+        .full_weights(&SoloComm)
+        .map_err(|e| err(&e))?
+        .into_iter()
+        .collect();
+    Ok(Trained {
+        losses,
+        norms,
+        weights,
+        buckets: 0,
+    })
 }
 
-/// (max loss relative error, max weight absolute error) of `got` against `want`.
+/// (max loss or gradient-norm relative error, max weight absolute error) of
+/// `got` against `want`.
 fn compare(name: &str, got: &Trained, want: &Trained, check: &mut Check) -> (f64, f64) {
     let mut loss_err = 0f64;
     for (step, (g, w)) in got.losses.iter().zip(&want.losses).enumerate() {
@@ -228,6 +345,20 @@ fn compare(name: &str, got: &Trained, want: &Trained, check: &mut Check) -> (f64
             || format!("{g} vs single-device {w} (relative error {rel:e})"),
         );
     }
+    for (step, (g, w)) in got.norms.iter().zip(&want.norms).enumerate() {
+        let rel = (g - w).abs() / w.abs().max(1e-12);
+        loss_err = loss_err.max(rel);
+        check.ok(
+            &format!("{name}: gradient norm of step {step}"),
+            rel <= LOSS_RTOL,
+            || format!("{g} vs single-device {w} (relative error {rel:e})"),
+        );
+    }
+    check.ok(
+        &format!("{name}: several gradient buckets"),
+        got.buckets > 1,
+        || format!("{} bucket(s)", got.buckets),
+    );
     check.ok(
         &format!("{name}: step count"),
         got.losses.len() == STEPS,
@@ -341,19 +472,27 @@ fn run_plans(world: &MpiComm, check: &mut Check) {
         want.losses[STEPS - 1] < want.losses[0],
         || format!("{:?}", want.losses),
     );
+    // Clipping must matter: some steps are clipped and some are not, so a
+    // miscounted norm changes the update even under AdamW's scale invariance.
+    check.ok(
+        "reference clips some steps but not all",
+        want.norms.iter().any(|n| *n > MAX_NORM) && want.norms.iter().any(|n| *n < MAX_NORM),
+        || format!("norms {:?}, max_norm {MAX_NORM}", want.norms),
+    );
     if world.rank() == 0 {
         eprintln!("reference losses: {:?}", want.losses);
+        eprintln!("reference gradient norms: {:?}", want.norms);
         eprintln!(
             "{:<26} {:>18} {:>18}",
-            "plan", "max loss rel err", "max weight abs err"
+            "plan", "loss/norm rel err", "max weight abs err"
         );
     }
-    for (name, plan) in plans {
+    for (name, plan, zero) in plans {
         let comms = match MeshComms::new(world.duplicate(), plan.mesh) {
             Ok(c) => c,
             Err(e) => return check.failures.push(format!("{name}: mesh: {e}")),
         };
-        let errs = match train(plan, comms.coord, &Groups::of(&comms)) {
+        let errs = match train(plan, zero, comms.coord, &Groups::of(&comms)) {
             Ok(got) => compare(name, &got, &want, check),
             Err(e) => {
                 // A failed rank cannot take part in further collectives.

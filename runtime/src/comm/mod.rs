@@ -165,6 +165,26 @@ impl MeshComms<MpiComm> {
     }
 }
 
+/// The communicators of one rank's mesh axes, as trait objects.
+#[derive(Clone, Copy, Debug)]
+pub struct Groups<'c> {
+    pub coord: Coord,
+    pub tp: &'c dyn Communicator,
+    pub dp: &'c dyn Communicator,
+    pub pp: &'c dyn Communicator,
+}
+
+impl<'c> Groups<'c> {
+    pub fn of<C: Communicator>(comms: &'c MeshComms<C>) -> Self {
+        Self {
+            coord: comms.coord,
+            tp: &comms.tp,
+            dp: &comms.dp,
+            pp: &comms.pp,
+        }
+    }
+}
+
 #[cfg(feature = "nccl")]
 impl MeshComms<NcclComm> {
     /// NCCL communicators over the same groups as `mpi`, driving CUDA device

@@ -10,23 +10,31 @@
 //!   and `ReduceScatter` adapters, and the norm weights' gradients are partial
 //!   sums completed over tp.
 //! - dp: the batch is split; gradients are summed over dp (each rank's loss is
-//!   already divided by the global token count, so the sum is the average).
+//!   already divided by the global token count, so the sum is the average),
+//!   per parameter by [`LlamaStage::train_step`] or in buckets (and ZeRO
+//!   shards) by the [`DpOptimizer`] of [`LlamaStage::train_step_with`].
 //! - pp: layers are split into contiguous stages; the first stage embeds, the
 //!   last one normalises, projects and computes the loss; activations and
 //!   their gradients travel over the pp group in the order of the
-//!   [`Schedule`].
+//!   [`Schedule`]. Under [`Schedule::Interleaved`] with `v` chunks the layers
+//!   are split into `pp * v` model chunks assigned round-robin (stage `s`
+//!   holds chunks `s`, `s + pp`, …) and activations go around the pp ring.
 //!
 //! The loss is the mean over every token of the global batch. The program
 //! owns no optimizer: [`LlamaStage::train_step`] leaves complete gradients in
-//! the parameters' `.grad()`.
+//! the parameters' `.grad()`, and [`LlamaStage::train_step_with`] hands them
+//! to a [`DpOptimizer`] (bucketed dp averaging, clipping, AdamW, ZeRO).
 
-use crate::comm::{Communicator, MeshComms};
+use crate::comm::Communicator;
+pub use crate::comm::Groups;
 use crate::exec::{
-    Adapter, ExecError, Init, Keep, Param, ParamSpec, Tape, TpGrad, ValueId, sync_grads,
+    Adapter, ExecError, Init, Keep, Param, ParamSpec, Tape, TpGrad, ValueId, complete_tp_grads,
+    sync_grads,
 };
 use crate::mesh::{Coord, Mesh};
 use crate::ops::{self, Mask};
-use crate::schedule::{self, Action, Schedule};
+use crate::schedule::{self, Action, ChunkAction, Schedule, Work};
+use crate::zero::{DpOptimizer, StepStats};
 use std::collections::HashMap;
 use tch::{Kind, Tensor};
 
@@ -122,26 +130,6 @@ impl Batch {
         let tokens = Tensor::f_randint(vocab, [batch, seq], opts)?;
         let labels = Tensor::f_randint(vocab, [batch, seq], opts)?;
         Ok(Self { tokens, labels })
-    }
-}
-
-/// The communicators of one rank's mesh axes, as trait objects.
-#[derive(Clone, Copy, Debug)]
-pub struct Groups<'c> {
-    pub coord: Coord,
-    pub tp: &'c dyn Communicator,
-    pub dp: &'c dyn Communicator,
-    pub pp: &'c dyn Communicator,
-}
-
-impl<'c> Groups<'c> {
-    pub fn of<C: Communicator>(comms: &'c MeshComms<C>) -> Self {
-        Self {
-            coord: comms.coord,
-            tp: &comms.tp,
-            dp: &comms.dp,
-            pp: &comms.pp,
-        }
     }
 }
 
@@ -280,7 +268,9 @@ pub struct LlamaStage {
     cfg: LlamaConfig,
     plan: TrainPlan,
     coord: Coord,
-    layers: std::ops::Range<usize>,
+    /// The layers of each model chunk this stage holds (one chunk unless the
+    /// schedule is interleaved).
+    chunks: Vec<std::ops::Range<usize>>,
     params: Vec<Param>,
     index: HashMap<String, usize>,
 }
@@ -306,17 +296,27 @@ impl LlamaStage {
         check_divides("ffn", cfg.ffn, tp)?;
         check_divides("vocab", cfg.vocab, tp)?;
         check_divides("hidden", cfg.hidden, cfg.n_heads as usize)?;
-        check_divides("layers", cfg.n_layers as i64, pp)?;
+        let n_chunks = match plan.schedule {
+            Schedule::Interleaved { chunks } => chunks,
+            Schedule::GPipe | Schedule::OneFOneB => 1,
+        };
+        check_divides("layers", cfg.n_layers as i64, pp * n_chunks)?;
         if plan.micro_batches == 0 {
             return Err(ExecError::Plan("zero micro-batches".into()));
         }
-        let per_stage = cfg.n_layers / pp;
-        let layers = coord.pp * per_stage..(coord.pp + 1) * per_stage;
+        // Chunk c of stage s is virtual stage c * pp + s (round-robin).
+        let per_chunk = cfg.n_layers / (pp * n_chunks);
+        let chunks: Vec<_> = (0..n_chunks)
+            .map(|c| {
+                let v = c * pp + coord.pp;
+                v * per_chunk..(v + 1) * per_chunk
+            })
+            .collect();
         let (first, last) = (coord.pp == 0, coord.pp + 1 == pp);
         let mut params = Vec::new();
         for spec in param_specs(&cfg, plan.seq_parallel) {
             let mine = match layer_of(&spec.name) {
-                Some(l) => layers.contains(&l),
+                Some(l) => chunks.iter().any(|r| r.contains(&l)),
                 None if spec.name.starts_with("model.embed_tokens") => first,
                 None => last,
             };
@@ -333,7 +333,7 @@ impl LlamaStage {
             cfg,
             plan,
             coord,
-            layers,
+            chunks,
             params,
             index,
         })
@@ -437,14 +437,27 @@ impl LlamaStage {
         })?[0])
     }
 
-    /// Records one micro-batch's forward on this stage. `input` is the
-    /// received activation (all stages but the first). Returns the ids of the
-    /// stage's input activation (if any) and of its output: the activation to
-    /// send, or on the last stage this micro-batch's share of the loss.
+    /// Whether model chunk `chunk` of this stage is the first and the last
+    /// virtual stage of the pipeline.
+    fn ends(&self, chunk: usize) -> (bool, bool) {
+        let pp = self.plan.mesh.pp;
+        (
+            self.coord.pp == 0 && chunk == 0,
+            self.coord.pp + 1 == pp && chunk + 1 == self.chunks.len(),
+        )
+    }
+
+    /// Records one micro-batch's forward through model chunk `chunk` of this
+    /// stage. `input` is the received activation (all virtual stages but the
+    /// first). Returns the ids of the chunk's input activation (if any) and
+    /// of its output: the activation to send, or on the last virtual stage
+    /// this micro-batch's share of the loss.
+    #[allow(clippy::too_many_arguments)]
     fn forward<'a>(
         &'a self,
         tape: &mut Tape<'a>,
         tp: &'a dyn Communicator,
+        chunk: usize,
         input: Option<Tensor>,
         tokens: &Tensor,
         labels: &Tensor,
@@ -452,7 +465,7 @@ impl LlamaStage {
     ) -> Result<(Option<ValueId>, ValueId), ExecError> {
         let (to_shards, from_shards) = self.adapters();
         let vocab_start = self.coord.tp as i64 * (self.cfg.vocab / self.plan.mesh.tp as i64);
-        let (first, last) = (self.coord.pp == 0, self.coord.pp + 1 == self.plan.mesh.pp);
+        let (first, last) = self.ends(chunk);
         let (input_id, mut x) = if first {
             let we = self.w("model.embed_tokens.weight")?;
             let ids = tape.input(tokens);
@@ -467,7 +480,10 @@ impl LlamaStage {
             let id = tape.input(&t);
             (Some(id), id)
         };
-        for i in self.layers.clone() {
+        let layers = self.chunks.get(chunk).cloned().ok_or_else(|| {
+            ExecError::Pipeline(format!("model chunk {chunk} is not on this stage"))
+        })?;
+        for i in layers {
             x = self.layer(tape, tp, i, x)?;
         }
         if !last {
@@ -523,6 +539,9 @@ impl LlamaStage {
         let missing = |what: &str, mb: usize| {
             ExecError::Pipeline(format!("{what} of micro-batch {mb} is missing"))
         };
+        if let Schedule::Interleaved { chunks } = self.plan.schedule {
+            return self.run_interleaved(g, batch, chunks, shape, &rows);
+        }
 
         let mut inputs: Vec<Option<Tensor>> = (0..m).map(|_| None).collect();
         let mut tapes: Vec<InFlight<'_>> = (0..m).map(|_| None).collect();
@@ -543,6 +562,7 @@ impl LlamaStage {
                     let (inp, out) = self.forward(
                         &mut tape,
                         g.tp,
+                        0,
                         inputs[mb].take(),
                         &rows(&batch.tokens, mb)?,
                         &rows(&batch.labels, mb)?,
@@ -598,10 +618,149 @@ impl LlamaStage {
         Ok(loss)
     }
 
+    /// [`Self::run_pipeline`] for the interleaved schedule: micro-batches
+    /// pass through this stage's `chunks` model chunks in the order of
+    /// [`schedule::interleaved`], over the pp ring.
+    fn run_interleaved(
+        &self,
+        g: &Groups<'_>,
+        batch: &Batch,
+        chunks: usize,
+        shape: [i64; 3],
+        rows: &dyn Fn(&Tensor, usize) -> Result<Tensor, ExecError>,
+    ) -> Result<Tensor, ExecError> {
+        let pp = self.plan.mesh.pp;
+        let stage = self.coord.pp;
+        let (next, prev) = ((stage + 1) % pp, (stage + pp - 1) % pp);
+        let lists = schedule::interleaved(pp, chunks, self.plan.micro_batches)?;
+        let list = lists.into_iter().nth(stage).unwrap_or_default();
+        let total_tokens = batch.tokens.numel() as i64;
+        let cpu = (Kind::Float, tch::Device::Cpu);
+        let missing = |what: &str, w: Work| {
+            ExecError::Pipeline(format!(
+                "{what} of micro-batch {} in chunk {} is missing",
+                w.mb, w.chunk
+            ))
+        };
+        let mut inputs: HashMap<Work, Tensor> = HashMap::new();
+        let mut tapes: HashMap<Work, (Tape<'_>, Option<ValueId>, ValueId)> = HashMap::new();
+        let mut out_grads: HashMap<Work, Tensor> = HashMap::new();
+        let mut in_grads: HashMap<Work, Tensor> = HashMap::new();
+        let mut loss = Tensor::f_zeros([], cpu)?;
+        // Sends `t` (if any) to `dst` and receives into `recv`'s slot (if any) from `src`.
+        let shift = |t: Option<Tensor>,
+                     dst: usize,
+                     recv: Option<Work>,
+                     src: usize,
+                     into: &mut HashMap<Work, Tensor>|
+         -> Result<(), ExecError> {
+            match (t, recv) {
+                (Some(t), Some(w)) => {
+                    into.insert(w, g.pp.send_recv(&t, dst, &shape, Kind::Float, src)?);
+                }
+                (Some(t), None) => g.pp.send(&t, dst)?,
+                (None, Some(w)) => {
+                    into.insert(w, g.pp.recv(&shape, Kind::Float, src)?);
+                }
+                (None, None) => {}
+            }
+            Ok(())
+        };
+        for action in list {
+            match action {
+                ChunkAction::Forward(w) => {
+                    let mut tape = Tape::new();
+                    let (inp, out) = self.forward(
+                        &mut tape,
+                        g.tp,
+                        w.chunk,
+                        inputs.remove(&w),
+                        &rows(&batch.tokens, w.mb)?,
+                        &rows(&batch.labels, w.mb)?,
+                        total_tokens,
+                    )?;
+                    if self.ends(w.chunk).1 {
+                        loss = loss.f_add(tape.value(out)?)?;
+                    }
+                    tapes.insert(w, (tape, inp, out));
+                }
+                ChunkAction::Backward(w) => {
+                    let (tape, inp, out) = tapes.remove(&w).ok_or_else(|| missing("forward", w))?;
+                    let seed = if self.ends(w.chunk).1 {
+                        Tensor::f_ones([], cpu)?
+                    } else {
+                        out_grads
+                            .remove(&w)
+                            .ok_or_else(|| missing("output gradient", w))?
+                    };
+                    let grads = tape.backward(vec![(out, seed)])?;
+                    if let Some(inp) = inp {
+                        let gr = match grads.get(inp) {
+                            Some(gr) => gr.shallow_clone(),
+                            None => Tensor::f_zeros(shape, cpu)?,
+                        };
+                        in_grads.insert(w, gr);
+                    }
+                }
+                ChunkAction::ShiftForward { send, recv } => {
+                    let act = match send {
+                        Some(w) => {
+                            let (tape, _, out) =
+                                tapes.get(&w).ok_or_else(|| missing("forward", w))?;
+                            Some(tape.value(*out)?.shallow_clone())
+                        }
+                        None => None,
+                    };
+                    shift(act, next, recv, prev, &mut inputs)?;
+                }
+                ChunkAction::ShiftBackward { send, recv } => {
+                    let gr = match send {
+                        Some(w) => Some(
+                            in_grads
+                                .remove(&w)
+                                .ok_or_else(|| missing("input gradient", w))?,
+                        ),
+                        None => None,
+                    };
+                    shift(gr, prev, recv, next, &mut out_grads)?;
+                }
+            }
+        }
+        Ok(loss)
+    }
+
     /// One training step without the optimizer: every micro-batch forward and
-    /// backward, then gradients completed over tp and dp. Returns the loss of
-    /// the global batch on every rank. `g` must be the groups of `self`'s mesh.
+    /// backward, then gradients completed over tp and dp (one all-reduce per
+    /// parameter). Returns the loss of the global batch on every rank. `g`
+    /// must be the groups of `self`'s mesh.
     pub fn train_step(&mut self, g: &Groups<'_>, batch: &Batch) -> Result<f64, ExecError> {
+        let loss = self.forward_backward(g, batch)?;
+        sync_grads(&mut self.params, g.tp, g.dp)?;
+        Ok(loss)
+    }
+
+    /// One training step with `opt`: gathers the parameters (ZeRO-3), runs
+    /// every micro-batch forward and backward, completes gradients over tp
+    /// and lets `opt` average them over dp, clip and update. Returns the loss
+    /// of the global batch on every rank. `opt` must have been built over
+    /// this stage's parameters and `g`.
+    pub fn train_step_with(
+        &mut self,
+        g: &Groups<'_>,
+        batch: &Batch,
+        opt: &mut DpOptimizer,
+    ) -> Result<(f64, StepStats), ExecError> {
+        opt.gather_params(&mut self.params, g.dp)?;
+        let loss = self.forward_backward(g, batch)?;
+        let stats = opt.step(&mut self.params, g)?;
+        Ok((loss, stats))
+    }
+
+    /// Every micro-batch's forward and backward in the plan's schedule;
+    /// afterwards each parameter's `.grad()` is complete over tp and holds
+    /// this dp rank's share of the batch. Returns the loss of the global
+    /// batch on every rank.
+    pub fn forward_backward(&mut self, g: &Groups<'_>, batch: &Batch) -> Result<f64, ExecError> {
         let Mesh { tp, dp, pp } = self.plan.mesh;
         if (g.tp.size(), g.dp.size(), g.pp.size()) != (tp, dp, pp) {
             return Err(ExecError::Plan(format!(
@@ -613,7 +772,7 @@ impl LlamaStage {
             )));
         }
         let local = self.run_pipeline(g, batch)?;
-        sync_grads(&mut self.params, g.tp, g.dp)?;
+        complete_tp_grads(&mut self.params, g.tp)?;
         let mut loss = local;
         if dp > 1 {
             loss = g.dp.all_reduce(&loss)?;
@@ -628,7 +787,7 @@ impl LlamaStage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::comm::SoloComm;
+    use crate::comm::{MeshComms, SoloComm};
 
     fn solo() -> MeshComms<SoloComm> {
         MeshComms {
@@ -692,6 +851,22 @@ mod tests {
         let mut stage = LlamaStage::new(cfg, three, origin, 0).expect("fits");
         let msg = plan_err(stage.train_step(&Groups::of(&comms), &batch));
         assert!(msg.contains("batch"), "{msg}");
+        // 4 layers do not split into 2 stages of 3 chunks.
+        let interleaved = |chunks| TrainPlan {
+            schedule: Schedule::Interleaved { chunks },
+            ..with_mesh(1, 1, 2)
+        };
+        assert!(plan_err(LlamaStage::new(cfg, interleaved(3), origin, 0)).contains("layers"));
+        // One stage cannot interleave chunks: a schedule error, not a panic.
+        let solo_interleaved = TrainPlan {
+            schedule: Schedule::Interleaved { chunks: 2 },
+            ..TrainPlan::single()
+        };
+        let mut stage = LlamaStage::new(cfg, solo_interleaved, origin, 0).expect("fits");
+        assert!(matches!(
+            stage.train_step(&Groups::of(&comms), &batch),
+            Err(ExecError::Schedule(_))
+        ));
     }
 
     #[test]

@@ -1,0 +1,600 @@
+//! The data-parallel optimizer step: gradients averaged over the dp group in
+//! buckets, clipped by the global norm, and AdamW applied — with optimizer
+//! state and parameters either replicated on every dp rank or sharded over
+//! the dp group (ZeRO-1, ZeRO-3).
+//!
+//! A [`DpOptimizer`] lays one rank's parameters out as flat **buckets**
+//! (consecutive parameters up to [`OptimConfig::bucket_bytes`], each bucket
+//! padded with zeros to a multiple of the dp size). Each step:
+//!
+//! - [`ZeroStage::Off`]: one all-reduce per bucket, copied back into the
+//!   parameters' gradients; clipping and AdamW on whole parameters.
+//! - [`ZeroStage::One`]: one reduce-scatter per bucket; dp rank `r` owns the
+//!   `r`-th contiguous slice of every bucket and keeps f32 master weights and
+//!   moments for those slices only; AdamW runs on the owned slices, and one
+//!   all-gather per bucket writes the updated weights back into the
+//!   parameters.
+//! - [`ZeroStage::Three`]: as ZeRO-1, but between steps the parameters hold
+//!   no data (empty tensors): [`DpOptimizer::gather_params`] all-gathers them
+//!   from the owned slices before the step's forward, they stay gathered for
+//!   the whole step (forward and backward of every micro-batch), and
+//!   [`DpOptimizer::step`] releases them again after the update.
+//!
+//! ZeRO-1 already reduce-scatters, so at the step each rank holds only its
+//! gradient slice as ZeRO-2 prescribes; what a separate ZeRO-2 would add is
+//! freeing each bucket's full gradients during backward, which needs
+//! gradient hooks the tape does not have. Likewise ZeRO-3 keeps parameters
+//! gathered for the whole step rather than gathering each layer's before
+//! its forward and again before its backward: the tape's saved autograd
+//! graphs hold the full weights until backward anyway.
+//!
+//! Gradients are summed over dp (each rank's loss is already divided by the
+//! global token count, so the sum is the average). The clipping norm is the
+//! norm of the model's gradient after that average, each element counted
+//! once: a tp-replicated parameter (no `tp_dim`) is counted on tp rank 0
+//! only, dp replicas are counted once (replicated stages: the sum of squares
+//! is all-reduced over tp and pp only; sharded stages: each dp rank counts its
+//! own slice and the sum is all-reduced over dp, tp and pp).
+//!
+//! This module owns the flat layout, the dp collectives of the step and the
+//! sharded optimizer state. The update arithmetic is [`crate::optim`]'s; tp
+//! completion of gradients is [`crate::exec`]'s and must have run before
+//! [`DpOptimizer::step`].
+
+use crate::comm::{Communicator, Groups};
+use crate::exec::Param;
+use crate::optim::{
+    self, AdamW, AdamWState, LrSchedule, NormShare, OptimError, clip_grad_norm_over,
+};
+use tch::{Device, Kind, Tensor};
+
+/// 25 MiB, the default bucket size (PyTorch DDP's).
+pub const DEFAULT_BUCKET_BYTES: usize = 25 * 1024 * 1024;
+
+/// How parameters and optimizer state are spread over the dp group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ZeroStage {
+    /// Every dp rank holds every parameter, gradient and moment.
+    Off,
+    /// Optimizer state (f32 master weights and moments) sharded over dp.
+    One,
+    /// Optimizer state and parameters sharded over dp; parameters gathered
+    /// for the step.
+    Three,
+}
+
+/// The optimizer of a training run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OptimConfig {
+    pub adamw: AdamW,
+    pub lr: LrSchedule,
+    /// Clip the global gradient norm to this; `None` does not clip.
+    pub max_norm: Option<f64>,
+    /// Most bytes of gradient in one bucket; a parameter larger than this
+    /// gets a bucket of its own.
+    pub bucket_bytes: usize,
+    pub zero: ZeroStage,
+}
+
+impl OptimConfig {
+    /// AdamW at `lr` with default buckets, no clipping and no sharding.
+    pub fn new(adamw: AdamW, lr: LrSchedule) -> Self {
+        Self {
+            adamw,
+            lr,
+            max_norm: None,
+            bucket_bytes: DEFAULT_BUCKET_BYTES,
+            zero: ZeroStage::Off,
+        }
+    }
+
+    /// Checks every hyper-parameter.
+    pub fn validate(&self) -> Result<(), OptimError> {
+        self.adamw.validate()?;
+        self.lr.validate()?;
+        if let Some(max) = self.max_norm {
+            optim::check_max_norm(max)?;
+        }
+        if self.bucket_bytes == 0 {
+            return Err(OptimError::Invalid("bucket_bytes must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// One parameter's place in a bucket.
+#[derive(Clone, Debug, PartialEq)]
+struct Slot {
+    param: usize,
+    offset: i64,
+    numel: i64,
+    shape: Vec<i64>,
+    kind: Kind,
+    device: Device,
+    share: NormShare,
+}
+
+/// Consecutive parameters flattened into one buffer of `len` elements (a
+/// multiple of the dp size; the tail past the last slot is zero padding).
+#[derive(Clone, Debug, PartialEq)]
+struct Bucket {
+    slots: Vec<Slot>,
+    len: i64,
+}
+
+impl Bucket {
+    /// The elements `[lo, hi)` dp rank `rank` of `dp` owns.
+    fn owned(&self, rank: usize, dp: usize) -> (i64, i64) {
+        let n = self.len / dp as i64;
+        (rank as i64 * n, (rank as i64 + 1) * n)
+    }
+
+    /// `tensors` (one per slot, parameter-shaped) flattened into the bucket,
+    /// in f32, zero-padded.
+    fn flatten(&self, tensors: &[Tensor]) -> Result<Tensor, OptimError> {
+        let mut parts = Vec::with_capacity(self.slots.len() + 1);
+        let mut used = 0;
+        let mut device = Device::Cpu;
+        for (slot, t) in self.slots.iter().zip(tensors) {
+            parts.push(t.f_detach()?.f_reshape([-1])?.f_to_kind(Kind::Float)?);
+            used += slot.numel;
+            device = slot.device;
+        }
+        if self.len > used {
+            parts.push(Tensor::f_zeros([self.len - used], (Kind::Float, device))?);
+        }
+        Ok(Tensor::f_cat(&parts, 0)?)
+    }
+
+    /// Copies each slot's part of `flat` into `targets` (one per slot), in place.
+    fn unflatten_into(&self, flat: &Tensor, targets: &[Tensor]) -> Result<(), OptimError> {
+        tch::no_grad(|| -> Result<(), OptimError> {
+            for (slot, t) in self.slots.iter().zip(targets) {
+                let part = flat.f_narrow(0, slot.offset, slot.numel)?;
+                t.detach().f_copy_(&part.f_view(slot.shape.as_slice())?)?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Statistics of one optimizer step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    pub lr: f64,
+    /// The global gradient norm before clipping, when clipping is on.
+    pub grad_norm: Option<f64>,
+}
+
+/// AdamW over one rank's parameters with data-parallel gradient averaging
+/// and, optionally, ZeRO sharding over the dp group.
+#[derive(Debug)]
+pub struct DpOptimizer {
+    cfg: OptimConfig,
+    buckets: Vec<Bucket>,
+    n_params: usize,
+    dp_rank: usize,
+    dp_size: usize,
+    /// Replicated: one moment per parameter. Sharded: one per bucket slice.
+    state: AdamWState,
+    /// Sharded stages: this rank's f32 slice of each bucket's weights.
+    master: Vec<Tensor>,
+}
+
+fn bucket_layout(params: &[Param], tp_rank: usize, dp: usize, bucket_bytes: usize) -> Vec<Bucket> {
+    let mut buckets = Vec::new();
+    let mut slots: Vec<Slot> = Vec::new();
+    let (mut used, mut bytes) = (0i64, 0usize);
+    let close = |slots: &mut Vec<Slot>, used: i64, buckets: &mut Vec<Bucket>| {
+        if !slots.is_empty() {
+            let len = (used + dp as i64 - 1) / dp as i64 * dp as i64;
+            buckets.push(Bucket {
+                slots: std::mem::take(slots),
+                len,
+            });
+        }
+    };
+    for (idx, p) in params.iter().enumerate() {
+        let t = &p.tensor;
+        let numel = t.numel() as i64;
+        let size = t.numel() * t.kind().elt_size_in_bytes();
+        if !slots.is_empty() && bytes + size > bucket_bytes {
+            close(&mut slots, used, &mut buckets);
+            (used, bytes) = (0, 0);
+        }
+        let share = if p.spec.tp_dim.is_some() || tp_rank == 0 {
+            NormShare::Counted
+        } else {
+            NormShare::Replica
+        };
+        slots.push(Slot {
+            param: idx,
+            offset: used,
+            numel,
+            shape: t.size(),
+            kind: t.kind(),
+            device: t.device(),
+            share,
+        });
+        used += numel;
+        bytes += size;
+    }
+    close(&mut slots, used, &mut buckets);
+    buckets
+}
+
+impl DpOptimizer {
+    /// The optimizer of `params` (this rank's, fully materialised, identical
+    /// on every dp rank). Under [`ZeroStage::Three`] it takes the owned
+    /// slices and releases the parameters' data.
+    pub fn new(cfg: OptimConfig, params: &mut [Param], g: &Groups<'_>) -> Result<Self, OptimError> {
+        cfg.validate()?;
+        let (dp_rank, dp_size) = (g.dp.rank(), g.dp.size());
+        let buckets = bucket_layout(params, g.tp.rank(), dp_size, cfg.bucket_bytes);
+        let mut master = Vec::new();
+        let state = match cfg.zero {
+            ZeroStage::Off => {
+                let tensors: Vec<Tensor> = params.iter().map(|p| p.tensor.detach()).collect();
+                AdamWState::new(&tensors)?
+            }
+            ZeroStage::One | ZeroStage::Three => {
+                for b in &buckets {
+                    let ts: Vec<Tensor> = b
+                        .slots
+                        .iter()
+                        .map(|s| params[s.param].tensor.detach())
+                        .collect();
+                    let (lo, hi) = b.owned(dp_rank, dp_size);
+                    master.push(b.flatten(&ts)?.f_narrow(0, lo, hi - lo)?.f_contiguous()?);
+                }
+                AdamWState::new(&master)?
+            }
+        };
+        let opt = Self {
+            cfg,
+            buckets,
+            n_params: params.len(),
+            dp_rank,
+            dp_size,
+            state,
+            master,
+        };
+        if cfg.zero == ZeroStage::Three {
+            opt.release_params(params)?;
+        }
+        Ok(opt)
+    }
+
+    pub fn config(&self) -> &OptimConfig {
+        &self.cfg
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.state.steps
+    }
+
+    /// Number of buckets (one dp collective each per step).
+    pub fn n_buckets(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// Under [`ZeroStage::Three`], all-gathers every parameter from the dp
+    /// ranks' slices into a fresh leaf that requires grad; the parameters
+    /// then stay gathered until [`Self::step`]. A no-op for the other
+    /// stages, whose parameters are always whole. Collective over dp.
+    pub fn gather_params(
+        &self,
+        params: &mut [Param],
+        dp: &dyn Communicator,
+    ) -> Result<(), OptimError> {
+        if self.cfg.zero != ZeroStage::Three {
+            return Ok(());
+        }
+        self.check_len(params)?;
+        for (b, m) in self.buckets.iter().zip(&self.master) {
+            let full = if self.dp_size > 1 {
+                dp.all_gather(m, 0)?
+            } else {
+                m.shallow_clone()
+            };
+            for s in &b.slots {
+                let t = full
+                    .f_narrow(0, s.offset, s.numel)?
+                    .f_view(s.shape.as_slice())?
+                    .f_to_kind(s.kind)?
+                    .f_detach_copy()?;
+                params[s.param].tensor = t.set_requires_grad(true);
+            }
+        }
+        Ok(())
+    }
+
+    fn release_params(&self, params: &mut [Param]) -> Result<(), OptimError> {
+        for b in &self.buckets {
+            for s in &b.slots {
+                let empty = Tensor::f_empty([0], (s.kind, s.device))?;
+                params[s.param].tensor = empty.set_requires_grad(true);
+            }
+        }
+        Ok(())
+    }
+
+    fn check_len(&self, params: &[Param]) -> Result<(), OptimError> {
+        if params.len() != self.n_params {
+            return Err(OptimError::LengthMismatch {
+                what: "parameters",
+                expected: self.n_params,
+                got: params.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Every slot's parameter gradient, checked against the layout.
+    fn grads(&self, params: &[Param]) -> Result<Vec<Vec<Tensor>>, OptimError> {
+        self.check_len(params)?;
+        self.buckets
+            .iter()
+            .map(|b| {
+                b.slots
+                    .iter()
+                    .map(|s| {
+                        let p = &params[s.param].tensor;
+                        if p.size() != s.shape {
+                            return Err(OptimError::ShapeMismatch {
+                                what: "parameter (not gathered?)",
+                                idx: s.param,
+                                expected: s.shape.clone(),
+                                got: p.size(),
+                            });
+                        }
+                        let g = p.grad();
+                        if !g.defined() {
+                            return Err(OptimError::UndefinedGrad { idx: s.param });
+                        }
+                        Ok(g)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// One optimizer step on `params`, whose gradients hold this rank's
+    /// share of the batch, already complete over tp: averages them over dp,
+    /// clips, applies AdamW at the schedule's rate and clears the gradients
+    /// (under ZeRO-3, releases the parameters). Collective over dp, tp and pp.
+    pub fn step(&mut self, params: &mut [Param], g: &Groups<'_>) -> Result<StepStats, OptimError> {
+        let lr = self.cfg.lr.lr(self.state.steps);
+        let grads = self.grads(params)?;
+        let grad_norm = match self.cfg.zero {
+            ZeroStage::Off => self.step_replicated(params, grads, g, lr)?,
+            ZeroStage::One | ZeroStage::Three => self.step_sharded(params, grads, g, lr)?,
+        };
+        if self.cfg.zero == ZeroStage::Three {
+            self.release_params(params)?;
+        } else {
+            for p in params.iter_mut() {
+                p.zero_grad();
+            }
+        }
+        Ok(StepStats { lr, grad_norm })
+    }
+
+    fn step_replicated(
+        &mut self,
+        params: &mut [Param],
+        grads: Vec<Vec<Tensor>>,
+        g: &Groups<'_>,
+        lr: f64,
+    ) -> Result<Option<f64>, OptimError> {
+        if self.dp_size > 1 {
+            for (b, gs) in self.buckets.iter().zip(&grads) {
+                let sum = g.dp.all_reduce(&b.flatten(gs)?)?;
+                b.unflatten_into(&sum, gs)?;
+            }
+        }
+        // Back to parameter order for the per-parameter update.
+        let mut by_param: Vec<Option<(Tensor, NormShare)>> =
+            (0..self.n_params).map(|_| None).collect();
+        for (b, gs) in self.buckets.iter().zip(grads) {
+            for (s, gr) in b.slots.iter().zip(gs) {
+                by_param[s.param] = Some((gr, s.share));
+            }
+        }
+        let (mut grads, shares): (Vec<Tensor>, Vec<NormShare>) =
+            by_param.into_iter().flatten().unzip();
+        let norm = match self.cfg.max_norm {
+            Some(max) => Some(clip_grad_norm_over(
+                &mut grads,
+                &shares,
+                max,
+                &[g.tp, g.pp],
+            )?),
+            None => None,
+        };
+        let mut tensors: Vec<Tensor> = params.iter().map(|p| p.tensor.shallow_clone()).collect();
+        self.state.step(&self.cfg.adamw, &mut tensors, &grads, lr)?;
+        Ok(norm)
+    }
+
+    fn step_sharded(
+        &mut self,
+        params: &mut [Param],
+        grads: Vec<Vec<Tensor>>,
+        g: &Groups<'_>,
+        lr: f64,
+    ) -> Result<Option<f64>, OptimError> {
+        let mut shards = Vec::with_capacity(self.buckets.len());
+        for (b, gs) in self.buckets.iter().zip(&grads) {
+            let flat = b.flatten(gs)?;
+            shards.push(if self.dp_size > 1 {
+                g.dp.reduce_scatter(&flat, 0)?
+            } else {
+                flat
+            });
+        }
+        let norm = match self.cfg.max_norm {
+            Some(max) => {
+                let mut local = 0.0;
+                for (b, shard) in self.buckets.iter().zip(&shards) {
+                    let (lo, hi) = b.owned(self.dp_rank, self.dp_size);
+                    for s in b.slots.iter().filter(|s| s.share == NormShare::Counted) {
+                        let (start, end) = (s.offset.max(lo), (s.offset + s.numel).min(hi));
+                        if start < end {
+                            local += optim::sum_of_squares(&shard.f_narrow(
+                                0,
+                                start - lo,
+                                end - start,
+                            )?)?;
+                        }
+                    }
+                }
+                let norm = optim::sum_over(local, &[g.dp, g.tp, g.pp])?.sqrt();
+                optim::scale_to_norm(&mut shards, norm, max)?;
+                Some(norm)
+            }
+            None => None,
+        };
+        self.state
+            .step(&self.cfg.adamw, &mut self.master, &shards, lr)?;
+        if self.cfg.zero == ZeroStage::One {
+            for (b, m) in self.buckets.iter().zip(&self.master) {
+                let full = if self.dp_size > 1 {
+                    g.dp.all_gather(m, 0)?
+                } else {
+                    m.shallow_clone()
+                };
+                let targets: Vec<Tensor> = b
+                    .slots
+                    .iter()
+                    .map(|s| params[s.param].tensor.shallow_clone())
+                    .collect();
+                b.unflatten_into(&full, &targets)?;
+            }
+        }
+        Ok(norm)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::{MeshComms, SoloComm};
+    use crate::exec::{Init, ParamSpec, TpGrad};
+    use crate::mesh::{Coord, Mesh};
+
+    fn params(shapes: &[&[i64]]) -> Vec<Param> {
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                ParamSpec {
+                    name: format!("p{i}"),
+                    shape: s.to_vec(),
+                    init: Init::Normal { std: 1.0 },
+                    tp_dim: None,
+                    tp_grad: TpGrad::Complete,
+                }
+                .materialise(3, 0, 1)
+                .expect("init")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn buckets_cover_every_parameter_once_padded_to_the_dp_size() {
+        let ps = params(&[&[5, 3], &[7], &[2, 2], &[100]]);
+        // 64 bytes: 16 f32 per bucket; the 100-element parameter gets its own.
+        let buckets = bucket_layout(&ps, 0, 4, 64);
+        let layout: Vec<Vec<(usize, i64)>> = buckets
+            .iter()
+            .map(|b| b.slots.iter().map(|s| (s.param, s.offset)).collect())
+            .collect();
+        assert_eq!(
+            layout,
+            vec![vec![(0, 0)], vec![(1, 0), (2, 7)], vec![(3, 0)]]
+        );
+        assert_eq!(
+            buckets.iter().map(|b| b.len).collect::<Vec<_>>(),
+            vec![16, 12, 100]
+        );
+        assert_eq!(buckets[0].owned(3, 4), (12, 16));
+    }
+
+    #[test]
+    fn every_stage_matches_plain_adamw_on_one_rank() {
+        let solo = MeshComms {
+            mesh: Mesh {
+                tp: 1,
+                dp: 1,
+                pp: 1,
+            },
+            coord: Coord {
+                tp: 0,
+                dp: 0,
+                pp: 0,
+            },
+            world: SoloComm,
+            tp: SoloComm,
+            dp: SoloComm,
+            pp: SoloComm,
+        };
+        let g = Groups::of(&solo);
+        let lr = LrSchedule {
+            peak_lr: 0.1,
+            warmup_steps: 1,
+            total_steps: 3,
+            min_lr: 0.01,
+        };
+        let shapes: [&[i64]; 3] = [&[5, 3], &[7], &[2, 2]];
+        let run = |zero: Option<ZeroStage>| -> Vec<Tensor> {
+            let mut ps = params(&shapes);
+            let cfg = OptimConfig {
+                max_norm: Some(0.5),
+                bucket_bytes: 40,
+                zero: zero.unwrap_or(ZeroStage::Off),
+                ..OptimConfig::new(AdamW::default(), lr)
+            };
+            let mut opt = DpOptimizer::new(cfg, &mut ps, &g).expect("optimizer");
+            let mut plain =
+                AdamWState::new(&ps.iter().map(|p| p.tensor.detach()).collect::<Vec<_>>())
+                    .expect("state");
+            for step in 0..3 {
+                opt.gather_params(&mut ps, g.dp).expect("gather");
+                for p in &ps {
+                    p.tensor.square().sum(Kind::Float).backward();
+                }
+                match zero {
+                    Some(_) => {
+                        opt.step(&mut ps, &g).expect("step");
+                    }
+                    None => {
+                        let mut grads: Vec<Tensor> = ps.iter().map(|p| p.tensor.grad()).collect();
+                        let shares = vec![NormShare::Counted; grads.len()];
+                        optim::clip_grad_norm(&mut grads, &shares, 0.5, &SoloComm).expect("clip");
+                        let mut ts: Vec<Tensor> =
+                            ps.iter().map(|p| p.tensor.shallow_clone()).collect();
+                        plain
+                            .step(&AdamW::default(), &mut ts, &grads, lr.lr(step))
+                            .expect("adamw");
+                        ps.iter_mut().for_each(Param::zero_grad);
+                    }
+                }
+            }
+            opt.gather_params(&mut ps, g.dp).expect("gather");
+            ps.iter().map(|p| p.tensor.detach()).collect()
+        };
+        let want = run(None);
+        for zero in [ZeroStage::Off, ZeroStage::One, ZeroStage::Three] {
+            for (got, want) in run(Some(zero)).iter().zip(&want) {
+                assert!(got.allclose(want, 1e-6, 1e-7, false), "{zero:?}");
+            }
+        }
+        let bad = OptimConfig {
+            bucket_bytes: 0,
+            ..OptimConfig::new(AdamW::default(), lr)
+        };
+        assert!(DpOptimizer::new(bad, &mut params(&shapes), &g).is_err());
+    }
+}
