@@ -5,11 +5,13 @@
 //!
 //! `cargo bench -p autopart-runtime --bench overhead`
 
+// Shared with the example, which also prints parameter counts.
+#[allow(dead_code)]
 #[path = "common/overhead.rs"]
 mod overhead;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use overhead::{DirectModel, RuntimeModel, Workload, check_same_loss};
+use overhead::{DirectModel, Ops, RuntimeModel, Workload, check_same_loss};
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -28,7 +30,7 @@ fn train_step(c: &mut Criterion) {
             .measurement_time(Duration::from_secs(secs));
         let mut rt = RuntimeModel::new(w.cfg);
         group.bench_function("runtime", |b| b.iter(|| black_box(rt.step(&batch))));
-        let mut direct = DirectModel::new(w.cfg);
+        let mut direct = DirectModel::new(w.cfg, Ops::Tch);
         group.bench_function("direct", |b| b.iter(|| black_box(direct.step(&batch))));
         group.finish();
     }

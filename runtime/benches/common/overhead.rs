@@ -17,6 +17,7 @@ use autopart_runtime::mesh::{Coord, Mesh};
 use autopart_runtime::model::llama::{
     Batch, Groups, LlamaConfig, LlamaStage, SeqParallel, TrainPlan, param_specs,
 };
+use autopart_runtime::ops::{self, Mask, OpError};
 use tch::{Kind, Reduction, Tensor};
 
 /// Seed of the weights, the same for both contestants.
@@ -111,7 +112,9 @@ fn sgd<'t>(params: impl Iterator<Item = &'t mut Tensor>) {
         for p in params {
             let g = p.grad();
             assert!(g.defined(), "every parameter gets a gradient");
-            let _ = p.f_sub_(&g.f_mul_scalar(LR).expect("lr * grad")).expect("sgd update");
+            let _ = p
+                .f_sub_(&g.f_mul_scalar(LR).expect("lr * grad"))
+                .expect("sgd update");
             p.zero_grad();
         }
     });
@@ -155,9 +158,21 @@ struct Layer {
     wd: Tensor,
 }
 
+/// Which op implementations [`DirectModel`] calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ops {
+    /// Plain tch: fused embedding and cross-entropy, RoPE tables built once per step.
+    Tch,
+    /// `autopart_runtime::ops` (masked vocab-parallel embedding and
+    /// cross-entropy over a one-rank group, RoPE tables per call), in one
+    /// autograd graph without the tape: separates the ops' cost from the tape's.
+    Runtime,
+}
+
 /// The same model written directly in tch.
 pub struct DirectModel {
     cfg: LlamaConfig,
+    ops: Ops,
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
@@ -166,7 +181,9 @@ pub struct DirectModel {
 
 impl std::fmt::Debug for DirectModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DirectModel").field("cfg", &self.cfg).finish()
+        f.debug_struct("DirectModel")
+            .field("cfg", &self.cfg)
+            .finish()
     }
 }
 
@@ -184,12 +201,10 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
 
 impl DirectModel {
     /// The weights of [`RuntimeModel::new`]'s model, drawn the same way.
-    pub fn new(cfg: LlamaConfig) -> Self {
-        let mut it = param_specs(&cfg, SeqParallel::Off).into_iter().map(|s: ParamSpec| {
-            s.init_full(SEED)
-                .expect("init")
-                .set_requires_grad(true)
-        });
+    pub fn new(cfg: LlamaConfig, ops: Ops) -> Self {
+        let mut it = param_specs(&cfg, SeqParallel::Off)
+            .into_iter()
+            .map(|s: ParamSpec| s.init_full(SEED).expect("init").set_requires_grad(true));
         let mut next = || it.next().expect("as many specs as weights");
         let embed = next();
         let layers = (0..cfg.n_layers)
@@ -209,6 +224,7 @@ impl DirectModel {
         let head = next();
         Self {
             cfg,
+            ops,
             embed,
             layers,
             norm,
@@ -230,6 +246,34 @@ impl DirectModel {
 
     /// The mean cross-entropy of `batch`, with grad.
     pub fn loss(&self, batch: &Batch) -> Tensor {
+        match self.ops {
+            Ops::Tch => self.loss_tch(batch),
+            Ops::Runtime => self.loss_runtime_ops(batch).expect("runtime ops"),
+        }
+    }
+
+    fn loss_runtime_ops(&self, batch: &Batch) -> Result<Tensor, OpError> {
+        let cfg = &self.cfg;
+        let (eps, theta) = (cfg.rms_eps, cfg.rope_theta);
+        let mut x = ops::embedding(&batch.tokens, &self.embed, 0)?;
+        for w in &self.layers {
+            let h = ops::rms_norm(&x, &w.ln1, eps)?;
+            let q = ops::split_heads(&ops::linear(&h, &w.wq)?, cfg.n_heads)?;
+            let k = ops::split_heads(&ops::linear(&h, &w.wk)?, cfg.n_kv_heads)?;
+            let v = ops::split_heads(&ops::linear(&h, &w.wv)?, cfg.n_kv_heads)?;
+            let (q, k) = (ops::rope(&q, theta, 0)?, ops::rope(&k, theta, 0)?);
+            let a = ops::merge_heads(&ops::attention(&q, &k, &v, Mask::Causal)?)?;
+            x = ops::add(&x, &ops::linear(&a, &w.wo)?)?;
+            let h = ops::rms_norm(&x, &w.ln2, eps)?;
+            let act = ops::swiglu(&ops::linear(&h, &w.wg)?, &ops::linear(&h, &w.wu)?)?;
+            x = ops::add(&x, &ops::linear(&act, &w.wd)?)?;
+        }
+        let logits = ops::linear(&ops::rms_norm(&x, &self.norm, eps)?, &self.head)?;
+        let per_token = ops::vocab_parallel_cross_entropy(&logits, &batch.labels, 0, &SoloComm)?;
+        ops::mean(&per_token, batch.labels.numel() as i64)
+    }
+
+    fn loss_tch(&self, batch: &Batch) -> Tensor {
         let cfg = &self.cfg;
         let (b, l) = (batch.tokens.size()[0], batch.tokens.size()[1]);
         let d = cfg.hidden / cfg.n_heads;
@@ -246,13 +290,20 @@ impl DirectModel {
         let mut x = Tensor::embedding(&self.embed, &batch.tokens, -1, false, false);
         for w in &self.layers {
             let h = rms_norm(&x, &w.ln1, cfg.rms_eps);
-            let q = rope(&h.linear::<Tensor>(&w.wq, None).view([b, l, cfg.n_heads, d]), &cos, &sin);
-            let k = rope(
-                &h.linear::<Tensor>(&w.wk, None).view([b, l, cfg.n_kv_heads, d]),
+            let q = rope(
+                &h.linear::<Tensor>(&w.wq, None).view([b, l, cfg.n_heads, d]),
                 &cos,
                 &sin,
             );
-            let v = h.linear::<Tensor>(&w.wv, None).view([b, l, cfg.n_kv_heads, d]);
+            let k = rope(
+                &h.linear::<Tensor>(&w.wk, None)
+                    .view([b, l, cfg.n_kv_heads, d]),
+                &cos,
+                &sin,
+            );
+            let v = h
+                .linear::<Tensor>(&w.wv, None)
+                .view([b, l, cfg.n_kv_heads, d]);
             let a = Tensor::scaled_dot_product_attention::<Tensor>(
                 &q.transpose(1, 2),
                 &k.transpose(1, 2),
@@ -296,15 +347,18 @@ impl DirectModel {
 pub fn check_same_loss(w: &Workload) -> [(f64, f64); 2] {
     let batch = w.batch();
     let mut rt = RuntimeModel::new(w.cfg);
-    let mut direct = DirectModel::new(w.cfg);
+    let mut direct = DirectModel::new(w.cfg, Ops::Tch);
+    let mut direct_ops = DirectModel::new(w.cfg, Ops::Runtime);
     [0, 1].map(|step| {
-        let (a, b) = (rt.step(&batch), direct.step(&batch));
-        let rel = (a - b).abs() / b.abs();
-        assert!(
-            rel <= 1e-5,
-            "{}: step {step} loss {a} through the runtime vs {b} direct (relative error {rel:e})",
-            w.name
-        );
+        let (a, b, c) = (rt.step(&batch), direct.step(&batch), direct_ops.step(&batch));
+        for (what, x) in [("direct", b), ("direct with the runtime's ops", c)] {
+            let rel = (a - x).abs() / x.abs();
+            assert!(
+                rel <= 1e-5,
+                "{}: step {step} loss {a} through the runtime vs {x} {what} (relative error {rel:e})",
+                w.name
+            );
+        }
         (a, b)
     })
 }
