@@ -1,15 +1,16 @@
-//! The overhead benchmark's two contestants, shared by `benches/overhead.rs`
+//! The overhead benchmark's contestants, shared by `benches/overhead.rs`
 //! (criterion) and `examples/overhead.rs` (the printed table): one SGD
 //! training step of a Llama run through the runtime on one rank
 //! ([`RuntimeModel`]: `LlamaStage::train_step` over one-rank `MeshComms`, the
 //! code path generated programs take) and the same step written directly
 //! against tch ([`DirectModel`]: plain tensors, one autograd graph, one
-//! `backward`).
+//! `backward`), either with plain tch ops ([`Ops::Tch`]) or with the
+//! runtime's `ops` module ([`Ops::Runtime`]).
 //!
-//! Both start from the same weights (the runtime's partition-independent
-//! initialisation), compute the same math in the same op order and update
-//! with the same SGD, so [`check_same_loss`] can hold them to 1e-5 before
-//! anything is timed. Nothing here touches the runtime's internals.
+//! All start from the same weights (the runtime's partition-independent
+//! initialisation), compute the same math and update with the same SGD, so
+//! [`check_same_loss`] can hold them to 1e-5 before anything is timed.
+//! Nothing here touches the runtime's internals.
 
 use autopart_runtime::comm::{MeshComms, SoloComm};
 use autopart_runtime::exec::ParamSpec;
