@@ -274,6 +274,9 @@ impl DirectModel {
         ops::mean(&per_token, batch.labels.numel() as i64)
     }
 
+    // `x = x + y` on purpose: tch's `+=` is an in-place add, which would
+    // overwrite a tensor autograd saved for backward.
+    #[allow(clippy::assign_op_pattern)]
     fn loss_tch(&self, batch: &Batch) -> Tensor {
         let cfg = &self.cfg;
         let (b, l) = (batch.tokens.size()[0], batch.tokens.size()[1]);
