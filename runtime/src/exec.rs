@@ -181,10 +181,17 @@ enum Step<'a> {
 ///
 /// Values are stored detached; a segment's inputs become fresh leaves (floating
 /// point ones require grad) so that its backward yields their gradients.
+///
+/// A *fused* tape ([`Tape::fused`]) is for programs with no communication
+/// inside the step and no recompute (one tp rank): segments read their
+/// producers' outputs still attached to autograd, tape inputs are leaves, and
+/// backward is one autograd call from the seeds — no per-segment calls.
 #[derive(Default)]
 pub struct Tape<'a> {
     values: Vec<Tensor>,
     steps: Vec<Step<'a>>,
+    /// Fused mode: each value as autograd sees it (attached).
+    attached: Option<Vec<Tensor>>,
 }
 
 fn is_float(t: &Tensor) -> bool {
@@ -237,9 +244,21 @@ impl<'a> Tape<'a> {
         Self::default()
     }
 
+    /// A tape whose segments form one autograd graph: for steps with no
+    /// adapter on a group of more than one rank and no recompute.
+    pub fn fused() -> Self {
+        Self {
+            attached: Some(Vec::new()),
+            ..Self::default()
+        }
+    }
+
     /// Puts an input of the micro-batch on the tape (tokens, a received activation).
     pub fn input(&mut self, t: &Tensor) -> ValueId {
         self.values.push(t.detach());
+        if let Some(attached) = &mut self.attached {
+            attached.push(leaf(t));
+        }
         ValueId(self.values.len() - 1)
     }
 
@@ -249,7 +268,18 @@ impl<'a> Tape<'a> {
     }
 
     fn inputs_of(&self, ids: &[ValueId]) -> Result<Vec<Tensor>, ExecError> {
-        ids.iter().map(|&id| self.value(id).map(leaf)).collect()
+        match &self.attached {
+            Some(attached) => ids
+                .iter()
+                .map(|&id| {
+                    attached
+                        .get(id.0)
+                        .map(Tensor::shallow_clone)
+                        .ok_or(ExecError::UnknownValue(id.0))
+                })
+                .collect(),
+            None => ids.iter().map(|&id| self.value(id).map(leaf)).collect(),
+        }
     }
 
     /// Runs `f` on the values `inputs` and records it; returns its outputs' ids.
@@ -261,6 +291,19 @@ impl<'a> Tape<'a> {
         f: impl Fn(&[Tensor]) -> Result<Vec<Tensor>, ExecError> + 'a,
     ) -> Result<Vec<ValueId>, ExecError> {
         let leaves = self.inputs_of(inputs)?;
+        if let Some(attached) = &mut self.attached {
+            if keep == Keep::Inputs {
+                return Err(ExecError::Segment {
+                    segment: name.to_string(),
+                    msg: "a fused tape cannot recompute (use Tape::new)".into(),
+                });
+            }
+            let outs = f(&leaves)?;
+            let first = self.values.len();
+            self.values.extend(outs.iter().map(Tensor::detach));
+            attached.extend(outs);
+            return Ok((first..self.values.len()).map(ValueId).collect());
+        }
         let (outs, saved) = match keep {
             Keep::Activations => {
                 let outs = f(&leaves)?;
@@ -302,6 +345,15 @@ impl<'a> Tape<'a> {
         if comm.size() == 1 {
             return Ok(input);
         }
+        if self.attached.is_some() {
+            return Err(ExecError::Segment {
+                segment: format!("{adapter:?}"),
+                msg: format!(
+                    "a fused tape runs without communication, but this adapter spans {} ranks (use Tape::new)",
+                    comm.size()
+                ),
+            });
+        }
         let out = adapter.forward(self.value(input)?, comm)?;
         self.values.push(out);
         let output = ValueId(self.values.len() - 1);
@@ -319,6 +371,34 @@ impl<'a> Tape<'a> {
     /// reverse order. Parameter gradients accumulate in their `.grad()`.
     pub fn backward(self, seeds: Vec<(ValueId, Tensor)>) -> Result<Grads, ExecError> {
         let mut grads = Grads((0..self.values.len()).map(|_| None).collect());
+        if let Some(attached) = self.attached {
+            // One scalar whose gradient with respect to each seeded value is
+            // its seed; one autograd call reaches every parameter and input.
+            let mut surrogate: Option<Tensor> = None;
+            for (id, g) in seeds {
+                let v = attached.get(id.0).ok_or(ExecError::UnknownValue(id.0))?;
+                if !v.requires_grad() {
+                    continue;
+                }
+                let term = v.f_mul(&g)?.f_sum(v.kind())?;
+                surrogate = Some(match surrogate {
+                    Some(s) => s.f_add(&term)?,
+                    None => term,
+                });
+            }
+            if let Some(surrogate) = surrogate {
+                surrogate.f_backward()?;
+            }
+            for (i, v) in attached.iter().enumerate() {
+                if v.is_leaf() && v.requires_grad() {
+                    let g = v.grad();
+                    if g.defined() {
+                        grads.0[i] = Some(g);
+                    }
+                }
+            }
+            return Ok(grads);
+        }
         for (id, g) in seeds {
             grads.add(id, g)?;
         }
@@ -571,8 +651,13 @@ mod tests {
         let w = Tensor::from_slice(&[0.5f32, -1.5, 2.0]).set_requires_grad(true);
         let x = Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
         let mut grads = Vec::new();
-        for keep in [Keep::Activations, Keep::Inputs] {
-            let mut tape = Tape::new();
+        // Segmented (saved activations, recompute) and fused tapes.
+        for (keep, fused) in [
+            (Keep::Activations, false),
+            (Keep::Inputs, false),
+            (Keep::Activations, true),
+        ] {
+            let mut tape = if fused { Tape::fused() } else { Tape::new() };
             let xi = tape.input(&x);
             let h = tape
                 .segment("mul", keep, &[xi], |i| Ok(vec![i[0].f_mul(&w)?.f_tanh()?]))
@@ -595,6 +680,7 @@ mod tests {
             let mut w2 = w.shallow_clone();
             w2.zero_grad();
         }
+        assert_eq!(grads.len(), 3);
         // Reference by plain autograd.
         let xr = x.detach().set_requires_grad(true);
         let wr = w.detach().set_requires_grad(true);
@@ -603,6 +689,17 @@ mod tests {
             assert!(gw.allclose(&wr.grad(), 1e-6, 1e-6, false));
             assert!(gx.allclose(&xr.grad(), 1e-6, 1e-6, false));
         }
+    }
+
+    #[test]
+    fn a_fused_tape_refuses_communication_and_recompute() {
+        let x = Tensor::from_slice(&[1.0f32, 2.0]);
+        let mut tape = Tape::fused();
+        let xi = tape.input(&x);
+        let err = tape
+            .segment("r", Keep::Inputs, &[xi], |i| Ok(vec![i[0].shallow_clone()]))
+            .expect_err("no recompute on a fused tape");
+        assert!(err.to_string().contains("cannot recompute"), "{err}");
     }
 
     #[test]

@@ -453,6 +453,17 @@ impl LlamaStage {
     /// of its output: the activation to send, or on the last virtual stage
     /// this micro-batch's share of the loss.
     #[allow(clippy::too_many_arguments)]
+    /// One autograd graph per micro-batch when nothing communicates inside
+    /// the step and nothing is recomputed (tp = 1, no recompute); segments
+    /// with per-segment backward otherwise.
+    fn new_tape<'a>(&self, g: &Groups<'_>) -> Tape<'a> {
+        if g.tp.size() == 1 && self.plan.recompute == Recompute::None {
+            Tape::fused()
+        } else {
+            Tape::new()
+        }
+    }
+
     fn forward<'a>(
         &'a self,
         tape: &mut Tape<'a>,
@@ -558,7 +569,7 @@ impl LlamaStage {
                     inputs[mb] = Some(g.pp.recv(&shape, Kind::Float, stage - 1)?);
                 }
                 Action::Forward(mb) => {
-                    let mut tape = Tape::new();
+                    let mut tape = self.new_tape(g);
                     let (inp, out) = self.forward(
                         &mut tape,
                         g.tp,
@@ -669,7 +680,7 @@ impl LlamaStage {
         for action in list {
             match action {
                 ChunkAction::Forward(w) => {
-                    let mut tape = Tape::new();
+                    let mut tape = self.new_tape(g);
                     let (inp, out) = self.forward(
                         &mut tape,
                         g.tp,
