@@ -50,6 +50,14 @@ pub fn embedding(ids: &Tensor, weight: &Tensor, vocab_start: i64) -> Result<Tens
     const OP: &str = "embedding";
     expect_dims(OP, "ids", ids, 2)?;
     let n = expect_dims(OP, "weight", weight, 2)?[0];
+    // A table that covers every id (one rank, or ids that happen to fall in
+    // the first shard) needs no mask.
+    if vocab_start == 0 && ids.numel() > 0 {
+        let (lo, hi) = (ids.f_min()?.int64_value(&[]), ids.f_max()?.int64_value(&[]));
+        if lo >= 0 && hi < n {
+            return Ok(Tensor::f_embedding(weight, ids, -1, false, false)?);
+        }
+    }
     let local = ids.f_sub_scalar(vocab_start)?;
     let mask = local.f_ge(0)?.f_logical_and(&local.f_lt(n)?)?;
     let safe = local.f_where_self(&mask, &local.f_zeros_like()?)?;
@@ -142,18 +150,55 @@ pub fn rope(x: &Tensor, theta: f64, position_offset: i64) -> Result<Tensor, OpEr
     if d % 2 != 0 {
         return Err(shape_err(OP, format!("head size {d} is odd")));
     }
-    let opts = (Kind::Float, x.device());
-    let exponents = Tensor::f_arange_start_step(0, d, 2, opts)?.f_div_scalar(d as f64)?;
-    let inv_freq = Tensor::f_pow_scalar(theta, &exponents)?.f_reciprocal()?;
-    let pos = Tensor::f_arange_start(position_offset, position_offset + l, opts)?;
-    let freqs = pos.f_outer(&inv_freq)?; // [l, d/2]
-    let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?.f_view([1, l, 1, d])?;
-    let (cos, sin) = (emb.f_cos()?, emb.f_sin()?);
+    let (cos, sin) = rope_tables(l, d, theta, position_offset, x.device())?;
     let x32 = x.f_to_kind(Kind::Float)?;
     let halves = x32.f_chunk(2, -1)?;
     let rotated = Tensor::f_cat(&[&halves[1].f_neg()?, &halves[0]], -1)?;
     let out = x32.f_mul(&cos)?.f_add(&rotated.f_mul(&sin)?)?;
     Ok(out.f_to_kind(x.kind())?)
+}
+
+/// The cos and sin tables `[1, l, 1, d]` of RoPE, computed once per
+/// (length, head size, theta, offset) on CPU and reused: every layer and
+/// micro-batch asks for the same ones.
+fn rope_tables(
+    l: i64,
+    d: i64,
+    theta: f64,
+    offset: i64,
+    device: tch::Device,
+) -> Result<(Tensor, Tensor), OpError> {
+    type Key = (i64, i64, u64, i64);
+    thread_local! {
+        static CACHE: std::cell::RefCell<std::collections::HashMap<Key, (Tensor, Tensor)>> =
+            std::cell::RefCell::new(std::collections::HashMap::new());
+    }
+    let make = || -> Result<(Tensor, Tensor), OpError> {
+        let opts = (Kind::Float, device);
+        let exponents = Tensor::f_arange_start_step(0, d, 2, opts)?.f_div_scalar(d as f64)?;
+        let inv_freq = Tensor::f_pow_scalar(theta, &exponents)?.f_reciprocal()?;
+        let pos = Tensor::f_arange_start(offset, offset + l, opts)?;
+        let freqs = pos.f_outer(&inv_freq)?; // [l, d/2]
+        let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?.f_view([1, l, 1, d])?;
+        Ok((emb.f_cos()?, emb.f_sin()?))
+    };
+    if device != tch::Device::Cpu {
+        return make();
+    }
+    let key = (l, d, theta.to_bits(), offset);
+    if let Some((c, s)) = CACHE.with(|m| {
+        m.borrow()
+            .get(&key)
+            .map(|(c, s)| (c.shallow_clone(), s.shallow_clone()))
+    }) {
+        return Ok((c, s));
+    }
+    let (c, s) = make()?;
+    CACHE.with(|m| {
+        m.borrow_mut()
+            .insert(key, (c.shallow_clone(), s.shallow_clone()))
+    });
+    Ok((c, s))
 }
 
 /// How attention masks future positions.
@@ -254,6 +299,10 @@ pub fn vocab_parallel_cross_entropy(
     comm: &dyn Communicator,
 ) -> Result<Tensor, OpError> {
     const OP: &str = "vocab_parallel_cross_entropy";
+    // One rank holds the whole vocabulary: the fused kernel computes the same.
+    if comm.size() == 1 && vocab_start == 0 {
+        return cross_entropy(local_logits, labels);
+    }
     let s = expect_dims(OP, "logits", local_logits, 3)?;
     let ls = expect_dims(OP, "labels", labels, 2)?;
     if ls[..] != s[..2] {
