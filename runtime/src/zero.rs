@@ -482,7 +482,6 @@ mod tests {
     use super::*;
     use crate::comm::{MeshComms, SoloComm};
     use crate::exec::{Init, ParamSpec, TpGrad};
-    use crate::mesh::{Coord, Mesh};
 
     fn params(shapes: &[&[i64]]) -> Vec<Param> {
         shapes
@@ -524,22 +523,7 @@ mod tests {
 
     #[test]
     fn every_stage_matches_plain_adamw_on_one_rank() {
-        let solo = MeshComms {
-            mesh: Mesh {
-                tp: 1,
-                dp: 1,
-                pp: 1,
-            },
-            coord: Coord {
-                tp: 0,
-                dp: 0,
-                pp: 0,
-            },
-            world: SoloComm,
-            tp: SoloComm,
-            dp: SoloComm,
-            pp: SoloComm,
-        };
+        let solo = MeshComms::solo();
         let g = Groups::of(&solo);
         let lr = LrSchedule {
             peak_lr: 0.1,

@@ -281,19 +281,7 @@ fn train(
 
 /// The single-device run: whole parameters, `AdamWState` and `clip_grad_norm`.
 fn reference() -> Result<Trained, String> {
-    let mesh = Mesh::new(1, 1, 1).map_err(|e| e.to_string())?;
-    let solo = MeshComms {
-        mesh,
-        coord: Coord {
-            tp: 0,
-            dp: 0,
-            pp: 0,
-        },
-        world: SoloComm,
-        tp: SoloComm,
-        dp: SoloComm,
-        pp: SoloComm,
-    };
+    let solo = MeshComms::solo();
     let g = Groups::of(&solo);
     let cfg = LlamaConfig::mini();
     let err = |e: &dyn std::fmt::Display| e.to_string();

@@ -14,7 +14,6 @@
 
 use autopart_runtime::comm::{MeshComms, SoloComm};
 use autopart_runtime::exec::ParamSpec;
-use autopart_runtime::mesh::{Coord, Mesh};
 use autopart_runtime::model::llama::{
     Batch, Groups, LlamaConfig, LlamaStage, SeqParallel, TrainPlan, param_specs,
 };
@@ -89,22 +88,7 @@ impl Workload {
 }
 
 fn solo() -> MeshComms<SoloComm> {
-    MeshComms {
-        mesh: Mesh {
-            tp: 1,
-            dp: 1,
-            pp: 1,
-        },
-        coord: Coord {
-            tp: 0,
-            dp: 0,
-            pp: 0,
-        },
-        world: SoloComm,
-        tp: SoloComm,
-        dp: SoloComm,
-        pp: SoloComm,
-    }
+    MeshComms::solo()
 }
 
 /// `p -= LR * grad`, then zero the gradient.

@@ -146,6 +146,28 @@ impl<C> MeshComms<C> {
     }
 }
 
+impl MeshComms<SoloComm> {
+    /// The mesh of a single process: every axis of size 1.
+    pub fn solo() -> Self {
+        Self {
+            mesh: Mesh {
+                tp: 1,
+                dp: 1,
+                pp: 1,
+            },
+            coord: Coord {
+                tp: 0,
+                dp: 0,
+                pp: 0,
+            },
+            world: SoloComm,
+            tp: SoloComm,
+            dp: SoloComm,
+            pp: SoloComm,
+        }
+    }
+}
+
 impl MeshComms<MpiComm> {
     /// Splits `world` along every axis of `mesh`. Collective over `world`.
     pub fn new(world: MpiComm, mesh: Mesh) -> Result<Self, CommError> {
