@@ -58,7 +58,7 @@ fn every_problem_is_reported() {
     // Produced twice.
     let a = tensor(&mut g, "a", &[2, 4, 8], Role::Activation);
     // Never produced.
-    let orphan = tensor(&mut g, "orphan", &[2, 4, 8], Role::Activation);
+    let _orphan = tensor(&mut g, "orphan", &[2, 4, 8], Role::Activation);
     // A cycle: c1 -> c2 -> c1.
     let c1 = tensor(&mut g, "c1", &[2, 4, 8], Role::Activation);
     let c2 = tensor(&mut g, "c2", &[2, 4, 8], Role::Activation);
