@@ -26,8 +26,8 @@ use autopart_runtime::schedule::Schedule;
 use autopart_runtime::zero::{DpOptimizer, OptimConfig, ZeroStage};
 use common::Check;
 use std::collections::HashMap;
-use std::process::{Command, ExitCode};
-use std::time::{Duration, Instant};
+use std::process::ExitCode;
+use std::time::Duration;
 use tch::{Kind, Tensor};
 
 const GROUP_ENV: &str = "AUTOPART_TRAIN_WORLD";
@@ -165,59 +165,10 @@ fn main() -> ExitCode {
 }
 
 fn launch_all() -> ExitCode {
-    let exe = match std::env::current_exe() {
-        Ok(exe) => exe,
-        Err(e) => {
-            eprintln!("cannot find own executable: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let mut failed = Vec::new();
-    for np in [2usize, 4, 8] {
-        let spawned = Command::new("mpirun")
-            .args([
-                "--allow-run-as-root",
-                "--oversubscribe",
-                "--bind-to",
-                "none",
-            ])
-            .args(["-np", &np.to_string(), "-x", &format!("{GROUP_ENV}={np}")])
-            .arg(&exe)
-            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-            .env(GROUP_ENV, np.to_string())
-            .spawn();
-        let mut child = match spawned {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("cannot start mpirun (is it on PATH?): {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let start = Instant::now();
-        loop {
-            match child.try_wait() {
-                Ok(Some(status)) => {
-                    if !status.success() {
-                        eprintln!("mpirun -np {np} failed: {status}");
-                        failed.push(np);
-                    }
-                    break;
-                }
-                Ok(None) if start.elapsed() > TIMEOUT => {
-                    eprintln!("mpirun -np {np} still running after {TIMEOUT:?}; killing it");
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return ExitCode::FAILURE;
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-                Err(e) => {
-                    eprintln!("waiting for mpirun: {e}");
-                    return ExitCode::FAILURE;
-                }
-            }
-        }
-    }
+    let failed: Vec<usize> = [2usize, 4, 8]
+        .into_iter()
+        .filter(|&np| !common::launch(np, GROUP_ENV, &np.to_string(), TIMEOUT))
+        .collect();
     if failed.is_empty() {
         ExitCode::SUCCESS
     } else {
@@ -521,30 +472,5 @@ fn run_rank(expected_world: usize) -> ExitCode {
         format!("{} ranks, launched for {expected_world}", world.size())
     });
     run_plans(&world, &mut check);
-    for f in &check.failures {
-        eprintln!("rank {}: FAIL {f}", world.rank());
-    }
-    let counts = Tensor::from_slice(&[check.failures.len() as i64, check.passed as i64]);
-    let total = match world.all_reduce(&counts) {
-        Ok(t) => Vec::<i64>::try_from(&t.to_kind(Kind::Int64)).unwrap_or_default(),
-        Err(e) => {
-            eprintln!("rank {}: summing results: {e}", world.rank());
-            return ExitCode::FAILURE;
-        }
-    };
-    let (failed, passed) = (total.first().copied(), total.get(1).copied());
-    if world.rank() == 0 {
-        eprintln!(
-            "{} ranks: {} checks passed, {} failed",
-            world.size(),
-            passed.unwrap_or(0),
-            failed.unwrap_or(-1)
-        );
-    }
-    drop(world);
-    if failed == Some(0) && passed.is_some_and(|p| p > 0) {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    common::report(world, &check)
 }

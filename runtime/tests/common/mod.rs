@@ -39,11 +39,21 @@ pub fn main_under_mpirun(np: usize, body: fn(&MpiComm, &mut Check)) -> ExitCode 
     if std::env::var_os(CHILD_ENV).is_some() {
         return run_rank(body);
     }
+    if launch(np, CHILD_ENV, "1", TIMEOUT) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Runs this binary as `mpirun -np {np}` with `{env}={value}` set on every
+/// rank, waiting at most `timeout`; true when the job succeeded.
+pub fn launch(np: usize, env: &str, value: &str, timeout: Duration) -> bool {
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
         Err(e) => {
             eprintln!("cannot find own executable: {e}");
-            return ExitCode::FAILURE;
+            return false;
         }
     };
     let mut child = match Command::new("mpirun")
@@ -53,37 +63,37 @@ pub fn main_under_mpirun(np: usize, body: fn(&MpiComm, &mut Check)) -> ExitCode 
             "--bind-to",
             "none",
         ])
-        .args(["-np", &np.to_string(), "-x", &format!("{CHILD_ENV}=1")])
+        .args(["-np", &np.to_string(), "-x", &format!("{env}={value}")])
         .arg(&exe)
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env(CHILD_ENV, "1")
+        .env(env, value)
         .spawn()
     {
         Ok(c) => c,
         Err(e) => {
             eprintln!("cannot start mpirun (is it on PATH?): {e}");
-            return ExitCode::FAILURE;
+            return false;
         }
     };
     let start = Instant::now();
     loop {
         match child.try_wait() {
-            Ok(Some(status)) if status.success() => return ExitCode::SUCCESS,
+            Ok(Some(status)) if status.success() => return true,
             Ok(Some(status)) => {
                 eprintln!("mpirun -np {np} failed: {status}");
-                return ExitCode::FAILURE;
+                return false;
             }
-            Ok(None) if start.elapsed() > TIMEOUT => {
-                eprintln!("mpirun -np {np} still running after {TIMEOUT:?}; killing it");
+            Ok(None) if start.elapsed() > timeout => {
+                eprintln!("mpirun -np {np} still running after {timeout:?}; killing it");
                 let _ = child.kill();
                 let _ = child.wait();
-                return ExitCode::FAILURE;
+                return false;
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(50)),
             Err(e) => {
                 eprintln!("waiting for mpirun: {e}");
-                return ExitCode::FAILURE;
+                return false;
             }
         }
     }
@@ -100,12 +110,18 @@ fn run_rank(body: fn(&MpiComm, &mut Check)) -> ExitCode {
     };
     let mut check = Check::new(world.rank());
     body(&world, &mut check);
+    report(world, &check)
+}
+
+/// Prints this rank's failures, sums the counts over the job, and finalises
+/// MPI. The job passes when no rank failed and some check ran.
+pub fn report(world: MpiComm, check: &Check) -> ExitCode {
     for f in &check.failures {
         eprintln!("rank {}: FAIL {f}", world.rank());
     }
     let counts = Tensor::from_slice(&[check.failures.len() as i64, check.passed as i64]);
     let total = match world.all_reduce(&counts) {
-        Ok(t) => Vec::<i64>::try_from(&t).unwrap_or_default(),
+        Ok(t) => Vec::<i64>::try_from(&t.to_kind(Kind::Int64)).unwrap_or_default(),
         Err(e) => {
             eprintln!("rank {}: summing results: {e}", world.rank());
             return ExitCode::FAILURE;
