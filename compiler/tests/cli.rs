@@ -107,7 +107,7 @@ fn compile_json_writes_a_valid_plan_and_report() {
     let dir = tempfile::tempdir().expect("temp dir");
     let out = dir.path().join("out");
     let out_s = out.to_string_lossy().to_string();
-    let v = json(&[
+    let args = &[
         "compile",
         "--model",
         "llama-mini",
@@ -126,7 +126,8 @@ fn compile_json_writes_a_valid_plan_and_report() {
         "--out",
         &out_s,
         "--json",
-    ]);
+    ];
+    let v = json(args);
     for key in [
         "tp",
         "pp",
@@ -157,26 +158,7 @@ fn compile_json_writes_a_valid_plan_and_report() {
     assert!(report.contains("Alternatives"), "{report}");
     // Same inputs, byte-identical plan.
     let first = std::fs::read(out.join("plan.ron")).expect("read");
-    json(&[
-        "compile",
-        "--model",
-        "llama-mini",
-        "--plan-ngpus",
-        "4",
-        "--runtime-ngpus",
-        "8",
-        "--cluster",
-        "cpu",
-        "--seq-len",
-        "64",
-        "--global-batch",
-        "16",
-        "--dtype",
-        "fp32",
-        "--out",
-        &out_s,
-        "--json",
-    ]);
+    json(args);
     assert_eq!(first, std::fs::read(out.join("plan.ron")).expect("read"));
 }
 
