@@ -9,6 +9,7 @@ pub mod anno;
 pub mod cli;
 pub mod cost;
 pub mod ir;
+pub mod lower;
 pub mod plan;
 pub mod search;
 pub mod trace;

@@ -145,6 +145,9 @@ struct CompileArgs {
     /// Sequence parallelism: true or false.
     #[arg(long)]
     sp: Option<bool>,
+    /// Print the lowered program (every block, adapter and segment).
+    #[arg(long)]
+    dump_program: bool,
 }
 
 fn parse_dtype(s: &str) -> Result<DType, String> {
@@ -307,6 +310,13 @@ fn compile(args: &CompileArgs) -> Result<()> {
     let report_path = args.out.join("report.md");
     write_atomic(&report_path, report.as_bytes())
         .with_context(|| format!("writing {}", report_path.display()))?;
+    let program = lower_plan(best, &model, &registry, &cluster)?;
+    let program_path = args.out.join("program.txt");
+    write_atomic(&program_path, program.to_string().as_bytes())
+        .with_context(|| format!("writing {}", program_path.display()))?;
+    if args.dump_program {
+        print!("{program}");
+    }
     if args.json {
         let p = &best.prediction;
         let value = serde_json::json!({
@@ -350,6 +360,34 @@ fn compile(args: &CompileArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Lowers `plan` for `model`: traces the graph at the plan's micro-batch
+/// and sequence length, then [`crate::lower::lower`].
+fn lower_plan(
+    plan: &Plan,
+    model: &crate::trace::ModelConfig,
+    registry: &Registry,
+    cluster: &crate::cost::Cluster,
+) -> Result<crate::lower::ExecProgram> {
+    let dtype = match plan.trace.dtype.as_str() {
+        "fp32" | "f32" => DType::F32,
+        "fp16" | "f16" => DType::F16,
+        _ => DType::Bf16,
+    };
+    let options = TraceOptions {
+        batch: plan.micro_batch,
+        seq_len: Some(plan.trace.seq_len),
+        dtype,
+    };
+    let graph = trace_model(model, &options, registry).with_context(|| {
+        format!(
+            "tracing {} at micro-batch {}",
+            model.name(),
+            plan.micro_batch
+        )
+    })?;
+    crate::lower::lower(&graph, plan, cluster).context("lowering the plan")
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
