@@ -7,6 +7,7 @@
 
 pub mod anno;
 pub mod cli;
+pub mod codegen;
 pub mod cost;
 pub mod ir;
 pub mod lower;

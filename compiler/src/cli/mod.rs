@@ -10,6 +10,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+mod build;
+
 use crate::anno::{Registry, builtin_registry};
 use crate::cost::load_cluster;
 use crate::ir::DType;
@@ -40,6 +42,18 @@ enum Command {
     Compile(Box<CompileArgs>),
     /// Compare the cost model with published runs (predicted vs measured TFLOP/s).
     Validate(ValidateArgs),
+    /// Run a compiled plan: `mpirun -np N autopart run OUT [--steps N] [--data FILE] ...`
+    /// (the flags after OUT go to the plan binary; `autopart run OUT --help` lists them).
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The folder `autopart compile --out` wrote (plan.ron, the plan binary).
+    out: PathBuf,
+    /// Flags for the plan binary: --steps, --data, --metrics, --seed, --lr, ...
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -148,6 +162,12 @@ struct CompileArgs {
     /// Print the lowered program (every block, adapter and segment).
     #[arg(long)]
     dump_program: bool,
+    /// Generate the crate in OUT/gencode but do not build it.
+    #[arg(long)]
+    no_build: bool,
+    /// Cargo profile of the plan binary: release or dev.
+    #[arg(long, default_value = "release", value_parser = ["release", "dev"])]
+    build_profile: String,
 }
 
 fn parse_dtype(s: &str) -> Result<DType, String> {
@@ -317,6 +337,24 @@ fn compile(args: &CompileArgs) -> Result<()> {
     if args.dump_program {
         print!("{program}");
     }
+    let gencode = args.out.join("gencode");
+    let home = build::autopart_home()?;
+    let options = crate::codegen::CodegenOptions {
+        runtime_path: home.join("runtime"),
+    };
+    let package = crate::codegen::write_crate(&program, &options, &gencode)
+        .context("generating the plan's code")?;
+    let binary = if args.no_build {
+        None
+    } else {
+        Some(build::build_plan_binary(
+            &home,
+            &gencode,
+            &package,
+            &args.out,
+            &args.build_profile,
+        )?)
+    };
     if args.json {
         let p = &best.prediction;
         let value = serde_json::json!({
@@ -354,10 +392,21 @@ fn compile(args: &CompileArgs) -> Result<()> {
             result.evaluated, result.sharding_solves, elapsed
         );
         println!(
-            "wrote {} and {}",
+            "wrote {}, {}, {} and the crate {}",
             plan_path.display(),
-            report_path.display()
+            report_path.display(),
+            program_path.display(),
+            gencode.display()
         );
+        match &binary {
+            Some(b) => println!(
+                "built {}: run it with `mpirun -np {} autopart run {}`",
+                b.display(),
+                best.runtime_gpus,
+                args.out.display()
+            ),
+            None => println!("not built (--no-build)"),
+        }
     }
     Ok(())
 }
@@ -489,6 +538,7 @@ pub fn main() -> ExitCode {
         Command::Trace(args) => trace(args),
         Command::Compile(args) => compile(args),
         Command::Validate(args) => validate(args),
+        Command::Run(args) => build::run(&args.out, &args.args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

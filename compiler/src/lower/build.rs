@@ -500,9 +500,12 @@ impl<'c, 'a> BlockBuilder<'c, 'a> {
 /// size and sequence length; adapters are priced on `cluster`.
 pub fn lower(graph: &Graph, plan: &Plan, cluster: &Cluster) -> Result<ExecProgram, LowerError> {
     let tp = u64::from(plan.mesh.tp);
-    let order = graph
+    // Trace order: a topological order (the tracer appends an op after its
+    // inputs' producers) that reads like the model's source.
+    graph
         .topo_order()
         .map_err(|_| LowerError::Mismatch("the graph has a cycle".into()))?;
+    let order: Vec<OpId> = graph.ops().map(|(id, _)| id).collect();
     let tokens: Vec<(TensorId, &crate::ir::Tensor)> = graph
         .tensors()
         .filter(|(_, t)| t.role == Role::Input)
@@ -672,8 +675,16 @@ pub fn lower(graph: &Graph, plan: &Plan, cluster: &Cluster) -> Result<ExecProgra
         None,
     )?;
 
+    // Parameters in the graph's order (the model's declaration order).
+    let index: HashMap<&str, usize> = graph
+        .parameters()
+        .enumerate()
+        .map(|(i, (_, t))| (t.name.as_str(), i))
+        .collect();
+    let mut names = ctx.param_order.clone();
+    names.sort_by_key(|n| index.get(n.as_str()).copied().unwrap_or(usize::MAX));
     let mut params = Vec::new();
-    for name in &ctx.param_order {
+    for name in &names {
         if let Some(p) = ctx.params.remove(name) {
             params.push(p);
         }

@@ -1,0 +1,108 @@
+//! `codegen`: [`ExecProgram`] → a Rust crate that runs the plan on the runtime.
+//!
+//! The crate (`OUT/gencode/`) has `Cargo.toml` (depending on
+//! `autopart-runtime`, and directly on `torch-sys` so that its `build.rs`
+//! can embed an rpath to libtorch), `src/main.rs` (the plan's shape and the
+//! stage table, handed to `autopart_runtime::app::main`), `src/blocks.rs`
+//! (the parameters and the embed, layer and head blocks as functions that
+//! record segments and adapters on a tape) and one `src/stage_<k>.rs` per
+//! pipeline stage (its parameters and the chain of blocks of each model
+//! chunk). The code reads like the runtime's hand-written llama program:
+//! named values, a comment per op naming the traced op and its annotation,
+//! no unsafe. It is formatted with rustfmt when rustfmt is on PATH, and the
+//! same program always gives the same bytes.
+
+mod emit;
+
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+pub use emit::generate_files;
+
+use crate::lower::ExecProgram;
+
+/// Why code could not be generated or written.
+#[derive(Debug, Error)]
+pub enum CodegenError {
+    #[error("not supported by code generation yet: {0}")]
+    Unsupported(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where the generated crate finds its dependencies.
+#[derive(Clone, Debug)]
+pub struct CodegenOptions {
+    /// The `autopart-runtime` crate's folder.
+    pub runtime_path: PathBuf,
+}
+
+/// One generated file: a path relative to the crate root and its text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GeneratedFile {
+    pub path: String,
+    pub text: String,
+}
+
+/// The package name of the generated crate: model and a hash of the code,
+/// so that crates of different plans never share a binary name in a shared
+/// target folder.
+pub fn package_name(program: &ExecProgram, files: &[GeneratedFile]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for f in files {
+        for b in f.path.bytes().chain(f.text.bytes()) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    let model: String = program
+        .model
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("autopart-plan-{model}-{:08x}", h as u32)
+}
+
+/// Generates the crate for `program` and writes it under `dir`, replacing
+/// what was there (each file written through a temporary and a rename).
+/// Returns the package name.
+pub fn write_crate(
+    program: &ExecProgram,
+    options: &CodegenOptions,
+    dir: &Path,
+) -> Result<String, CodegenError> {
+    let (name, files) = generate_files(program, options)?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CodegenError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir.join("src")).map_err(io(&dir.join("src")))?;
+    // Stage files of an earlier, longer pipeline must not linger.
+    if let Ok(entries) = std::fs::read_dir(dir.join("src")) {
+        for e in entries.flatten() {
+            let p = e.path();
+            let keep = files.iter().any(|f| dir.join(&f.path) == p);
+            if !keep && p.extension().is_some_and(|x| x == "rs") {
+                std::fs::remove_file(&p).map_err(io(&p))?;
+            }
+        }
+    }
+    for f in &files {
+        let path = dir.join(&f.path);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, &f.text).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    }
+    Ok(name)
+}
