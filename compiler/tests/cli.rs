@@ -126,6 +126,7 @@ fn compile_json_writes_a_valid_plan_and_report() {
         "--out",
         &out_s,
         "--json",
+        "--no-build",
     ];
     let v = json(args);
     for key in [
@@ -244,6 +245,7 @@ fn compile_reads_a_constraints_file() {
         "--out",
         &out.to_string_lossy(),
         "--json",
+        "--no-build",
     ]);
     assert_eq!(v["tp"].as_u64(), Some(2), "{v}");
     assert_eq!(v["zero"].as_u64(), Some(1), "{v}");

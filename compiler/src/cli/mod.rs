@@ -375,6 +375,9 @@ fn compile(args: &CompileArgs) -> Result<()> {
             "capacity_gib": p.capacity_bytes as f64 / GIB,
             "search_s": elapsed,
             "plan": plan_path.display().to_string(),
+            "program": program_path.display().to_string(),
+            "gencode": gencode.display().to_string(),
+            "binary": binary.as_ref().map(|b| b.display().to_string()),
             "alternatives": plans.iter().skip(1).map(|q| serde_json::json!({
                 "tp": q.mesh.tp, "pp": q.mesh.pp, "dp": q.mesh.dp,
                 "micro_batch": q.micro_batch, "schedule": q.schedule.to_string(),
