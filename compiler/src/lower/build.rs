@@ -38,6 +38,7 @@ fn op_err(op: &Op, msg: impl Into<String>) -> LowerError {
 struct Ctx<'a> {
     graph: &'a Graph,
     tp: u64,
+    pp: u32,
     splits: BTreeMap<String, Option<String>>,
     cost: AdapterCost<'a>,
     /// Parameters by full name.
@@ -315,10 +316,10 @@ impl<'c, 'a> BlockBuilder<'c, 'a> {
             tp_grad_partial: want.grad == Layout::V,
         };
         match self.ctx.params.get(&tensor.name) {
-            Some(old) if old.block != decl.block => {
+            Some(old) if old.block != decl.block && self.ctx.pp > 1 => {
                 return Err(LowerError::Unsupported(format!(
-                    "parameter {} is used by both the {:?} and the {:?} block (tied weights); tying across blocks needs a gradient exchange between stages",
-                    tensor.name, old.block, decl.block
+                    "parameter {} is tied between the {:?} and the {:?} block; with pp={} they sit on different stages, and tied weights across stages need a gradient exchange the runtime does not do yet (use pp=1, or untie the embeddings)",
+                    tensor.name, old.block, decl.block, self.ctx.pp
                 )));
             }
             Some(old)
@@ -327,8 +328,16 @@ impl<'c, 'a> BlockBuilder<'c, 'a> {
                 return Err(op_err(
                     op,
                     format!(
-                        "reads parameter {} in state {want}, but another op reads it differently",
-                        tensor.name
+                        "reads parameter {} in state {want}, but another op reads it in state {} (tied weights must be split alike: pin both ops' splits with --constraints)",
+                        tensor.name,
+                        State {
+                            fwd: old.tp_dim.map_or(Layout::R, Layout::D),
+                            grad: match (old.tp_dim, old.tp_grad_partial) {
+                                (Some(d), _) => Layout::D(d),
+                                (None, true) => Layout::V,
+                                (None, false) => Layout::R,
+                            },
+                        }
                     ),
                 ));
             }
@@ -524,6 +533,7 @@ pub fn lower(graph: &Graph, plan: &Plan, cluster: &Cluster) -> Result<ExecProgra
     let mut ctx = Ctx {
         graph,
         tp,
+        pp: plan.mesh.pp,
         splits,
         cost: AdapterCost {
             cluster,
