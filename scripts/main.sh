@@ -1,19 +1,34 @@
 #!/usr/bin/env bash
-# The main job: installs what is missing, builds autopart, traces a preset
-# (Llama 3 8B) and compiles a parallel plan for it on 8 A100s, writing
-# out/plan.ron and out/report.md.
-# Extra arguments replace the default compile arguments:
-#   scripts/main.sh --model llama3-70b --plan-ngpus 64 --global-batch 512
+# The main job, on a fresh or prepared machine:
+#  1. installs what is missing and builds autopart;
+#  2. compiles Llama 3 8B for 8 A100s: plan, report, lowered program and the
+#     generated plan binary (out/llama3-8b/);
+#  3. compiles llama-mini for 2 CPU ranks and trains it end to end under
+#     `mpirun -np 2 autopart run` (out/llama-mini/, metrics in metrics.jsonl).
+# Extra arguments replace step 2's compile arguments:
+#   scripts/main.sh --model llama3-70b --plan-ngpus 64 --global-batch 512 --out out/70b
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh
 source scripts/env.sh
+echo "[main] building autopart" >&2
 cargo build --quiet --release -p autopart
+autopart=./target/release/autopart
+
 args=("$@")
 if [ ${#args[@]} -eq 0 ]; then
-  ./target/release/autopart trace --model llama3-8b
+  "$autopart" trace --model llama3-8b
   echo
-  args=(--model llama3-8b --plan-ngpus 8 --out out)
+  args=(--model llama3-8b --plan-ngpus 8 --out out/llama3-8b)
 fi
-./target/release/autopart compile "${args[@]}"
+echo "[main] autopart compile ${args[*]}" >&2
+"$autopart" compile "${args[@]}"
+
+echo
+echo "[main] llama-mini on 2 CPU ranks, end to end" >&2
+"$autopart" compile --model llama-mini --plan-ngpus 2 --cluster cpu --dtype fp32 \
+  --seq-len 64 --global-batch 16 --out out/llama-mini
+mpirun --allow-run-as-root --oversubscribe --bind-to none -np 2 \
+  "$autopart" run out/llama-mini --steps 20 --lr 3e-3 --warmup 4 \
+  --metrics out/llama-mini/metrics.jsonl
