@@ -15,11 +15,15 @@
 //! optimizer step: bucketed gradient all-reduce, ZeRO-1 and ZeRO-3).
 //! Checkpoints, data and metrics are not here yet.
 
+pub mod app;
 pub mod comm;
+pub mod data;
 pub mod exec;
 pub mod mesh;
+pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod program;
 pub mod schedule;
 pub mod zero;
