@@ -357,7 +357,8 @@ pub enum AppError {
     #[error("{0} (see --help)")]
     Usage(String),
     #[error(
-        "this plan runs on {want} processes (plan {plan} GPUs x {replicas} replicas) but the launcher started {got}; run it with mpirun -np {want}"
+        "this plan runs on {want} processes (plan {plan} GPUs x {replicas} replica{}) but the launcher started {got}; run it with mpirun -np {want}",
+        if *replicas == 1 { "" } else { "s" }
     )]
     World {
         want: usize,
@@ -455,11 +456,12 @@ pub fn run(
     args: impl IntoIterator<Item = String>,
 ) -> ExitCode {
     let launcher = Launcher::from_env();
+    // Rank 0 reports every error; other ranks only those of their own.
     let report = |e: &AppError, rank: usize| {
-        if !e.alike_on_every_rank() {
-            eprintln!("error: rank {rank}: {e}");
-        } else if rank == 0 {
+        if rank == 0 {
             eprintln!("error: {e}");
+        } else if !e.alike_on_every_rank() {
+            eprintln!("error: rank {rank}: {e}");
         }
     };
     let rank = launcher.rank.unwrap_or(0);
@@ -512,10 +514,11 @@ pub fn run(
     }
 }
 
-/// Prints a line of the console output of a run (rank 0's job).
-#[allow(clippy::print_stdout)] // The console is the plan binary's user interface.
+/// Prints a line of the console output of a run (rank 0's job). A closed
+/// stdout (`| head`) does not stop training: the line is dropped.
 fn say(line: &str) {
-    println!("{line}");
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
 /// Everything a run checks and opens before MPI starts.
@@ -594,7 +597,7 @@ fn train(
     let mut opt = DpOptimizer::new(opts.optim_config(meta.zero), stage.params_mut(), &g)?;
     if rank0 {
         say(&format!(
-            "{}: tp {} x pp {} x dp {} ({} replica(s) of a {}-GPU plan), {:?}, ZeRO {:?}, {} micro-batches of {}, seq {}, {} parameters on rank 0",
+            "{}: tp {} x pp {} x dp {} ({} x the {}-GPU plan), {:?}, ZeRO {:?}, {} micro-batches of {}, seq {}, {} parameters on rank 0",
             meta.model,
             mesh.tp,
             mesh.pp,
