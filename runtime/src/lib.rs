@@ -9,17 +9,26 @@
 //! MPI for CPU, NCCL behind the `nccl` feature), `ops` (the built-in ops, named
 //! as in the annotation files), `exec` (segments, adapters with their backward
 //! duals, recompute, partition-independent parameter initialisation),
-//! `schedule` (GPipe, 1F1B and interleaved 1F1B pipeline orders), `model` (hand-written programs
-//! such as llama-mini, the golden examples of generated code), `optim` (LR
-//! schedule, AdamW, global-norm gradient clipping), `zero` (the data-parallel
-//! optimizer step: bucketed gradient all-reduce, ZeRO-1 and ZeRO-3).
-//! Checkpoints, data and metrics are not here yet.
+//! `schedule` (GPipe, 1F1B and interleaved 1F1B pipeline orders), `program`
+//! (the [`program::StageModule`] trait a stage implements and the generic
+//! pipeline driver that runs one training step of any program), `model`
+//! (hand-written programs such as llama-mini, the golden examples of generated
+//! code), `optim` (LR schedule, AdamW, global-norm gradient clipping), `zero`
+//! (the data-parallel optimizer step: bucketed gradient all-reduce, ZeRO-1 and
+//! ZeRO-3), `data` (the global batch: synthetic or from a nanoGPT-style token
+//! file), `metrics` (per-step records, console line, JSON lines, resident
+//! memory) and `app` (the `main` of a plan binary: flags, launcher checks,
+//! training loop). Checkpoints are not here yet.
 
+pub mod app;
 pub mod comm;
+pub mod data;
 pub mod exec;
 pub mod mesh;
+pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod program;
 pub mod schedule;
 pub mod zero;

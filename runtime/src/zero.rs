@@ -29,8 +29,9 @@
 //! graphs hold the full weights until backward anyway.
 //!
 //! Gradients are summed over dp (each rank's loss is already divided by the
-//! global token count, so the sum is the average). The clipping norm is the
-//! norm of the model's gradient after that average, each element counted
+//! global token count, so the sum is the average). The global gradient norm
+//! (computed every step, reported in [`StepStats`] and used for clipping when
+//! it is on) is the norm of the model's gradient after that average, each element counted
 //! once: a tp-replicated parameter (no `tp_dim`) is counted on tp rank 0
 //! only, dp replicas are counted once (replicated stages: the sum of squares
 //! is all-reduced over tp and pp only; sharded stages: each dp rank counts its
@@ -162,8 +163,9 @@ impl Bucket {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepStats {
     pub lr: f64,
-    /// The global gradient norm before clipping, when clipping is on.
-    pub grad_norm: Option<f64>,
+    /// The global gradient norm before clipping (computed whether or not
+    /// clipping is on).
+    pub grad_norm: f64,
 }
 
 /// AdamW over one rank's parameters with data-parallel gradient averaging
@@ -387,7 +389,7 @@ impl DpOptimizer {
         grads: Vec<Vec<Tensor>>,
         g: &Groups<'_>,
         lr: f64,
-    ) -> Result<Option<f64>, OptimError> {
+    ) -> Result<f64, OptimError> {
         if self.dp_size > 1 {
             for (b, gs) in self.buckets.iter().zip(&grads) {
                 let sum = g.dp.all_reduce(&b.flatten(gs)?)?;
@@ -405,13 +407,16 @@ impl DpOptimizer {
         let (mut grads, shares): (Vec<Tensor>, Vec<NormShare>) =
             by_param.into_iter().flatten().unzip();
         let norm = match self.cfg.max_norm {
-            Some(max) => Some(clip_grad_norm_over(
-                &mut grads,
-                &shares,
-                max,
-                &[g.tp, g.pp],
-            )?),
-            None => None,
+            Some(max) => clip_grad_norm_over(&mut grads, &shares, max, &[g.tp, g.pp])?,
+            None => {
+                let mut local = 0.0;
+                for (gr, share) in grads.iter().zip(&shares) {
+                    if *share == NormShare::Counted {
+                        local += optim::sum_of_squares(gr)?;
+                    }
+                }
+                optim::sum_over(local, &[g.tp, g.pp])?.sqrt()
+            }
         };
         let mut tensors: Vec<Tensor> = params.iter().map(|p| p.tensor.shallow_clone()).collect();
         self.state.step(&self.cfg.adamw, &mut tensors, &grads, lr)?;
@@ -424,7 +429,7 @@ impl DpOptimizer {
         grads: Vec<Vec<Tensor>>,
         g: &Groups<'_>,
         lr: f64,
-    ) -> Result<Option<f64>, OptimError> {
+    ) -> Result<f64, OptimError> {
         let mut shards = Vec::with_capacity(self.buckets.len());
         for (b, gs) in self.buckets.iter().zip(&grads) {
             let flat = b.flatten(gs)?;
@@ -434,28 +439,20 @@ impl DpOptimizer {
                 flat
             });
         }
-        let norm = match self.cfg.max_norm {
-            Some(max) => {
-                let mut local = 0.0;
-                for (b, shard) in self.buckets.iter().zip(&shards) {
-                    let (lo, hi) = b.owned(self.dp_rank, self.dp_size);
-                    for s in b.slots.iter().filter(|s| s.share == NormShare::Counted) {
-                        let (start, end) = (s.offset.max(lo), (s.offset + s.numel).min(hi));
-                        if start < end {
-                            local += optim::sum_of_squares(&shard.f_narrow(
-                                0,
-                                start - lo,
-                                end - start,
-                            )?)?;
-                        }
-                    }
+        let mut local = 0.0;
+        for (b, shard) in self.buckets.iter().zip(&shards) {
+            let (lo, hi) = b.owned(self.dp_rank, self.dp_size);
+            for s in b.slots.iter().filter(|s| s.share == NormShare::Counted) {
+                let (start, end) = (s.offset.max(lo), (s.offset + s.numel).min(hi));
+                if start < end {
+                    local += optim::sum_of_squares(&shard.f_narrow(0, start - lo, end - start)?)?;
                 }
-                let norm = optim::sum_over(local, &[g.dp, g.tp, g.pp])?.sqrt();
-                optim::scale_to_norm(&mut shards, norm, max)?;
-                Some(norm)
             }
-            None => None,
-        };
+        }
+        let norm = optim::sum_over(local, &[g.dp, g.tp, g.pp])?.sqrt();
+        if let Some(max) = self.cfg.max_norm {
+            optim::scale_to_norm(&mut shards, norm, max)?;
+        }
         self.state
             .step(&self.cfg.adamw, &mut self.master, &shards, lr)?;
         if self.cfg.zero == ZeroStage::One {
@@ -580,5 +577,40 @@ mod tests {
             ..OptimConfig::new(AdamW::default(), lr)
         };
         assert!(DpOptimizer::new(bad, &mut params(&shapes), &g).is_err());
+    }
+
+    #[test]
+    fn the_gradient_norm_is_reported_without_clipping() {
+        let solo = MeshComms::solo();
+        let g = Groups::of(&solo);
+        let lr = LrSchedule {
+            peak_lr: 0.1,
+            warmup_steps: 0,
+            total_steps: 1,
+            min_lr: 0.1,
+        };
+        let shapes: [&[i64]; 2] = [&[5, 3], &[7]];
+        for zero in [ZeroStage::Off, ZeroStage::One, ZeroStage::Three] {
+            let mut ps = params(&shapes);
+            let cfg = OptimConfig {
+                zero,
+                ..OptimConfig::new(AdamW::default(), lr)
+            };
+            let mut opt = DpOptimizer::new(cfg, &mut ps, &g).expect("optimizer");
+            opt.gather_params(&mut ps, g.dp).expect("gather");
+            // d(sum p^2)/dp = 2p, so the norm is 2 |p|.
+            let mut want = 0.0;
+            for p in &ps {
+                p.tensor.square().sum(Kind::Float).backward();
+                want += 4.0 * p.tensor.square().sum(Kind::Double).double_value(&[]);
+            }
+            let stats = opt.step(&mut ps, &g).expect("step");
+            let want = want.sqrt();
+            assert!(
+                (stats.grad_norm - want).abs() < 1e-5 * want,
+                "{zero:?}: {} vs {want}",
+                stats.grad_norm
+            );
+        }
     }
 }

@@ -213,7 +213,7 @@ fn train(
             .train_step_with(g, &batch, &mut opt)
             .map_err(|e| err(&e))?;
         losses.push(loss);
-        norms.push(stats.grad_norm.unwrap_or(f64::NAN));
+        norms.push(stats.grad_norm);
     }
     opt.gather_params(stage.params_mut(), g.dp)
         .map_err(|e| err(&e))?;

@@ -20,6 +20,10 @@
 //!   are split into `pp * v` model chunks assigned round-robin (stage `s`
 //!   holds chunks `s`, `s + pp`, …) and activations go around the pp ring.
 //!
+//! [`LlamaStage`] is a [`StageModule`]: it records one micro-batch's forward
+//! through one model chunk, and the generic driver of [`crate::program`]
+//! orders micro-batches and moves activations, exactly as for generated code.
+//!
 //! The loss is the mean over every token of the global batch. The program
 //! owns no optimizer: [`LlamaStage::train_step`] leaves complete gradients in
 //! the parameters' `.grad()`, and [`LlamaStage::train_step_with`] hands them
@@ -27,16 +31,17 @@
 
 use crate::comm::Communicator;
 pub use crate::comm::Groups;
+pub use crate::data::Batch;
 use crate::exec::{
-    Adapter, ExecError, Init, Keep, Param, ParamSpec, Tape, TpGrad, ValueId, complete_tp_grads,
-    sync_grads,
+    Adapter, ExecError, Init, Keep, Param, ParamSpec, Tape, TpGrad, ValueId, sync_grads,
 };
 use crate::mesh::{Coord, Mesh};
 use crate::ops::{self, Mask};
-use crate::schedule::{self, Action, ChunkAction, Schedule, Work};
+use crate::program::{self, PipelinePlan, StageModule};
+use crate::schedule::Schedule;
 use crate::zero::{DpOptimizer, StepStats};
 use std::collections::HashMap;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// Model hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -112,24 +117,6 @@ impl TrainPlan {
             schedule: Schedule::GPipe,
             micro_batches: 1,
         }
-    }
-}
-
-/// A global batch: `tokens` and `labels`, both `[batch, seq]` int64.
-#[derive(Debug)]
-pub struct Batch {
-    pub tokens: Tensor,
-    pub labels: Tensor,
-}
-
-impl Batch {
-    /// Uniform random tokens and labels drawn from `seed`, the same on every rank.
-    pub fn synthetic(vocab: i64, batch: i64, seq: i64, seed: i64) -> Result<Self, ExecError> {
-        let opts = (Kind::Int64, tch::Device::Cpu);
-        tch::manual_seed(seed);
-        let tokens = Tensor::f_randint(vocab, [batch, seq], opts)?;
-        let labels = Tensor::f_randint(vocab, [batch, seq], opts)?;
-        Ok(Self { tokens, labels })
     }
 }
 
@@ -257,10 +244,6 @@ fn check_divides(what: &str, n: i64, parts: usize) -> Result<(), ExecError> {
     }
     Ok(())
 }
-
-/// A micro-batch between its forward and its backward: its tape, the id of
-/// its received input activation and the id of its output.
-type InFlight<'a> = Option<(Tape<'a>, Option<ValueId>, ValueId)>;
 
 /// One rank's part of the model: the parameters of its pipeline stage, sharded over tp.
 #[derive(Debug)]
@@ -447,25 +430,81 @@ impl LlamaStage {
         )
     }
 
-    /// Records one micro-batch's forward through model chunk `chunk` of this
-    /// stage. `input` is the received activation (all virtual stages but the
-    /// first). Returns the ids of the chunk's input activation (if any) and
-    /// of its output: the activation to send, or on the last virtual stage
-    /// this micro-batch's share of the loss.
-    #[allow(clippy::too_many_arguments)]
-    /// One autograd graph per micro-batch when nothing communicates inside
-    /// the step and nothing is recomputed (tp = 1, no recompute); segments
-    /// with per-segment backward otherwise.
-    fn new_tape<'a>(&self, g: &Groups<'_>) -> Tape<'a> {
-        if g.tp.size() == 1 && self.plan.recompute == Recompute::None {
-            Tape::fused()
-        } else {
-            Tape::new()
+    /// This plan's pipeline plan at this stage's coordinate.
+    pub fn pipeline(&self) -> PipelinePlan {
+        PipelinePlan {
+            mesh: self.plan.mesh,
+            coord: self.coord,
+            schedule: self.plan.schedule,
+            micro_batches: self.plan.micro_batches,
         }
     }
 
-    // The micro-batch's inputs are passed apart, as generated code will.
-    #[allow(clippy::too_many_arguments)]
+    /// Checks what the driver cannot know: that the sequence splits over tp
+    /// under sequence parallelism.
+    fn check_batch(&self, batch: &Batch) -> Result<(), ExecError> {
+        if self.plan.seq_parallel == SeqParallel::On {
+            let seq = batch.tokens.size().get(1).copied().unwrap_or(0);
+            check_divides("sequence", seq, self.plan.mesh.tp)?;
+        }
+        Ok(())
+    }
+
+    /// One training step without the optimizer: every micro-batch forward and
+    /// backward, then gradients completed over tp and dp (one all-reduce per
+    /// parameter). Returns the loss of the global batch on every rank. `g`
+    /// must be the groups of `self`'s mesh.
+    pub fn train_step(&mut self, g: &Groups<'_>, batch: &Batch) -> Result<f64, ExecError> {
+        let loss = self.forward_backward(g, batch)?;
+        sync_grads(&mut self.params, g.tp, g.dp)?;
+        Ok(loss)
+    }
+
+    /// [`program::train_step_with`] under this stage's plan.
+    pub fn train_step_with(
+        &mut self,
+        g: &Groups<'_>,
+        batch: &Batch,
+        opt: &mut DpOptimizer,
+    ) -> Result<(f64, StepStats), ExecError> {
+        self.check_batch(batch)?;
+        program::train_step_with(self, &self.pipeline(), g, batch, opt)
+    }
+
+    /// [`program::forward_backward`] under this stage's plan.
+    pub fn forward_backward(&mut self, g: &Groups<'_>, batch: &Batch) -> Result<f64, ExecError> {
+        self.check_batch(batch)?;
+        program::forward_backward(self, &self.pipeline(), g, batch)
+    }
+}
+
+impl StageModule for LlamaStage {
+    fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    fn params_mut(&mut self) -> &mut [Param] {
+        &mut self.params
+    }
+
+    fn n_chunks(&self) -> usize {
+        self.chunks.len()
+    }
+
+    fn boundary_shape(&self, mbs: i64, seq: i64) -> Vec<i64> {
+        let local = match self.plan.seq_parallel {
+            SeqParallel::On => seq / self.plan.mesh.tp as i64,
+            SeqParallel::Off => seq,
+        };
+        vec![mbs, local, self.cfg.hidden]
+    }
+
+    /// One autograd graph per micro-batch when nothing communicates inside
+    /// the step and nothing is recomputed.
+    fn fusable(&self, tp_size: usize) -> bool {
+        tp_size == 1 && self.plan.recompute == Recompute::None
+    }
+
     fn forward<'a>(
         &'a self,
         tape: &mut Tape<'a>,
@@ -515,285 +554,6 @@ impl LlamaStage {
             Ok(vec![ops::mean(&per_token, total_tokens)?])
         })?[0];
         Ok((input_id, loss))
-    }
-
-    /// Runs the forward and backward of every micro-batch of this rank's
-    /// share of `batch` in the plan's schedule, exchanging activations and
-    /// gradients over pp. Returns the summed loss of this rank's micro-batches
-    /// (non-zero on the last stage only).
-    fn run_pipeline(&self, g: &Groups<'_>, batch: &Batch) -> Result<Tensor, ExecError> {
-        let Mesh { tp, dp, pp } = self.plan.mesh;
-        let m = self.plan.micro_batches;
-        let size = batch.tokens.size();
-        let (b, l) = match size[..] {
-            [b, l] => (b, l),
-            _ => {
-                return Err(ExecError::Plan(format!(
-                    "tokens must be [batch, seq], got {size:?}"
-                )));
-            }
-        };
-        check_divides("batch", b, dp * m)?;
-        if self.plan.seq_parallel == SeqParallel::On {
-            check_divides("sequence", l, tp)?;
-        }
-        let mbs = b / (dp * m) as i64;
-        let local_l = match self.plan.seq_parallel {
-            SeqParallel::On => l / tp as i64,
-            SeqParallel::Off => l,
-        };
-        let shape = [mbs, local_l, self.cfg.hidden];
-        let stage = self.coord.pp;
-        let (first, last) = (stage == 0, stage + 1 == pp);
-        let rows = |t: &Tensor, mb: usize| -> Result<Tensor, ExecError> {
-            let start = (self.coord.dp * m + mb) as i64 * mbs;
-            Ok(t.f_narrow(0, start, mbs)?)
-        };
-        let missing = |what: &str, mb: usize| {
-            ExecError::Pipeline(format!("{what} of micro-batch {mb} is missing"))
-        };
-        if let Schedule::Interleaved { chunks } = self.plan.schedule {
-            return self.run_interleaved(g, batch, chunks, shape, &rows);
-        }
-
-        let mut inputs: Vec<Option<Tensor>> = (0..m).map(|_| None).collect();
-        let mut tapes: Vec<InFlight<'_>> = (0..m).map(|_| None).collect();
-        let mut out_grads: Vec<Option<Tensor>> = (0..m).map(|_| None).collect();
-        let mut in_grads: Vec<Option<Tensor>> = (0..m).map(|_| None).collect();
-        let mut loss = Tensor::f_zeros([], (Kind::Float, tch::Device::Cpu))?;
-        let output = |tapes: &[InFlight<'_>], mb: usize| -> Result<Tensor, ExecError> {
-            let (tape, _, out) = tapes[mb].as_ref().ok_or_else(|| missing("forward", mb))?;
-            Ok(tape.value(*out)?.shallow_clone())
-        };
-        for action in schedule::actions(self.plan.schedule, pp, stage, m)? {
-            match action {
-                Action::RecvForward(mb) => {
-                    inputs[mb] = Some(g.pp.recv(&shape, Kind::Float, stage - 1)?);
-                }
-                Action::Forward(mb) => {
-                    let mut tape = self.new_tape(g);
-                    let (inp, out) = self.forward(
-                        &mut tape,
-                        g.tp,
-                        0,
-                        inputs[mb].take(),
-                        &rows(&batch.tokens, mb)?,
-                        &rows(&batch.labels, mb)?,
-                        b * l,
-                    )?;
-                    if last {
-                        loss = loss.f_add(tape.value(out)?)?;
-                    }
-                    tapes[mb] = Some((tape, inp, out));
-                }
-                Action::SendForward(mb) => g.pp.send(&output(&tapes, mb)?, stage + 1)?,
-                Action::RecvBackward(mb) => {
-                    out_grads[mb] = Some(g.pp.recv(&shape, Kind::Float, stage + 1)?);
-                }
-                Action::Backward(mb) => {
-                    let (tape, inp, out) =
-                        tapes[mb].take().ok_or_else(|| missing("forward", mb))?;
-                    let seed = if last {
-                        Tensor::f_ones([], (Kind::Float, tch::Device::Cpu))?
-                    } else {
-                        out_grads[mb]
-                            .take()
-                            .ok_or_else(|| missing("output gradient", mb))?
-                    };
-                    let grads = tape.backward(vec![(out, seed)])?;
-                    if let (Some(inp), false) = (inp, first) {
-                        in_grads[mb] = Some(match grads.get(inp) {
-                            Some(gr) => gr.shallow_clone(),
-                            None => Tensor::f_zeros(shape, (Kind::Float, tch::Device::Cpu))?,
-                        });
-                    }
-                }
-                Action::SendBackward(mb) => {
-                    let gr = in_grads[mb]
-                        .take()
-                        .ok_or_else(|| missing("input gradient", mb))?;
-                    g.pp.send(&gr, stage - 1)?;
-                }
-                Action::SendForwardRecvBackward { send, recv } => {
-                    let act = output(&tapes, send)?;
-                    out_grads[recv] =
-                        Some(g.pp.send_recv(&act, stage + 1, &shape, Kind::Float, stage + 1)?);
-                }
-                Action::SendBackwardRecvForward { send, recv } => {
-                    let gr = in_grads[send]
-                        .take()
-                        .ok_or_else(|| missing("input gradient", send))?;
-                    inputs[recv] =
-                        Some(g.pp.send_recv(&gr, stage - 1, &shape, Kind::Float, stage - 1)?);
-                }
-            }
-        }
-        Ok(loss)
-    }
-
-    /// [`Self::run_pipeline`] for the interleaved schedule: micro-batches
-    /// pass through this stage's `chunks` model chunks in the order of
-    /// [`schedule::interleaved`], over the pp ring.
-    fn run_interleaved(
-        &self,
-        g: &Groups<'_>,
-        batch: &Batch,
-        chunks: usize,
-        shape: [i64; 3],
-        rows: &dyn Fn(&Tensor, usize) -> Result<Tensor, ExecError>,
-    ) -> Result<Tensor, ExecError> {
-        let pp = self.plan.mesh.pp;
-        let stage = self.coord.pp;
-        let (next, prev) = ((stage + 1) % pp, (stage + pp - 1) % pp);
-        let lists = schedule::interleaved(pp, chunks, self.plan.micro_batches)?;
-        let list = lists.into_iter().nth(stage).unwrap_or_default();
-        let total_tokens = batch.tokens.numel() as i64;
-        let cpu = (Kind::Float, tch::Device::Cpu);
-        let missing = |what: &str, w: Work| {
-            ExecError::Pipeline(format!(
-                "{what} of micro-batch {} in chunk {} is missing",
-                w.mb, w.chunk
-            ))
-        };
-        let mut inputs: HashMap<Work, Tensor> = HashMap::new();
-        let mut tapes: HashMap<Work, (Tape<'_>, Option<ValueId>, ValueId)> = HashMap::new();
-        let mut out_grads: HashMap<Work, Tensor> = HashMap::new();
-        let mut in_grads: HashMap<Work, Tensor> = HashMap::new();
-        let mut loss = Tensor::f_zeros([], cpu)?;
-        // Sends `t` (if any) to `dst` and receives into `recv`'s slot (if any) from `src`.
-        let shift = |t: Option<Tensor>,
-                     dst: usize,
-                     recv: Option<Work>,
-                     src: usize,
-                     into: &mut HashMap<Work, Tensor>|
-         -> Result<(), ExecError> {
-            match (t, recv) {
-                (Some(t), Some(w)) => {
-                    into.insert(w, g.pp.send_recv(&t, dst, &shape, Kind::Float, src)?);
-                }
-                (Some(t), None) => g.pp.send(&t, dst)?,
-                (None, Some(w)) => {
-                    into.insert(w, g.pp.recv(&shape, Kind::Float, src)?);
-                }
-                (None, None) => {}
-            }
-            Ok(())
-        };
-        for action in list {
-            match action {
-                ChunkAction::Forward(w) => {
-                    let mut tape = self.new_tape(g);
-                    let (inp, out) = self.forward(
-                        &mut tape,
-                        g.tp,
-                        w.chunk,
-                        inputs.remove(&w),
-                        &rows(&batch.tokens, w.mb)?,
-                        &rows(&batch.labels, w.mb)?,
-                        total_tokens,
-                    )?;
-                    if self.ends(w.chunk).1 {
-                        loss = loss.f_add(tape.value(out)?)?;
-                    }
-                    tapes.insert(w, (tape, inp, out));
-                }
-                ChunkAction::Backward(w) => {
-                    let (tape, inp, out) = tapes.remove(&w).ok_or_else(|| missing("forward", w))?;
-                    let seed = if self.ends(w.chunk).1 {
-                        Tensor::f_ones([], cpu)?
-                    } else {
-                        out_grads
-                            .remove(&w)
-                            .ok_or_else(|| missing("output gradient", w))?
-                    };
-                    let grads = tape.backward(vec![(out, seed)])?;
-                    if let Some(inp) = inp {
-                        let gr = match grads.get(inp) {
-                            Some(gr) => gr.shallow_clone(),
-                            None => Tensor::f_zeros(shape, cpu)?,
-                        };
-                        in_grads.insert(w, gr);
-                    }
-                }
-                ChunkAction::ShiftForward { send, recv } => {
-                    let act = match send {
-                        Some(w) => {
-                            let (tape, _, out) =
-                                tapes.get(&w).ok_or_else(|| missing("forward", w))?;
-                            Some(tape.value(*out)?.shallow_clone())
-                        }
-                        None => None,
-                    };
-                    shift(act, next, recv, prev, &mut inputs)?;
-                }
-                ChunkAction::ShiftBackward { send, recv } => {
-                    let gr = match send {
-                        Some(w) => Some(
-                            in_grads
-                                .remove(&w)
-                                .ok_or_else(|| missing("input gradient", w))?,
-                        ),
-                        None => None,
-                    };
-                    shift(gr, prev, recv, next, &mut out_grads)?;
-                }
-            }
-        }
-        Ok(loss)
-    }
-
-    /// One training step without the optimizer: every micro-batch forward and
-    /// backward, then gradients completed over tp and dp (one all-reduce per
-    /// parameter). Returns the loss of the global batch on every rank. `g`
-    /// must be the groups of `self`'s mesh.
-    pub fn train_step(&mut self, g: &Groups<'_>, batch: &Batch) -> Result<f64, ExecError> {
-        let loss = self.forward_backward(g, batch)?;
-        sync_grads(&mut self.params, g.tp, g.dp)?;
-        Ok(loss)
-    }
-
-    /// One training step with `opt`: gathers the parameters (ZeRO-3), runs
-    /// every micro-batch forward and backward, completes gradients over tp
-    /// and lets `opt` average them over dp, clip and update. Returns the loss
-    /// of the global batch on every rank. `opt` must have been built over
-    /// this stage's parameters and `g`.
-    pub fn train_step_with(
-        &mut self,
-        g: &Groups<'_>,
-        batch: &Batch,
-        opt: &mut DpOptimizer,
-    ) -> Result<(f64, StepStats), ExecError> {
-        opt.gather_params(&mut self.params, g.dp)?;
-        let loss = self.forward_backward(g, batch)?;
-        let stats = opt.step(&mut self.params, g)?;
-        Ok((loss, stats))
-    }
-
-    /// Every micro-batch's forward and backward in the plan's schedule;
-    /// afterwards each parameter's `.grad()` is complete over tp and holds
-    /// this dp rank's share of the batch. Returns the loss of the global
-    /// batch on every rank.
-    pub fn forward_backward(&mut self, g: &Groups<'_>, batch: &Batch) -> Result<f64, ExecError> {
-        let Mesh { tp, dp, pp } = self.plan.mesh;
-        if (g.tp.size(), g.dp.size(), g.pp.size()) != (tp, dp, pp) {
-            return Err(ExecError::Plan(format!(
-                "communicators of sizes tp={} dp={} pp={} do not match mesh {:?}",
-                g.tp.size(),
-                g.dp.size(),
-                g.pp.size(),
-                self.plan.mesh
-            )));
-        }
-        let local = self.run_pipeline(g, batch)?;
-        complete_tp_grads(&mut self.params, g.tp)?;
-        let mut loss = local;
-        if dp > 1 {
-            loss = g.dp.all_reduce(&loss)?;
-        }
-        if pp > 1 {
-            loss = g.pp.broadcast(&loss, pp - 1)?;
-        }
-        Ok(loss.f_double_value(&[])?)
     }
 }
 

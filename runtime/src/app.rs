@@ -1,0 +1,873 @@
+//! The `main` of a plan binary: flags, launcher checks, the training loop
+//! and its console and metrics output, around a program's [`StageModule`]s.
+//!
+//! A generated plan crate's `src/main.rs` is a [`PlanMeta`] constant and one
+//! call:
+//!
+//! ```ignore
+//! use autopart_runtime::app::{self, PlanMeta, StageCtx};
+//! const PLAN: PlanMeta = PlanMeta { model: "llama-mini", /* … */ };
+//! fn main() -> std::process::ExitCode {
+//!     app::main(&PLAN, |ctx: StageCtx| match ctx.coord.pp {
+//!         0 => Ok(Box::new(stage_0::Stage::new(ctx.coord, ctx.mesh.tp, ctx.seed)?)),
+//!         _ => Ok(Box::new(stage_1::Stage::new(ctx.coord, ctx.mesh.tp, ctx.seed)?)),
+//!     })
+//! }
+//! ```
+//!
+//! [`main`] parses the flags ([`USAGE`]), checks the launcher's process count
+//! against the plan before any MPI or model work, initialises MPI, builds the
+//! mesh (the plan's, with dp multiplied by the number of replicas when the
+//! run has more GPUs than the plan), builds this rank's stage through the
+//! closure, and trains: each step takes a global batch (from `--data` or
+//! synthetic), runs [`program::train_step_with`] and reports a
+//! [`StepRecord`] (a console line on rank 0, a JSON line with `--metrics`).
+//!
+//! Errors never panic: they print `error: …` on stderr and exit non-zero (2
+//! for bad flags and a wrong process count, 1 otherwise). Errors every rank
+//! meets alike (flags, plan, data) are printed by rank 0 only; an error of one
+//! rank during training is printed with its rank and aborts the MPI job, so
+//! that the other ranks do not wait for it forever.
+//!
+//! This module owns the process: arguments, exit codes and console output.
+//! The step itself is [`crate::program`]'s, the numbers [`crate::metrics`]'s.
+
+use crate::comm::{CommError, Communicator, Groups, MeshComms, MpiComm};
+use crate::data::{Batch, DataError, TokenDtype, TokenFile};
+use crate::exec::ExecError;
+use crate::mesh::{Coord, Mesh};
+use crate::metrics::{self, Memory, MetricsError, MetricsLog, StepRecord};
+use crate::optim::{AdamW, LrSchedule, OptimError};
+use crate::program::{self, PipelinePlan, StageModule};
+pub use crate::schedule::Schedule;
+pub use crate::zero::ZeroStage;
+use crate::zero::{DEFAULT_BUCKET_BYTES, DpOptimizer, OptimConfig};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+use thiserror::Error;
+
+/// What a plan binary knows about its plan, written by code generation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PlanMeta {
+    /// The model's name, for the console.
+    pub model: &'static str,
+    pub vocab: i64,
+    pub seq_len: i64,
+    /// Sequences per step of one replica of the plan: `micro_batch *
+    /// micro_batches * dp`. A run on `runtime_gpus` trains on `global_batch
+    /// * runtime_gpus / plan_gpus` sequences per step.
+    pub global_batch: i64,
+    /// Sequences per micro-batch.
+    pub micro_batch: i64,
+    /// Micro-batches per dp rank and step.
+    pub micro_batches: usize,
+    pub tp: usize,
+    pub pp: usize,
+    pub dp: usize,
+    /// GPUs of one replica of the plan: `tp * pp * dp`.
+    pub plan_gpus: usize,
+    /// Processes of a run: `plan_gpus` times the number of replicas.
+    pub runtime_gpus: usize,
+    pub schedule: Schedule,
+    pub zero: ZeroStage,
+    /// The compiler's predicted peak memory of each pipeline stage, in bytes
+    /// (empty when unknown).
+    pub predicted_peak_bytes: &'static [u64],
+    /// The compiler's predicted time of one step, in seconds.
+    pub predicted_step_s: f64,
+}
+
+impl PlanMeta {
+    /// Checks that the fields agree with each other.
+    pub fn validate(&self) -> Result<(), AppError> {
+        let bad = |msg: String| Err(AppError::Meta(msg));
+        if self.vocab < 1 || self.seq_len < 1 || self.micro_batch < 1 || self.micro_batches == 0 {
+            return bad(format!(
+                "vocab {}, seq_len {}, micro_batch {} and micro_batches {} must be positive",
+                self.vocab, self.seq_len, self.micro_batch, self.micro_batches
+            ));
+        }
+        if self.tp == 0 || self.pp == 0 || self.dp == 0 {
+            return bad(format!(
+                "mesh tp={} pp={} dp={} has an empty axis",
+                self.tp, self.pp, self.dp
+            ));
+        }
+        if self.plan_gpus != self.tp * self.pp * self.dp {
+            return bad(format!(
+                "plan_gpus {} is not tp {} x pp {} x dp {}",
+                self.plan_gpus, self.tp, self.pp, self.dp
+            ));
+        }
+        if self.runtime_gpus == 0 || self.runtime_gpus % self.plan_gpus != 0 {
+            return bad(format!(
+                "runtime_gpus {} is not a multiple of plan_gpus {}",
+                self.runtime_gpus, self.plan_gpus
+            ));
+        }
+        if self.global_batch != self.micro_batch * self.micro_batches as i64 * self.dp as i64 {
+            return bad(format!(
+                "global_batch {} is not micro_batch {} x micro_batches {} x dp {}",
+                self.global_batch, self.micro_batch, self.micro_batches, self.dp
+            ));
+        }
+        if !self.predicted_peak_bytes.is_empty() && self.predicted_peak_bytes.len() != self.pp {
+            return bad(format!(
+                "{} predicted peaks for {} pipeline stages",
+                self.predicted_peak_bytes.len(),
+                self.pp
+            ));
+        }
+        Ok(())
+    }
+
+    /// How many copies of the plan a run holds (its extra data parallelism).
+    pub fn replicas(&self) -> usize {
+        self.runtime_gpus / self.plan_gpus.max(1)
+    }
+
+    /// The mesh of a run: the plan's tp and pp, and its dp times the replicas.
+    pub fn runtime_mesh(&self) -> Mesh {
+        Mesh {
+            tp: self.tp,
+            dp: self.dp * self.replicas(),
+            pp: self.pp,
+        }
+    }
+
+    /// Sequences per step of a run (every replica's batch).
+    pub fn runtime_batch(&self) -> i64 {
+        self.global_batch * self.replicas() as i64
+    }
+}
+
+/// What the stage-building closure of [`main`] gets: this rank's place on
+/// the run's mesh and the parameter seed (`--seed`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StageCtx {
+    /// `coord.pp` is the pipeline stage to build, `coord.tp` the tp shard.
+    pub coord: Coord,
+    pub mesh: Mesh,
+    pub seed: u64,
+}
+
+/// The stage-building closure's result.
+pub type BuiltStage = Result<Box<dyn StageModule>, ExecError>;
+
+/// The flags of a plan binary.
+pub const USAGE: &str = "\
+usage: PLAN_BINARY [options]   (run it under mpirun or srun)
+
+options:
+  --steps N              optimizer steps (default 10)
+  --data FILE            train on a token file: flat little-endian token ids, no
+                         header (nanoGPT/Megatron .bin); default: synthetic tokens
+  --data-dtype u16|u32   width of the ids in --data (default u16)
+  --metrics FILE         write one JSON object per step to FILE (rank 0)
+  --seed S               seed of the parameters and the synthetic data (default 0)
+  --lr LR                peak learning rate (default 3e-4)
+  --min-lr LR            final learning rate of the cosine decay (default lr / 10)
+  --warmup N             linear warm-up steps (default 0)
+  --weight-decay WD      AdamW weight decay (default 0.01)
+  --clip NORM            clip the global gradient norm to NORM; 0 turns clipping
+                         off (default 1.0)
+  --adam-eps EPS         AdamW epsilon (default 1e-8)
+  --bucket-mb MB         gradient bucket size in MiB (default 25)
+  --threads N            torch threads per process (default 1)
+  --help                 print this and exit";
+
+/// The parsed flags of a run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Options {
+    pub steps: u64,
+    pub data: Option<PathBuf>,
+    pub data_dtype: TokenDtype,
+    pub metrics: Option<PathBuf>,
+    pub seed: u64,
+    pub lr: f64,
+    /// `None`: a tenth of `lr`.
+    pub min_lr: Option<f64>,
+    pub warmup: u64,
+    pub weight_decay: f64,
+    /// `None` does not clip.
+    pub clip: Option<f64>,
+    pub adam_eps: f64,
+    pub bucket_bytes: usize,
+    pub threads: i32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            steps: 10,
+            data: None,
+            data_dtype: TokenDtype::U16,
+            metrics: None,
+            seed: 0,
+            lr: 3e-4,
+            min_lr: None,
+            warmup: 0,
+            weight_decay: 0.01,
+            clip: Some(1.0),
+            adam_eps: 1e-8,
+            bucket_bytes: DEFAULT_BUCKET_BYTES,
+            threads: 1,
+        }
+    }
+}
+
+impl Options {
+    /// The optimizer these flags ask for, with ZeRO stage `zero`.
+    pub fn optim_config(&self, zero: ZeroStage) -> OptimConfig {
+        OptimConfig {
+            adamw: AdamW {
+                eps: self.adam_eps,
+                weight_decay: self.weight_decay,
+                ..AdamW::default()
+            },
+            lr: LrSchedule {
+                peak_lr: self.lr,
+                warmup_steps: self.warmup,
+                total_steps: self.steps,
+                min_lr: self.min_lr.unwrap_or(self.lr / 10.0),
+            },
+            max_norm: self.clip,
+            bucket_bytes: self.bucket_bytes,
+            zero,
+        }
+    }
+}
+
+/// What the command line asks for.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    Help,
+    Train(Options),
+}
+
+/// Parses the flags (without the program name). Each flag takes its value
+/// as the next argument or after `=`.
+pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, AppError> {
+    let mut o = Options::default();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        if arg == "--help" || arg == "-h" {
+            return Ok(Command::Help);
+        }
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let known = [
+            "--steps",
+            "--data",
+            "--data-dtype",
+            "--metrics",
+            "--seed",
+            "--lr",
+            "--min-lr",
+            "--warmup",
+            "--weight-decay",
+            "--clip",
+            "--adam-eps",
+            "--bucket-mb",
+            "--threads",
+        ];
+        if !known.contains(&flag.as_str()) {
+            return Err(usage(format!("unknown argument {arg:?}")));
+        }
+        let value = match inline.or_else(|| args.next()) {
+            Some(v) => v,
+            None => return Err(usage(format!("{flag} needs a value"))),
+        };
+        match flag.as_str() {
+            "--steps" => o.steps = positive(&flag, &value)?,
+            "--data" => o.data = Some(PathBuf::from(value)),
+            "--data-dtype" => {
+                o.data_dtype = value
+                    .parse()
+                    .map_err(|e: DataError| usage(format!("{flag}: {e}")))?
+            }
+            "--metrics" => o.metrics = Some(PathBuf::from(value)),
+            "--seed" => o.seed = number(&flag, &value, "an integer >= 0")?,
+            "--lr" => o.lr = non_negative(&flag, &value)?,
+            "--min-lr" => o.min_lr = Some(non_negative(&flag, &value)?),
+            "--warmup" => o.warmup = number(&flag, &value, "an integer >= 0")?,
+            "--weight-decay" => o.weight_decay = non_negative(&flag, &value)?,
+            "--clip" => {
+                let c = non_negative(&flag, &value)?;
+                o.clip = (c > 0.0).then_some(c);
+            }
+            "--adam-eps" => o.adam_eps = non_negative(&flag, &value)?,
+            "--bucket-mb" => {
+                let mb = non_negative(&flag, &value)?;
+                let bytes = mb * (1u64 << 20) as f64;
+                if !(1.0..=usize::MAX as f64).contains(&bytes) {
+                    return Err(usage(format!(
+                        "{flag}: expected a positive size in MiB, got {value:?}"
+                    )));
+                }
+                o.bucket_bytes = bytes as usize;
+            }
+            "--threads" => {
+                let n: u64 = positive(&flag, &value)?;
+                o.threads = i32::try_from(n)
+                    .map_err(|_| usage(format!("{flag}: {n} threads is too many")))?;
+            }
+            _ => return Err(usage(format!("unknown argument {arg:?}"))),
+        }
+    }
+    o.optim_config(ZeroStage::Off)
+        .validate()
+        .map_err(|e| usage(e.to_string()))?;
+    Ok(Command::Train(o))
+}
+
+fn usage(msg: String) -> AppError {
+    AppError::Usage(msg)
+}
+
+fn number<T: std::str::FromStr>(flag: &str, value: &str, what: &str) -> Result<T, AppError> {
+    value
+        .parse()
+        .map_err(|_| usage(format!("{flag}: expected {what}, got {value:?}")))
+}
+
+fn positive(flag: &str, value: &str) -> Result<u64, AppError> {
+    match number(flag, value, "an integer >= 1")? {
+        0 => Err(usage(format!("{flag}: expected an integer >= 1, got 0"))),
+        n => Ok(n),
+    }
+}
+
+fn non_negative(flag: &str, value: &str) -> Result<f64, AppError> {
+    let x: f64 = number(flag, value, "a number >= 0")?;
+    if !(x.is_finite() && x >= 0.0) {
+        return Err(usage(format!(
+            "{flag}: expected a finite number >= 0, got {value:?}"
+        )));
+    }
+    Ok(x)
+}
+
+/// What can stop a run.
+#[derive(Debug, Error)]
+pub enum AppError {
+    #[error("{0} (see --help)")]
+    Usage(String),
+    #[error(
+        "this plan runs on {want} processes (plan {plan} GPUs x {replicas} replica{}) but the launcher started {got}; run it with mpirun -np {want}",
+        if *replicas == 1 { "" } else { "s" }
+    )]
+    World {
+        want: usize,
+        plan: usize,
+        replicas: usize,
+        got: usize,
+    },
+    #[error("plan metadata: {0}")]
+    Meta(String),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    #[error(transparent)]
+    Comm(#[from] CommError),
+    #[error(transparent)]
+    Optim(#[from] OptimError),
+}
+
+impl AppError {
+    /// The process's exit status for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AppError::Usage(_) | AppError::World { .. } => 2,
+            _ => 1,
+        }
+    }
+
+    /// Whether every rank meets this error alike (so rank 0 alone reports it).
+    fn alike_on_every_rank(&self) -> bool {
+        matches!(
+            self,
+            AppError::Usage(_) | AppError::World { .. } | AppError::Meta(_) | AppError::Data(_)
+        )
+    }
+}
+
+/// The process count and this process's rank as the launcher set them in
+/// the environment (Open MPI, MPICH/PMI, Slurm), before MPI starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Launcher {
+    pub size: Option<usize>,
+    pub rank: Option<usize>,
+}
+
+impl Launcher {
+    /// Reads the launcher variables through `var`.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
+        let first = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|n| var(n).and_then(|v| v.trim().parse().ok()))
+        };
+        Self {
+            size: first(&[
+                "OMPI_COMM_WORLD_SIZE",
+                "PMI_SIZE",
+                "SLURM_STEP_NUM_TASKS",
+                "SLURM_NTASKS",
+                "SLURM_NPROCS",
+            ]),
+            rank: first(&["OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"]),
+        }
+    }
+
+    pub fn from_env() -> Self {
+        Self::from_vars(|n| std::env::var(n).ok())
+    }
+}
+
+fn check_world(meta: &PlanMeta, got: usize) -> Result<(), AppError> {
+    if got != meta.runtime_gpus {
+        return Err(AppError::World {
+            want: meta.runtime_gpus,
+            plan: meta.plan_gpus,
+            replicas: meta.replicas(),
+            got,
+        });
+    }
+    Ok(())
+}
+
+/// The `main` of a plan binary: runs [`run`] on the process's arguments and
+/// turns its error into an `error: …` line and an exit status.
+pub fn main(meta: &PlanMeta, build: impl Fn(StageCtx) -> BuiltStage) -> ExitCode {
+    run(meta, &build, std::env::args().skip(1))
+}
+
+/// [`main`] with explicit arguments (without the program name).
+pub fn run(
+    meta: &PlanMeta,
+    build: &dyn Fn(StageCtx) -> BuiltStage,
+    args: impl IntoIterator<Item = String>,
+) -> ExitCode {
+    let launcher = Launcher::from_env();
+    // Rank 0 reports every error; other ranks only those of their own.
+    let report = |e: &AppError, rank: usize| {
+        if rank == 0 {
+            eprintln!("error: {e}");
+        } else if !e.alike_on_every_rank() {
+            eprintln!("error: rank {rank}: {e}");
+        }
+    };
+    let rank = launcher.rank.unwrap_or(0);
+    let prepared = match prepare(meta, &launcher, args) {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            if rank == 0 {
+                say(USAGE);
+            }
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            report(&e, rank);
+            return ExitCode::from(e.exit_code());
+        }
+    };
+    let world = match MpiComm::init_world() {
+        Ok(w) => w,
+        Err(e) => {
+            let e = AppError::from(e);
+            report(&e, rank);
+            return ExitCode::from(e.exit_code());
+        }
+    };
+    let rank = world.rank();
+    if let Err(e) = check_world(meta, world.size()) {
+        report(&e, rank);
+        return ExitCode::from(e.exit_code());
+    }
+    let comms = match MeshComms::new(world, meta.runtime_mesh()) {
+        Ok(c) => c,
+        Err(e) => {
+            let e = AppError::from(e);
+            report(&e, rank);
+            return ExitCode::from(e.exit_code());
+        }
+    };
+    match train(meta, build, prepared, &comms) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.alike_on_every_rank() => {
+            report(&e, rank);
+            ExitCode::from(e.exit_code())
+        }
+        Err(e) => {
+            report(&e, rank);
+            // Other ranks may wait for this one in a collective: end the job.
+            use mpi::traits::Communicator as _;
+            comms.world.raw().abort(i32::from(e.exit_code()))
+        }
+    }
+}
+
+/// Prints a line of the console output of a run (rank 0's job). A closed
+/// stdout (`| head`) does not stop training: the line is dropped.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
+/// Everything a run checks and opens before MPI starts.
+#[derive(Debug)]
+struct Prepared {
+    opts: Options,
+    data: Option<TokenFile>,
+    metrics: Option<MetricsLog>,
+}
+
+/// Parses the flags and checks the plan, the launcher's process count and
+/// the data; opens the metrics file on rank 0. `None` for `--help`.
+fn prepare(
+    meta: &PlanMeta,
+    launcher: &Launcher,
+    args: impl IntoIterator<Item = String>,
+) -> Result<Option<Prepared>, AppError> {
+    let opts = match parse_args(args)? {
+        Command::Help => return Ok(None),
+        Command::Train(o) => o,
+    };
+    meta.validate()?;
+    if let Some(size) = launcher.size {
+        check_world(meta, size)?;
+    }
+    let data = match &opts.data {
+        Some(path) => Some(TokenFile::open(
+            path,
+            opts.data_dtype,
+            meta.vocab,
+            meta.seq_len,
+        )?),
+        None => None,
+    };
+    let metrics = match (&opts.metrics, launcher.rank.unwrap_or(0)) {
+        (Some(path), 0) => Some(MetricsLog::create(path)?),
+        _ => None,
+    };
+    Ok(Some(Prepared {
+        opts,
+        data,
+        metrics,
+    }))
+}
+
+/// Builds this rank's stage and runs the training loop.
+fn train(
+    meta: &PlanMeta,
+    build: &dyn Fn(StageCtx) -> BuiltStage,
+    prepared: Prepared,
+    comms: &MeshComms<MpiComm>,
+) -> Result<(), AppError> {
+    let Prepared {
+        opts,
+        mut data,
+        mut metrics,
+    } = prepared;
+    tch::set_num_threads(opts.threads);
+    let g = Groups::of(comms);
+    let rank0 = comms.world.rank() == 0;
+    let mesh = comms.mesh;
+    let baseline = Memory::current().map(|m| m.rss);
+    let mut stage = build(StageCtx {
+        coord: comms.coord,
+        mesh,
+        seed: opts.seed,
+    })?;
+    let plan = PipelinePlan {
+        mesh,
+        coord: comms.coord,
+        schedule: meta.schedule,
+        micro_batches: meta.micro_batches,
+    };
+    // Counted before ZeRO-3 releases the parameters.
+    let n_params: usize = stage.params().iter().map(|p| p.tensor.numel()).sum();
+    let mut opt = DpOptimizer::new(opts.optim_config(meta.zero), stage.params_mut(), &g)?;
+    if rank0 {
+        say(&format!(
+            "{}: tp {} x pp {} x dp {} ({} x the {}-GPU plan), {:?}, ZeRO {:?}, {} micro-batches of {}, seq {}, {} parameters on rank 0",
+            meta.model,
+            mesh.tp,
+            mesh.pp,
+            mesh.dp,
+            meta.replicas(),
+            meta.plan_gpus,
+            meta.schedule,
+            meta.zero,
+            meta.micro_batches,
+            meta.micro_batch,
+            meta.seq_len,
+            n_params
+        ));
+    }
+    let batch_rows = meta.runtime_batch();
+    let tokens = (batch_rows * meta.seq_len) as f64;
+    let started = Instant::now();
+    let mut step_times = Vec::with_capacity(opts.steps as usize);
+    let mut last_over = None;
+    for step in 0..opts.steps {
+        let t0 = Instant::now();
+        let batch = match data.as_mut() {
+            Some(d) => d.batch(step, batch_rows)?,
+            None => Batch::synthetic(
+                meta.vocab,
+                batch_rows,
+                meta.seq_len,
+                (opts.seed as i64).wrapping_add(step as i64),
+            )?,
+        };
+        let (loss, stats) = program::train_step_with(stage.as_mut(), &plan, &g, &batch, &mut opt)?;
+        let step_s = t0.elapsed().as_secs_f64();
+        step_times.push(step_s);
+        let (peak, over) = metrics::peak_over_world(baseline, &comms.world)?;
+        last_over = over;
+        let record = StepRecord {
+            step: step + 1,
+            steps: opts.steps,
+            loss,
+            grad_norm: stats.grad_norm,
+            lr: stats.lr,
+            step_s,
+            tokens_per_s: tokens / step_s.max(1e-9),
+            peak_rss_bytes: peak,
+            rss_over_baseline_bytes: over,
+        };
+        if rank0 {
+            say(&record.console_line());
+            if let Some(log) = metrics.as_mut() {
+                log.write(&record)?;
+            }
+        }
+    }
+    if rank0 {
+        say(&summary(
+            meta,
+            started.elapsed().as_secs_f64(),
+            &step_times,
+            last_over,
+        ));
+    }
+    Ok(())
+}
+
+/// The closing line: measured against predicted step time and memory.
+fn summary(meta: &PlanMeta, total_s: f64, step_times: &[f64], over: Option<u64>) -> String {
+    let mut sorted = step_times.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+    let mut line = format!(
+        "done: {} steps in {total_s:.1} s, median step {median:.3} s (predicted {:.3} s)",
+        step_times.len(),
+        meta.predicted_step_s
+    );
+    if let Some(over) = over {
+        line += &format!(", peak rss +{} MiB over baseline", over >> 20);
+    }
+    if let Some(max) = meta.predicted_peak_bytes.iter().max() {
+        line += &format!(" (predicted peak {} MiB per stage)", max >> 20);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const META: PlanMeta = PlanMeta {
+        model: "llama-mini",
+        vocab: 256,
+        seq_len: 16,
+        global_batch: 4,
+        micro_batch: 1,
+        micro_batches: 2,
+        tp: 2,
+        pp: 2,
+        dp: 2,
+        plan_gpus: 8,
+        runtime_gpus: 16,
+        schedule: Schedule::OneFOneB,
+        zero: ZeroStage::One,
+        predicted_peak_bytes: &[1 << 30, 1 << 29],
+        predicted_step_s: 0.1,
+    };
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    fn usage_msg(r: Result<Command, AppError>) -> String {
+        match r {
+            Err(e @ AppError::Usage(_)) => {
+                assert_eq!(e.exit_code(), 2);
+                e.to_string()
+            }
+            other => panic!("expected a usage error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn flags_parse_with_defaults_and_both_value_styles() {
+        assert_eq!(
+            parse_args(args("")).ok(),
+            Some(Command::Train(Options::default()))
+        );
+        assert_eq!(
+            parse_args(args("--steps 3 --help")).ok(),
+            Some(Command::Help)
+        );
+        let o = match parse_args(args(
+            "--steps=3 --data x.bin --data-dtype u32 --metrics m.jsonl --seed 7 --lr 1e-3 \
+             --min-lr=1e-4 --warmup 2 --weight-decay 0.1 --clip 0 --adam-eps 1e-6 \
+             --bucket-mb 0.5 --threads 2",
+        )) {
+            Ok(Command::Train(o)) => o,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            o,
+            Options {
+                steps: 3,
+                data: Some("x.bin".into()),
+                data_dtype: TokenDtype::U32,
+                metrics: Some("m.jsonl".into()),
+                seed: 7,
+                lr: 1e-3,
+                min_lr: Some(1e-4),
+                warmup: 2,
+                weight_decay: 0.1,
+                clip: None,
+                adam_eps: 1e-6,
+                bucket_bytes: 512 * 1024,
+                threads: 2,
+            }
+        );
+        let cfg = o.optim_config(ZeroStage::Three);
+        assert_eq!(
+            (cfg.lr.total_steps, cfg.max_norm, cfg.zero),
+            (3, None, ZeroStage::Three)
+        );
+        let min_lr = Options::default().optim_config(ZeroStage::Off).lr.min_lr;
+        assert!((min_lr - 3e-5).abs() < 1e-12, "{min_lr}");
+    }
+
+    #[test]
+    fn bad_flags_are_usage_errors() {
+        assert!(usage_msg(parse_args(args("--stepz 3"))).contains("unknown argument \"--stepz\""));
+        assert!(usage_msg(parse_args(args("--steps"))).contains("--steps needs a value"));
+        assert!(usage_msg(parse_args(args("--steps 0"))).contains(">= 1"));
+        assert!(usage_msg(parse_args(args("--steps x"))).contains("got \"x\""));
+        assert!(usage_msg(parse_args(args("--lr nan"))).contains("--lr"));
+        assert!(usage_msg(parse_args(args("--data-dtype u8"))).contains("u8"));
+        assert!(usage_msg(parse_args(args("--bucket-mb 0"))).contains("--bucket-mb"));
+        // The optimizer's own checks: min_lr above the peak.
+        assert!(usage_msg(parse_args(args("--lr 1e-3 --min-lr 1e-2"))).contains("min_lr"));
+    }
+
+    #[test]
+    fn the_run_replicates_the_plan_over_dp() {
+        META.validate().expect("consistent");
+        assert_eq!(META.replicas(), 2);
+        assert_eq!(
+            META.runtime_mesh(),
+            Mesh {
+                tp: 2,
+                dp: 4,
+                pp: 2
+            }
+        );
+        assert_eq!(META.runtime_batch(), 8);
+        let bad = |m: PlanMeta| match m.validate() {
+            Err(AppError::Meta(msg)) => msg,
+            other => panic!("expected a meta error, got {other:?}"),
+        };
+        assert!(
+            bad(PlanMeta {
+                runtime_gpus: 12,
+                ..META
+            })
+            .contains("multiple")
+        );
+        assert!(
+            bad(PlanMeta {
+                plan_gpus: 4,
+                ..META
+            })
+            .contains("plan_gpus")
+        );
+        assert!(
+            bad(PlanMeta {
+                global_batch: 8,
+                ..META
+            })
+            .contains("global_batch")
+        );
+        assert!(
+            bad(PlanMeta {
+                predicted_peak_bytes: &[1],
+                ..META
+            })
+            .contains("predicted")
+        );
+    }
+
+    #[test]
+    fn a_wrong_process_count_says_how_to_launch() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            Launcher::from_vars(|n| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == n)
+                    .map(|(_, v)| v.to_string())
+            })
+        };
+        assert_eq!(
+            vars(&[("OMPI_COMM_WORLD_SIZE", "2"), ("OMPI_COMM_WORLD_RANK", "1")]),
+            Launcher {
+                size: Some(2),
+                rank: Some(1)
+            }
+        );
+        assert_eq!(
+            vars(&[("SLURM_NTASKS", "4"), ("SLURM_PROCID", "3")]),
+            Launcher {
+                size: Some(4),
+                rank: Some(3)
+            }
+        );
+        assert_eq!(vars(&[("PMI_SIZE", "x")]), Launcher::default());
+        let err = prepare(&META, &vars(&[("PMI_SIZE", "2")]), args("--steps 1"))
+            .expect_err("2 is not 16");
+        assert_eq!(err.exit_code(), 2);
+        assert_eq!(
+            err.to_string(),
+            "this plan runs on 16 processes (plan 8 GPUs x 2 replicas) but the launcher \
+             started 2; run it with mpirun -np 16"
+        );
+        assert!(matches!(
+            prepare(&META, &vars(&[("PMI_SIZE", "16")]), args("--help")),
+            Ok(None)
+        ));
+    }
+
+    #[test]
+    fn the_summary_compares_with_the_prediction() {
+        let line = summary(&META, 1.31, &[0.3, 0.1, 0.2], Some(5 << 20));
+        assert_eq!(
+            line,
+            "done: 3 steps in 1.3 s, median step 0.200 s (predicted 0.100 s), peak rss +5 MiB \
+             over baseline (predicted peak 1024 MiB per stage)"
+        );
+    }
+}

@@ -1,0 +1,285 @@
+//! Per-step training metrics: what one step did ([`StepRecord`]), how it
+//! reads on the console ([`StepRecord::console_line`]) and in a JSON-lines
+//! file ([`MetricsLog`]), and the process memory they report ([`Memory`]).
+//!
+//! Memory is the resident set of the process as Linux reports it in
+//! `/proc/self/status`: `VmRSS` (now) and `VmHWM` (the peak so far). A run
+//! takes the baseline (`VmRSS` before the model is built) and each step
+//! reports the peak over every rank of the world ([`peak_over_world`]);
+//! elsewhere than Linux both are unknown.
+//!
+//! This module formats and gathers; it does not decide when a step happens
+//! or which rank writes (the plan binary's [`crate::app`] does).
+
+use crate::comm::{CommError, Communicator};
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+use thiserror::Error;
+
+/// What one optimizer step did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepRecord {
+    /// Steps done so far, from 1.
+    pub step: u64,
+    /// Steps in the run.
+    pub steps: u64,
+    /// Mean loss over the global batch.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate of this step.
+    pub lr: f64,
+    /// Wall-clock seconds of the step (batch, forward, backward, update).
+    pub step_s: f64,
+    /// Tokens of the global batch per second of the step.
+    pub tokens_per_s: f64,
+    /// Peak resident set (`VmHWM`), the most of any rank.
+    pub peak_rss_bytes: Option<u64>,
+    /// Peak resident set over the rank's baseline, the most of any rank.
+    pub rss_over_baseline_bytes: Option<u64>,
+}
+
+impl StepRecord {
+    /// `step 3/10  loss 5.4012  grad_norm 2.31  lr 3.0e-3  0.41 s  1250 tok/s  rss +120 MiB`
+    pub fn console_line(&self) -> String {
+        let mut line = format!(
+            "step {}/{}  loss {:.4}  grad_norm {:.2}  lr {:.1e}  {:.2} s  {:.0} tok/s",
+            self.step,
+            self.steps,
+            self.loss,
+            self.grad_norm,
+            self.lr,
+            self.step_s,
+            self.tokens_per_s
+        );
+        if let Some(over) = self.rss_over_baseline_bytes {
+            let _ = write!(line, "  rss +{} MiB", over >> 20);
+        }
+        line
+    }
+
+    /// One JSON object on one line (no trailing newline). Non-finite numbers
+    /// and unknown memory are `null`.
+    pub fn json(&self) -> String {
+        let num = |x: f64| {
+            if x.is_finite() {
+                format!("{x:?}")
+            } else {
+                "null".to_string()
+            }
+        };
+        let bytes = |b: Option<u64>| b.map_or_else(|| "null".to_string(), |b| b.to_string());
+        format!(
+            "{{\"step\":{},\"loss\":{},\"grad_norm\":{},\"lr\":{},\"step_s\":{},\"tokens_per_s\":{},\"peak_rss_bytes\":{},\"rss_over_baseline_bytes\":{}}}",
+            self.step,
+            num(self.loss),
+            num(self.grad_norm),
+            num(self.lr),
+            num(self.step_s),
+            num(self.tokens_per_s),
+            bytes(self.peak_rss_bytes),
+            bytes(self.rss_over_baseline_bytes),
+        )
+    }
+}
+
+/// What can go wrong while recording metrics.
+#[derive(Debug, Error)]
+pub enum MetricsError {
+    #[error("{}: cannot {what}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Comm(#[from] CommError),
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+}
+
+/// A JSON-lines metrics file: one [`StepRecord::json`] per line, flushed
+/// after every step so that a killed run keeps its finished steps.
+#[derive(Debug)]
+pub struct MetricsLog {
+    path: PathBuf,
+    out: BufWriter<File>,
+}
+
+impl MetricsLog {
+    /// Creates (or truncates) `path`.
+    pub fn create(path: &Path) -> Result<Self, MetricsError> {
+        let file = File::create(path).map_err(|source| MetricsError::Io {
+            path: path.to_path_buf(),
+            what: "create it",
+            source,
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            out: BufWriter::new(file),
+        })
+    }
+
+    /// Appends `record` and flushes.
+    pub fn write(&mut self, record: &StepRecord) -> Result<(), MetricsError> {
+        writeln!(self.out, "{}", record.json())
+            .and_then(|()| self.out.flush())
+            .map_err(|source| MetricsError::Io {
+                path: self.path.clone(),
+                what: "write to it",
+                source,
+            })
+    }
+}
+
+/// The process's resident set, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Memory {
+    /// `VmRSS`: resident now.
+    pub rss: u64,
+    /// `VmHWM`: the most resident so far.
+    pub hwm: u64,
+}
+
+impl Memory {
+    /// This process's memory from `/proc/self/status`; `None` where that
+    /// file does not exist or lacks the fields (not Linux).
+    pub fn current() -> Option<Self> {
+        let text = std::fs::read_to_string("/proc/self/status").ok()?;
+        Self::parse_status(&text)
+    }
+
+    /// `VmRSS` and `VmHWM` out of the text of a `/proc/<pid>/status` file
+    /// (lines like `VmHWM:     1234 kB`).
+    pub fn parse_status(text: &str) -> Option<Self> {
+        let field = |name: &str| -> Option<u64> {
+            let line = text.lines().find(|l| l.starts_with(name))?;
+            let mut words = line[name.len()..].split_whitespace();
+            let n: u64 = words.next()?.parse().ok()?;
+            match words.next() {
+                Some("kB") => n.checked_mul(1024),
+                _ => None,
+            }
+        };
+        Some(Self {
+            rss: field("VmRSS:")?,
+            hwm: field("VmHWM:")?,
+        })
+    }
+}
+
+/// The most of any rank of `world` of (peak resident set, peak over the
+/// rank's `baseline`). `None` when some rank cannot read its memory.
+/// Collective over `world`.
+pub fn peak_over_world(
+    baseline: Option<u64>,
+    world: &dyn Communicator,
+) -> Result<(Option<u64>, Option<u64>), MetricsError> {
+    // f64 holds byte counts exactly up to 2^53 (8 PiB); -1 marks "unknown".
+    let mine = match (Memory::current(), baseline) {
+        (Some(m), Some(b)) => [m.hwm as f64, m.hwm.saturating_sub(b) as f64],
+        (Some(m), None) => [m.hwm as f64, -1.0],
+        (None, _) => [-1.0, -1.0],
+    };
+    let all = world.all_gather(&Tensor::from_slice(&mine), 0)?;
+    let all = Vec::<f64>::try_from(&all)?;
+    let max_of = |col: usize| -> Option<u64> {
+        let vals: Vec<f64> = all.iter().skip(col).step_by(2).copied().collect();
+        if vals.iter().any(|&v| v < 0.0) {
+            return None;
+        }
+        Some(vals.into_iter().fold(0.0, f64::max) as u64)
+    };
+    Ok((max_of(0), max_of(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::SoloComm;
+
+    fn record() -> StepRecord {
+        StepRecord {
+            step: 3,
+            steps: 10,
+            loss: 5.40123,
+            grad_norm: 2.314,
+            lr: 3e-3,
+            step_s: 0.4134,
+            tokens_per_s: 1250.2,
+            peak_rss_bytes: Some(900 << 20),
+            rss_over_baseline_bytes: Some(120 << 20),
+        }
+    }
+
+    #[test]
+    fn console_line_and_json_say_the_same_step() {
+        let r = record();
+        assert_eq!(
+            r.console_line(),
+            "step 3/10  loss 5.4012  grad_norm 2.31  lr 3.0e-3  0.41 s  1250 tok/s  rss +120 MiB"
+        );
+        assert_eq!(
+            r.json(),
+            "{\"step\":3,\"loss\":5.40123,\"grad_norm\":2.314,\"lr\":0.003,\"step_s\":0.4134,\
+             \"tokens_per_s\":1250.2,\"peak_rss_bytes\":943718400,\
+             \"rss_over_baseline_bytes\":125829120}"
+        );
+        let unknown = StepRecord {
+            loss: f64::NAN,
+            peak_rss_bytes: None,
+            rss_over_baseline_bytes: None,
+            ..r
+        };
+        assert!(unknown.json().contains("\"loss\":null"));
+        assert!(
+            unknown
+                .json()
+                .ends_with("\"rss_over_baseline_bytes\":null}")
+        );
+        assert!(!unknown.console_line().contains("rss"));
+    }
+
+    #[test]
+    fn proc_status_fields_are_read_in_bytes() {
+        let text = "Name:\tx\nVmHWM:\t    2048 kB\nVmRSS:\t    1024 kB\nThreads:\t1\n";
+        assert_eq!(
+            Memory::parse_status(text),
+            Some(Memory {
+                rss: 1 << 20,
+                hwm: 2 << 20
+            })
+        );
+        assert_eq!(Memory::parse_status("VmRSS:\t12 kB\n"), None);
+        assert_eq!(Memory::parse_status("VmRSS: x kB\nVmHWM: 1 kB\n"), None);
+        if cfg!(target_os = "linux") {
+            let m = Memory::current().expect("linux has /proc/self/status");
+            assert!(m.hwm >= m.rss && m.rss > 0, "{m:?}");
+            let (peak, over) = peak_over_world(Some(m.rss), &SoloComm).expect("one rank");
+            assert!(peak.is_some_and(|p| p >= m.hwm), "{peak:?}");
+            assert!(over.is_some(), "{over:?}");
+        }
+    }
+
+    #[test]
+    fn metrics_file_has_one_flushed_line_per_step() {
+        let path =
+            std::env::temp_dir().join(format!("autopart-metrics-{}.jsonl", std::process::id()));
+        let mut log = MetricsLog::create(&path).expect("create");
+        log.write(&record()).expect("write");
+        // Flushed: readable before the log is dropped.
+        let text = std::fs::read_to_string(&path).expect("read back");
+        assert_eq!(text, format!("{}\n", record().json()));
+        drop(log);
+        let _ = std::fs::remove_file(&path);
+        let bad = Path::new("/nonexistent-dir/metrics.jsonl");
+        let err = MetricsLog::create(bad).expect_err("no such folder");
+        assert!(
+            err.to_string().contains("/nonexistent-dir/metrics.jsonl"),
+            "{err}"
+        );
+    }
+}
