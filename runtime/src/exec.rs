@@ -485,6 +485,8 @@ pub enum Init {
     Normal { std: f64 },
     /// All ones (norm weights).
     Ones,
+    /// All zeros (biases).
+    Zeros,
 }
 
 /// How a parameter's gradient is completed across the tp group.
@@ -536,6 +538,7 @@ impl ParamSpec {
                 Tensor::f_randn(self.shape.as_slice(), opts)?.f_mul_scalar(std)?
             }
             Init::Ones => Tensor::f_ones(self.shape.as_slice(), opts)?,
+            Init::Zeros => Tensor::f_zeros(self.shape.as_slice(), opts)?,
         })
     }
 

@@ -793,10 +793,27 @@ fn main_rs(program: &ExecProgram) -> String {
         let _ = writeln!(out, "mod stage_{};", s.index);
     }
     let _ = writeln!(out, "\nuse std::process::ExitCode;\n");
-    let _ = writeln!(out, "use autopart_runtime::app::{{self, PlanMeta}};");
-    let _ = writeln!(out, "use autopart_runtime::exec::ExecError;");
-    let _ = writeln!(out, "use autopart_runtime::program::StageModule;");
-    let _ = writeln!(out, "use autopart_runtime::schedule::Schedule;\n");
+    let _ = writeln!(
+        out,
+        "use autopart_runtime::app::{{self, BuiltStage, PlanMeta, Schedule, StageCtx, ZeroStage}};"
+    );
+    let _ = writeln!(out, "use autopart_runtime::exec::ExecError;\n");
+    let replicas = program
+        .runtime_gpus
+        .checked_div(program.plan_gpus)
+        .unwrap_or(1)
+        .max(1);
+    if program.zero == 2 {
+        let _ = writeln!(
+            out,
+            "// The plan asks for ZeRO-2; the runtime has no ZeRO-2 and runs ZeRO-1\n// (optimizer state sharded, gradients whole).\n"
+        );
+    }
+    let zero = match program.zero {
+        0 => "ZeroStage::Off",
+        1 | 2 => "ZeroStage::One",
+        _ => "ZeroStage::Three",
+    };
     let peaks: Vec<String> = program
         .stages
         .iter()
@@ -808,7 +825,7 @@ fn main_rs(program: &ExecProgram) -> String {
         program.model,
         program.vocab,
         program.seq_len,
-        program.global_batch,
+        program.global_batch / u64::from(replicas),
         program.micro_batch,
         program.micro_batches,
         program.tp,
@@ -817,13 +834,13 @@ fn main_rs(program: &ExecProgram) -> String {
         program.plan_gpus,
         program.runtime_gpus,
         schedule_expr(program.schedule),
-        program.zero,
+        zero,
         peaks.join(", "),
         f64_lit(program.predicted_step_s)
     );
     let _ = writeln!(
         out,
-        "/// This rank's stage: pipeline stage `pp_rank`, tp shard `tp_rank` of `tp`.\nfn build_stage(\n    pp_rank: usize,\n    tp_rank: usize,\n    tp: usize,\n    seed: u64,\n) -> Result<Box<dyn StageModule>, ExecError> {{\n    match pp_rank {{"
+        "/// This rank's part of the model: its pipeline stage, sharded over tp.\nfn build_stage(ctx: StageCtx) -> BuiltStage {{\n    let (tp_rank, tp, seed) = (ctx.coord.tp, ctx.mesh.tp, ctx.seed);\n    match ctx.coord.pp {{"
     );
     for s in &program.stages {
         let _ = writeln!(
@@ -834,7 +851,7 @@ fn main_rs(program: &ExecProgram) -> String {
     }
     let _ = writeln!(
         out,
-        "        _ => Err(ExecError::Plan(format!(\n            \"pipeline stage {{pp_rank}} is not in this plan of {} stages\"\n        ))),\n    }}\n}}\n",
+        "        stage => Err(ExecError::Plan(format!(\n            \"pipeline stage {{stage}} is not in this plan of {} stages\"\n        ))),\n    }}\n}}\n",
         program.pp
     );
     let _ = writeln!(
