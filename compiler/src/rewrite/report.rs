@@ -9,10 +9,10 @@ use crate::lower::{Block, BlockKind, State};
 
 use super::convert::adapter_bytes;
 
-/// Collectives of one kind: how many, and the bytes they move, counted as
-/// the cost model counts them (the full tensor for all-reduce, all-gather
-/// and reduce-scatter, one shard for all-to-all), forward and backward, on
-/// one rank for one micro-batch.
+/// Collectives of one kind: how many, and the bytes one rank sends for
+/// them under ring algorithms over `tp` ranks (`2(n-1)/n` of the tensor for
+/// all-reduce, `(n-1)/n` for all-gather and reduce-scatter, `(n-1)/n` of a
+/// shard for all-to-all), forward and backward, for one micro-batch.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Tally {
     pub count: u64,
@@ -22,17 +22,18 @@ pub struct Tally {
 /// Collectives by kind.
 pub type Tallies = BTreeMap<Collective, Tally>;
 
-/// Counts the collectives of a block's adapters.
+/// Counts the collectives of a block's adapters over `tp` ranks.
 pub fn tally(block: &Block, tp: u64) -> Tallies {
+    let n = tp.max(1) as f64;
     let mut out = Tallies::new();
     for (kind, bytes) in adapter_bytes(block, tp) {
         for c in kind.collectives() {
             let t = out.entry(c).or_default();
             t.count += 1;
-            t.bytes += if c == Collective::AllToAll {
-                bytes / tp.max(1) as f64
-            } else {
-                bytes
+            t.bytes += match c {
+                Collective::AllReduce => 2.0 * (n - 1.0) / n * bytes,
+                Collective::AllToAll => (n - 1.0) / n * bytes / n,
+                _ => (n - 1.0) / n * bytes,
             };
         }
     }
@@ -116,6 +117,15 @@ impl RewriteReport {
         self.total(|b| &b.after)
     }
 
+    /// Bytes one rank sends for collectives, whole model, per micro-batch.
+    pub fn bytes_before(&self) -> f64 {
+        self.total_before().values().map(|t| t.bytes).sum()
+    }
+
+    pub fn bytes_after(&self) -> f64 {
+        self.total_after().values().map(|t| t.bytes).sum()
+    }
+
     pub fn seconds_before(&self) -> f64 {
         self.blocks
             .iter()
@@ -148,7 +158,7 @@ fn mib(bytes: f64) -> f64 {
 
 fn cell(t: Option<&Tally>) -> String {
     match t {
-        Some(t) if t.count > 0 => format!("{} × {:.2} MiB", t.count, mib(t.bytes)),
+        Some(t) if t.count > 0 => format!("{} ({:.2} MiB)", t.count, mib(t.bytes)),
         _ => "-".into(),
     }
 }
@@ -188,7 +198,7 @@ impl fmt::Display for RewriteReport {
         )?;
         writeln!(
             f,
-            "collectives per rank and micro-batch, forward + backward (count × tensor bytes):"
+            "collectives per micro-batch, forward + backward: count (MiB one rank sends)"
         )?;
         writeln!(
             f,
@@ -203,6 +213,12 @@ impl fmt::Display for RewriteReport {
             rows(f, &name, &b.before, &b.after)?;
         }
         rows(f, "total", &self.total_before(), &self.total_after())?;
+        writeln!(
+            f,
+            "bytes sent per rank: {:.2} MiB -> {:.2} MiB",
+            mib(self.bytes_before()),
+            mib(self.bytes_after())
+        )?;
         writeln!(
             f,
             "modelled seconds per micro-batch: {:.3} ms -> {:.3} ms",
