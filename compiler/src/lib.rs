@@ -12,6 +12,7 @@ pub mod cost;
 pub mod ir;
 pub mod lower;
 pub mod plan;
+pub mod rewrite;
 pub mod search;
 pub mod trace;
 pub mod validate;
