@@ -74,7 +74,10 @@ fn check_plan(snapshot: &str, extra: &[&str]) {
         .args(&files)
         .status()
         .expect("rustfmt is on PATH (rustup component add rustfmt)");
-    assert!(status.success(), "{snapshot}: generated code is not rustfmt-clean");
+    assert!(
+        status.success(),
+        "{snapshot}: generated code is not rustfmt-clean"
+    );
 
     // Readable: a comment per traced op, no unsafe.
     let program = std::fs::read_to_string(out.join("program.txt")).expect("program.txt");
@@ -91,10 +94,40 @@ fn check_plan(snapshot: &str, extra: &[&str]) {
 }
 
 #[test]
-fn tp2_without_sequence_parallelism() {
+fn tp2_as_lowered() {
+    // Megatron's f and g: copy before the column-parallel projections,
+    // all-reduce after the row-parallel ones.
     check_plan(
-        "tp2",
-        &["--plan-ngpus", "2", "--tp", "2", "--pp", "1", "--sp", "false"],
+        "tp2-lowered",
+        &[
+            "--plan-ngpus",
+            "2",
+            "--tp",
+            "2",
+            "--pp",
+            "1",
+            "--sp",
+            "false",
+            "--no-rewrite",
+        ],
+    );
+}
+
+#[test]
+fn tp2_rewritten() {
+    // The rewrite turns the same plan into sequence parallelism.
+    check_plan(
+        "tp2-rewritten",
+        &[
+            "--plan-ngpus",
+            "2",
+            "--tp",
+            "2",
+            "--pp",
+            "1",
+            "--sp",
+            "false",
+        ],
     );
 }
 

@@ -84,6 +84,25 @@ fn tp2() {
 }
 
 #[test]
+fn tp2_without_rewrites() {
+    // The lowering's own adapters (all-reduce around replicated norms).
+    same_as_single_device(
+        2,
+        &[
+            "--plan-ngpus",
+            "2",
+            "--tp",
+            "2",
+            "--pp",
+            "1",
+            "--sp",
+            "false",
+            "--no-rewrite",
+        ],
+    );
+}
+
+#[test]
 fn tp2_sequence_parallel() {
     same_as_single_device(
         2,

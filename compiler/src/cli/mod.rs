@@ -162,6 +162,9 @@ struct CompileArgs {
     /// Print the lowered program (every block, adapter and segment).
     #[arg(long)]
     dump_program: bool,
+    /// Lower the plan as it is, without the egg collective rewrites.
+    #[arg(long)]
+    no_rewrite: bool,
     /// Generate the crate in OUT/gencode but do not build it.
     #[arg(long)]
     no_build: bool,
@@ -330,7 +333,23 @@ fn compile(args: &CompileArgs) -> Result<()> {
     let report_path = args.out.join("report.md");
     write_atomic(&report_path, report.as_bytes())
         .with_context(|| format!("writing {}", report_path.display()))?;
-    let program = lower_plan(best, &model, &registry, &cluster)?;
+    let mut program = lower_plan(best, &model, &registry, &cluster)?;
+    let rewrite_path = args.out.join("rewrite.txt");
+    let rewrite_report = if args.no_rewrite {
+        None
+    } else {
+        let cost = crate::lower::AdapterCost {
+            cluster: &cluster,
+            group: crate::cost::Group::placed(&cluster, best.mesh.tp, 1),
+        };
+        let (rewritten, report) =
+            crate::rewrite::rewrite(&program, &cost, &crate::rewrite::Limits::default())
+                .context("rewriting the lowered program's collectives")?;
+        write_atomic(&rewrite_path, report.to_string().as_bytes())
+            .with_context(|| format!("writing {}", rewrite_path.display()))?;
+        program = rewritten;
+        Some(report)
+    };
     let program_path = args.out.join("program.txt");
     write_atomic(&program_path, program.to_string().as_bytes())
         .with_context(|| format!("writing {}", program_path.display()))?;
@@ -401,6 +420,9 @@ fn compile(args: &CompileArgs) -> Result<()> {
             program_path.display(),
             gencode.display()
         );
+        if let Some(report) = &rewrite_report {
+            print!("\n{report}");
+        }
         match &binary {
             Some(b) => println!(
                 "built {}: run it with `mpirun -np {} autopart run {}`",
