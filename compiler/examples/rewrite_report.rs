@@ -71,6 +71,7 @@ fn main() -> Result<()> {
         model_spec: &model_name,
         family: model.family(),
         annotation_files: Vec::new(),
+        loss_op: None,
         cluster: cluster_name,
         seq_len,
         dtype,

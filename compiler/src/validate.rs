@@ -177,6 +177,7 @@ pub fn read_runs(path: &Path) -> Result<Vec<Run>, ValidateError> {
                 rms_norm_eps: 1e-5,
                 rope_theta: 10_000.0,
                 tie_embeddings: false,
+                loss_op: None,
             }),
             other => return Err(row_err(format!("family '{other}': expected gpt or llama"))),
         };

@@ -184,6 +184,7 @@ fn llama_mini_plan(graph: &Graph) -> Plan {
             family: "llama".to_string(),
             params: graph.n_params(),
             annotation_files: Vec::new(),
+            loss_op: None,
         },
         trace: TraceSpec {
             seq_len: 128,

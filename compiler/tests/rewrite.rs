@@ -634,6 +634,7 @@ fn lowered(model: &str, tp: u32, sp: bool, seq_len: u64, cluster: &Cluster) -> E
         model_spec: model,
         family: cfg.family(),
         annotation_files: Vec::new(),
+        loss_op: None,
         cluster: &cluster.name,
         seq_len,
         dtype,

@@ -70,12 +70,18 @@ pub fn compile_args(out: &Path) -> Vec<String> {
     .collect()
 }
 
-/// `autopart compile` of llama-mini into `out` with `extra` arguments.
+/// `autopart compile` of llama-mini into `out` with `extra` arguments. The
+/// generated crate must build without warnings.
 pub fn compile(out: &Path, extra: &[&str]) -> Result<()> {
     let mut args = compile_args(out);
     args.extend(extra.iter().map(ToString::to_string));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    autopart(&refs).map(|_| ())
+    let output = autopart(&refs)?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if stderr.contains("generated") && stderr.contains("warning") {
+        bail!("the generated crate builds with warnings:\n{stderr}");
+    }
+    Ok(())
 }
 
 /// One line of the metrics file.
@@ -161,13 +167,14 @@ pub fn launch(np: usize, out: &Path, args: &[&str], timeout: Duration) -> Result
 }
 
 /// Trains the compiled plan in `out` for `steps` steps on `np` processes
-/// and returns rank 0's metrics.
-pub fn train(np: usize, out: &Path, steps: u32) -> Result<Vec<StepMetrics>> {
+/// (with `extra` run arguments) and returns rank 0's metrics.
+pub fn train(np: usize, out: &Path, steps: u32, extra: &[&str]) -> Result<Vec<StepMetrics>> {
     let metrics = out.join("metrics.jsonl");
     let _ = std::fs::remove_file(&metrics);
     let steps_s = steps.to_string();
     let metrics_s = metrics.display().to_string();
-    let args = ["--steps", &steps_s, "--metrics", &metrics_s, "--seed", "7"];
+    let mut args = vec!["--steps", &steps_s, "--metrics", &metrics_s, "--seed", "7"];
+    args.extend_from_slice(extra);
     let output = launch(np, out, &args, Duration::from_secs(300))?;
     if !output.status.success() {
         bail!(

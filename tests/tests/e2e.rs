@@ -15,10 +15,10 @@ use autopart_tests::{StepMetrics, compile, launch, train};
 const STEPS: u32 = 5;
 const RTOL: f64 = 1e-5;
 
-fn reference(dir: &Path) -> Vec<StepMetrics> {
+fn reference(dir: &Path, run_args: &[&str]) -> Vec<StepMetrics> {
     let out = dir.join("single");
     compile(&out, &["--plan-ngpus", "1"]).expect("compile the single-device plan");
-    train(1, &out, STEPS).expect("train the single-device plan")
+    train(1, &out, STEPS, run_args).expect("train the single-device plan")
 }
 
 fn close(a: f64, b: f64) -> bool {
@@ -28,11 +28,24 @@ fn close(a: f64, b: f64) -> bool {
 /// Compiles the plan `args` into a temp folder, trains it on `np`
 /// processes and compares with the single-device run.
 fn same_as_single_device(np: usize, args: &[&str]) {
+    same_as_single_device_with(np, args, &[]);
+}
+
+/// As [`same_as_single_device`], both runs with `run_args`.
+fn same_as_single_device_with(np: usize, args: &[&str], run_args: &[&str]) {
     let dir = tempfile::tempdir().expect("temp dir");
     let out = dir.path().join("plan");
     compile(&out, args).expect("compile the plan");
-    let got = train(np, &out, STEPS).expect("train the plan");
-    let want = reference(dir.path());
+    compare_with_single_device(np, &out, args, run_args);
+}
+
+/// Trains the plan compiled in `out` (from `args`) and compares it with the
+/// single-device plan, compiled next to it.
+fn compare_with_single_device(np: usize, out: &Path, args: &[&str], run_args: &[&str]) {
+    let dir = out.parent().expect("the plan folder has a parent");
+    let got = train(np, out, STEPS, run_args).expect("train the plan");
+    let want = reference(dir, run_args);
+    let mut worst = 0.0f64;
     for (g, w) in got.iter().zip(&want) {
         assert_eq!(g.step, w.step);
         assert!(
@@ -50,7 +63,11 @@ fn same_as_single_device(np: usize, args: &[&str]) {
             w.grad_norm
         );
         assert!(g.step_s > 0.0 && g.tokens_per_s > 0.0, "{g:?}");
+        worst = worst
+            .max((g.loss - w.loss).abs() / w.loss.abs())
+            .max((g.grad_norm - w.grad_norm).abs() / w.grad_norm.abs());
     }
+    eprintln!("{args:?}: worst relative difference {worst:.2e}");
     // Training moves the loss: the comparison is not between constants.
     assert!(
         want.first().map(|m| m.loss) != want.last().map(|m| m.loss),
@@ -276,6 +293,89 @@ fn pp2_full_recompute() {
 fn free_search_on_a_cpu_cluster() {
     // Whatever the search picks for 4 CPU "GPUs" runs and matches.
     same_as_single_device(4, &["--plan-ngpus", "4"]);
+}
+
+#[test]
+fn tp2_reading_a_token_file() {
+    // A learnable stream (each token determines the next) in the u16 format.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("tokens.bin");
+    let mut bytes = Vec::new();
+    let mut t: u16 = 1;
+    for _ in 0..4096 {
+        bytes.extend_from_slice(&t.to_le_bytes());
+        t = (t * 5 + 3) % 256;
+    }
+    std::fs::write(&data, bytes).expect("write tokens");
+    let data_s = data.display().to_string();
+    same_as_single_device_with(
+        2,
+        &[
+            "--plan-ngpus",
+            "2",
+            "--tp",
+            "2",
+            "--pp",
+            "1",
+            "--sp",
+            "false",
+        ],
+        &["--data", &data_s, "--lr", "3e-3"],
+    );
+}
+
+#[test]
+fn tp2_with_a_custom_loss_op() {
+    // chunked_ce (examples/chunked_ce) computes lm_head + cross-entropy in
+    // chunks of 4 tokens: the losses equal the single-device built-in head's.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/chunked_ce");
+    let anno = dir.path().join("chunked_ce.ron");
+    std::fs::write(
+        &anno,
+        format!(
+            r#"[(
+    name: "chunked_ce",
+    annotations: ["b l d^, n^ d^, b l -> b l"],
+    flops: Formula("2 * b * l * d * n + 4 * b * l * n"),
+    attrs: [(name: "chunk", kind: Int, default: Some("4"))],
+    implementation: Some((
+        crate: "chunked_ce",
+        path: "chunked_ce::chunked_linear_cross_entropy",
+        crate_path: Some("{}"),
+    )),
+)]
+"#,
+            crate_dir.display()
+        ),
+    )
+    .expect("write the annotation file");
+    let anno_s = anno.display().to_string();
+    let args = [
+        "--plan-ngpus",
+        "2",
+        "--tp",
+        "2",
+        "--pp",
+        "1",
+        "--sp",
+        "false",
+        "--annotations",
+        &anno_s,
+        "--loss",
+        "chunked_ce",
+    ];
+    let out = dir.path().join("plan");
+    compile(&out, &args).expect("compile with the custom op");
+    let blocks = std::fs::read_to_string(out.join("gencode/src/blocks.rs")).expect("blocks.rs");
+    assert!(
+        blocks.contains("chunked_ce::chunked_linear_cross_entropy(")
+            && !blocks.contains("ops::cross_entropy("),
+        "{blocks}"
+    );
+    let toml = std::fs::read_to_string(out.join("gencode/Cargo.toml")).expect("Cargo.toml");
+    assert!(toml.contains("chunked_ce = { path = "), "{toml}");
+    compare_with_single_device(2, &out, &args, &[]);
 }
 
 #[test]

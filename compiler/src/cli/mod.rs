@@ -85,6 +85,10 @@ struct ModelArgs {
     /// Extra annotation files registering custom ops (repeatable).
     #[arg(long = "annotations", value_name = "FILE")]
     annotations: Vec<PathBuf>,
+    /// A registered op replacing the head's projection and cross-entropy
+    /// (hidden, head weight, labels -> per-token loss), e.g. chunked_ce.
+    #[arg(long, value_name = "OP")]
+    loss: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -136,6 +140,10 @@ struct CompileArgs {
     /// Extra annotation files registering custom ops (repeatable).
     #[arg(long = "annotations", value_name = "FILE")]
     annotations: Vec<PathBuf>,
+    /// A registered op replacing the head's projection and cross-entropy
+    /// (hidden, head weight, labels -> per-token loss), e.g. chunked_ce.
+    #[arg(long, value_name = "OP")]
+    loss: Option<String>,
     /// A RON constraints file (fields as the flags below, plus `splits`).
     #[arg(long)]
     constraints: Option<PathBuf>,
@@ -197,8 +205,11 @@ fn registry(files: &[PathBuf]) -> Result<Registry> {
 
 fn trace(args: &TraceArgs) -> Result<()> {
     let registry = registry(&args.model.annotations)?;
-    let model = load_model(&args.model.model)
+    let mut model = load_model(&args.model.model)
         .with_context(|| format!("loading model '{}'", args.model.model))?;
+    if let Some(op) = &args.model.loss {
+        model.set_loss_op(op).map_err(anyhow::Error::msg)?;
+    }
     let options = TraceOptions {
         batch: args.model.batch,
         seq_len: args.model.seq_len,
@@ -225,8 +236,11 @@ fn trace(args: &TraceArgs) -> Result<()> {
 
 fn compile(args: &CompileArgs) -> Result<()> {
     let registry = registry(&args.annotations)?;
-    let model =
+    let mut model =
         load_model(&args.model).with_context(|| format!("loading model '{}'", args.model))?;
+    if let Some(op) = &args.loss {
+        model.set_loss_op(op).map_err(anyhow::Error::msg)?;
+    }
     let cluster = load_cluster(&args.cluster)
         .with_context(|| format!("loading cluster '{}'", args.cluster))?;
     let seq_len = args.seq_len.unwrap_or_else(|| model.default_seq_len());
@@ -310,6 +324,7 @@ fn compile(args: &CompileArgs) -> Result<()> {
         model_spec: &args.model,
         family: model.family(),
         annotation_files,
+        loss_op: model.loss_op().map(str::to_string),
         cluster: &args.cluster,
         seq_len,
         dtype: args.dtype,
@@ -360,6 +375,7 @@ fn compile(args: &CompileArgs) -> Result<()> {
     let home = build::autopart_home()?;
     let options = crate::codegen::CodegenOptions {
         runtime_path: home.join("runtime"),
+        custom_ops: custom_op_impls(&registry, &program)?,
     };
     let package = crate::codegen::write_crate(&program, &options, &gencode)
         .context("generating the plan's code")?;
@@ -434,6 +450,59 @@ fn compile(args: &CompileArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where the generated code finds each custom op of `program`: its crate
+/// (resolved against the annotation file that registered it), function and
+/// attributes.
+fn custom_op_impls(
+    registry: &Registry,
+    program: &crate::lower::ExecProgram,
+) -> Result<std::collections::BTreeMap<String, crate::codegen::CustomOpImpl>> {
+    let mut out = std::collections::BTreeMap::new();
+    for block in program.blocks() {
+        for op in block.ops() {
+            let crate::ir::OpKind::Custom(name) = &op.kind else {
+                continue;
+            };
+            let sig = registry
+                .get(name)
+                .with_context(|| format!("custom op '{name}' is not registered"))?;
+            let imp = sig.implementation.as_ref().with_context(|| {
+                format!(
+                    "custom op '{name}' has no implementation in its annotation file: add `implementation: Some((crate: ..., path: ..., crate_path: ...))`"
+                )
+            })?;
+            let crate_dir = match &imp.crate_path {
+                Some(dir) => {
+                    let file = registry
+                        .source(name)
+                        .map(|l| PathBuf::from(&l.file))
+                        .unwrap_or_default();
+                    let base = file.parent().unwrap_or(std::path::Path::new("."));
+                    let joined = base.join(dir);
+                    Some(joined.canonicalize().with_context(|| {
+                        format!(
+                            "crate_path '{dir}' of custom op '{name}' ({}): no such folder",
+                            joined.display()
+                        )
+                    })?)
+                }
+                None => None,
+            };
+            let attrs = sig.attrs.iter().cloned().collect();
+            out.insert(
+                name.clone(),
+                crate::codegen::CustomOpImpl {
+                    crate_name: imp.crate_name.clone(),
+                    path: imp.path.clone(),
+                    crate_dir,
+                    attrs,
+                },
+            );
+        }
+    }
+    Ok(out)
 }
 
 /// Lowers `plan` for `model`: traces the graph at the plan's micro-batch

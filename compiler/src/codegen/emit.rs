@@ -1,10 +1,10 @@
 //! The generated files' text.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
-use super::{CodegenError, CodegenOptions, GeneratedFile, package_name};
-use crate::anno::Layout;
+use super::{CodegenError, CodegenOptions, CustomOpImpl, GeneratedFile, package_name};
+use crate::anno::{AttrKind, AttrSpec, Layout};
 use crate::ir::{AttrValue, OpKind};
 use crate::lower::{
     AdapterKind, Block, BlockKind, ExecProgram, LocalOp, Operand, ParamDecl, ParamInit, Segment,
@@ -147,7 +147,37 @@ fn param_vars(block: &Block) -> Vec<(String, String)> {
     out
 }
 
+/// A Rust literal for attribute `spec` of custom op `op`: its value, else
+/// the declared default.
+fn custom_attr(op: &LocalOp, spec: &AttrSpec) -> Result<String, CodegenError> {
+    let missing = || {
+        CodegenError::Unsupported(format!(
+            "{}: attribute '{}' has no value and no default",
+            op.traced, spec.name
+        ))
+    };
+    let value = match op.attrs.get(&spec.name) {
+        Some(v) => v.clone(),
+        None => {
+            let text = spec.default.as_deref().ok_or_else(missing)?;
+            match spec.kind {
+                AttrKind::Int => AttrValue::Int(text.parse().map_err(|_| missing())?),
+                AttrKind::Float => AttrValue::Float(text.parse().map_err(|_| missing())?),
+                AttrKind::Bool => AttrValue::Bool(text.parse().map_err(|_| missing())?),
+                AttrKind::Str => AttrValue::Str(text.to_string()),
+            }
+        }
+    };
+    Ok(match value {
+        AttrValue::Int(i) => format!("{i}"),
+        AttrValue::Float(f) => f64_lit(f),
+        AttrValue::Bool(b) => format!("{b}"),
+        AttrValue::Str(s) => format!("{s:?}"),
+    })
+}
+
 struct BlockGen<'a> {
+    custom: &'a BTreeMap<String, CustomOpImpl>,
     block: &'a Block,
     params: Vec<(String, String)>,
     /// Rust variable of each value.
@@ -155,7 +185,7 @@ struct BlockGen<'a> {
 }
 
 impl<'a> BlockGen<'a> {
-    fn new(block: &'a Block) -> Self {
+    fn new(block: &'a Block, custom: &'a BTreeMap<String, CustomOpImpl>) -> Self {
         let mut taken: BTreeSet<String> = BTreeSet::new();
         let params = param_vars(block);
         taken.extend(params.iter().map(|(_, v)| v.clone()));
@@ -172,6 +202,7 @@ impl<'a> BlockGen<'a> {
             })
             .collect();
         Self {
+            custom,
             block,
             params,
             vars,
@@ -264,10 +295,24 @@ impl<'a> BlockGen<'a> {
             OpKind::CrossEntropy => format!("ops::cross_entropy({}, {})?", a(0), a(1)),
             OpKind::Mean => format!("ops::mean({}, total_tokens)?", a(0)),
             OpKind::Custom(name) => {
-                return Err(CodegenError::Unsupported(format!(
-                    "custom op '{name}' ({}): generated code cannot call custom op crates yet",
-                    op.traced
-                )));
+                let imp = self.custom.get(name).ok_or_else(|| {
+                    CodegenError::Unsupported(format!(
+                        "custom op '{name}' ({}) has no implementation to call",
+                        op.traced
+                    ))
+                })?;
+                if op.outputs.len() != 1 {
+                    return Err(CodegenError::Unsupported(format!(
+                        "custom op '{name}' ({}) has {} outputs; generated calls take one",
+                        op.traced,
+                        op.outputs.len()
+                    )));
+                }
+                let mut args: Vec<String> = (0..op.inputs.len()).map(a).collect();
+                for spec in &imp.attrs {
+                    args.push(custom_attr(op, spec)?);
+                }
+                format!("{}({})?", imp.path, args.join(", "))
             }
         })
     }
@@ -458,7 +503,9 @@ fn params_fn(program: &ExecProgram, kind: BlockKind, out: &mut String) {
     let _ = writeln!(out, "    ]\n}}");
 }
 
-fn blocks_rs(program: &ExecProgram) -> Result<String, CodegenError> {
+static NO_CUSTOM_OPS: BTreeMap<String, CustomOpImpl> = BTreeMap::new();
+
+fn blocks_rs(program: &ExecProgram, options: &CodegenOptions) -> Result<String, CodegenError> {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -467,11 +514,28 @@ fn blocks_rs(program: &ExecProgram) -> Result<String, CodegenError> {
     );
     let _ = writeln!(out, "use std::collections::HashMap;\n");
     let _ = writeln!(out, "use autopart_runtime::comm::Communicator;");
+    let has_adapters = program
+        .blocks()
+        .iter()
+        .any(|b| b.adapters().next().is_some());
+    let has_attention = program
+        .blocks()
+        .iter()
+        .any(|b| b.ops().any(|op| op.kind == OpKind::Attention));
     let _ = writeln!(
         out,
-        "use autopart_runtime::exec::{{\n    Adapter, ExecError, Init, Keep, Param, ParamSpec, Tape, TpGrad, ValueId,\n}};"
+        "use autopart_runtime::exec::{{\n    {}ExecError, Init, Keep, Param, ParamSpec, Tape, TpGrad, ValueId,\n}};",
+        if has_adapters { "Adapter, " } else { "" }
     );
-    let _ = writeln!(out, "use autopart_runtime::ops::{{self, Mask}};");
+    let _ = writeln!(
+        out,
+        "use autopart_runtime::ops::{};",
+        if has_attention {
+            "{self, Mask}"
+        } else {
+            "self"
+        }
+    );
     let _ = writeln!(out, "use tch::Tensor;");
     out.push_str(
         r#"
@@ -549,7 +613,7 @@ fn outputs<const N: usize>(ids: Vec<ValueId>) -> Result<[ValueId; N], ExecError>
         params_fn(program, kind, &mut out);
     }
     for block in program.blocks() {
-        BlockGen::new(block).function(&mut out)?;
+        BlockGen::new(block, &options.custom_ops).function(&mut out)?;
     }
     Ok(out)
 }
@@ -568,7 +632,7 @@ fn block_call(program: &ExecProgram, kind: BlockKind, args: &[&str]) -> String {
         BlockKind::Layer => &program.layer,
         BlockKind::Head => &program.head,
     };
-    let g = BlockGen::new(block);
+    let g = BlockGen::new(block, &NO_CUSTOM_OPS);
     let name = match kind {
         BlockKind::Embed => "embed",
         BlockKind::Layer => "layer",
@@ -664,7 +728,7 @@ fn stage_rs(program: &ExecProgram, stage: &StageProgram) -> String {
     let any_first = stage.embedding;
     let any_received = !(stage.embedding && n_chunks == 1);
     let any_last = stage.head;
-    let head_total = BlockGen::new(&program.head).uses_total_tokens();
+    let head_total = BlockGen::new(&program.head, &NO_CUSTOM_OPS).uses_total_tokens();
     let used = |name: &str, yes: bool| {
         if yes {
             name.to_string()
@@ -756,7 +820,12 @@ fn stage_rs(program: &ExecProgram, stage: &StageProgram) -> String {
     );
     let _ = writeln!(
         out,
-        "    fn fusable(&self, tp_size: usize) -> bool {{\n        {}\n    }}",
+        "    fn fusable(&self, {}) -> bool {{\n        {}\n    }}",
+        if stage.recompute == Recompute::None {
+            "tp_size: usize"
+        } else {
+            "_tp_size: usize"
+        },
         if stage.recompute == Recompute::None {
             "tp_size == 1"
         } else {
@@ -867,6 +936,21 @@ fn cargo_toml(name: &str, options: &CodegenOptions) -> String {
         .display()
         .to_string()
         .replace('\\', "/");
+    let mut custom = String::new();
+    let mut seen = BTreeSet::new();
+    for imp in options.custom_ops.values() {
+        if !seen.insert(imp.crate_name.clone()) {
+            continue;
+        }
+        let dep = match &imp.crate_dir {
+            Some(dir) => format!(
+                "{{ path = \"{}\" }}",
+                dir.display().to_string().replace('\\', "/")
+            ),
+            None => "\"*\"".to_string(),
+        };
+        custom.push_str(&format!("# Custom ops.\n{} = {dep}\n", imp.crate_name));
+    }
     format!(
         r#"# Generated by autopart; do not edit.
 [package]
@@ -881,7 +965,7 @@ autopart-runtime = {{ path = "{runtime}" }}
 tch = "0.24"
 # Direct, so that build.rs sees DEP_TCH_LIBTORCH_LIB (torch-sys has `links = "tch"`).
 torch-sys = "0.24"
-
+{custom}
 # Its own workspace, even when OUT lies inside another one.
 [workspace]
 
@@ -949,7 +1033,7 @@ pub fn generate_files(
         },
         GeneratedFile {
             path: "src/blocks.rs".into(),
-            text: rustfmt(blocks_rs(program)?),
+            text: rustfmt(blocks_rs(program, options)?),
         },
     ];
     for s in &program.stages {

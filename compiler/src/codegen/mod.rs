@@ -14,12 +14,14 @@
 
 mod emit;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
 pub use emit::generate_files;
 
+use crate::anno::AttrSpec;
 use crate::lower::ExecProgram;
 
 /// Why code could not be generated or written.
@@ -36,10 +38,25 @@ pub enum CodegenError {
 }
 
 /// Where the generated crate finds its dependencies.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct CodegenOptions {
     /// The `autopart-runtime` crate's folder.
     pub runtime_path: PathBuf,
+    /// The implementation of every custom op the program uses, by op name.
+    pub custom_ops: BTreeMap<String, CustomOpImpl>,
+}
+
+/// How generated code calls a custom op: `path(inputs.., attrs..)`, each
+/// input a `&Tensor` (this rank's shard), then the op's attributes in their
+/// declared order, returning `Result<Tensor, E>` with `ExecError: From<E>`
+/// (`tch::TchError` or `autopart_runtime::ops::OpError`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CustomOpImpl {
+    pub crate_name: String,
+    pub path: String,
+    /// The crate's folder (a path dependency); `None`: from crates.io.
+    pub crate_dir: Option<PathBuf>,
+    pub attrs: Vec<AttrSpec>,
 }
 
 /// One generated file: a path relative to the crate root and its text.

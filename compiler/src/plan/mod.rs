@@ -121,6 +121,9 @@ pub struct ModelRef {
     pub params: u64,
     /// User annotation files the graph needs (custom ops).
     pub annotation_files: Vec<String>,
+    /// The custom op replacing the head's projection and cross-entropy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_op: Option<String>,
 }
 
 /// The tracing inputs: the graph each pipeline stage runs is the model

@@ -153,7 +153,8 @@ fn collective_name(c: Collective) -> &'static str {
 }
 
 fn mib(bytes: f64) -> f64 {
-    bytes / f64::from(1u32 << 20)
+    // `+ 0.0`: an empty float sum is -0.0, printed "-0.00".
+    bytes / f64::from(1u32 << 20) + 0.0
 }
 
 fn cell(t: Option<&Tally>) -> String {

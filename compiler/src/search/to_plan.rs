@@ -16,6 +16,8 @@ pub struct PlanContext<'a> {
     pub model_spec: &'a str,
     pub family: &'a str,
     pub annotation_files: Vec<String>,
+    /// The custom loss op the model was traced with.
+    pub loss_op: Option<String>,
     pub cluster: &'a str,
     pub seq_len: u64,
     pub dtype: DType,
@@ -79,6 +81,7 @@ pub fn to_plan(ctx: &PlanContext<'_>, candidate: &Candidate) -> Plan {
             family: ctx.family.to_string(),
             params: ctx.graph.n_params(),
             annotation_files: ctx.annotation_files.clone(),
+            loss_op: ctx.loss_op.clone(),
         },
         trace: TraceSpec {
             seq_len: ctx.seq_len,

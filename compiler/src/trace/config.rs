@@ -55,6 +55,29 @@ pub enum ConfigError {
 }
 
 impl ModelConfig {
+    /// Replaces the head's projection and cross-entropy with the registered
+    /// op `op` (`hidden, head weight, labels -> per-token loss`). Llama only.
+    pub fn set_loss_op(&mut self, op: &str) -> Result<(), String> {
+        match self {
+            ModelConfig::Llama(c) => {
+                c.loss_op = Some(op.to_string());
+                Ok(())
+            }
+            ModelConfig::Gpt(c) => Err(format!(
+                "--loss {op}: a custom loss op is supported for llama-family models, not {} (gpt)",
+                c.name
+            )),
+        }
+    }
+
+    /// The custom loss op, if any.
+    pub fn loss_op(&self) -> Option<&str> {
+        match self {
+            ModelConfig::Llama(c) => c.loss_op.as_deref(),
+            ModelConfig::Gpt(_) => None,
+        }
+    }
+
     pub fn name(&self) -> &str {
         match self {
             ModelConfig::Llama(c) => &c.name,
@@ -219,6 +242,7 @@ impl ModelConfig {
                     rms_norm_eps: f.opt_float("rms_norm_eps")?.unwrap_or(1e-6),
                     rope_theta: f.opt_float("rope_theta")?.unwrap_or(10_000.0),
                     tie_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+                    loss_op: None,
                 })
             }
             "gpt2" => {

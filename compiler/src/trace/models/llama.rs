@@ -98,13 +98,23 @@ pub(super) fn trace(
     } else {
         t.param("lm_head.weight", &[v, h], dtype)
     };
-    let logits = t.op(OpKind::Linear, "lm_head", &[x, head_w], &[])?;
-    let per_token = t.op(
-        OpKind::CrossEntropy,
-        "loss.cross_entropy",
-        &[logits, labels],
-        &[],
-    )?;
+    let per_token = match &c.loss_op {
+        Some(op) => t.op(
+            OpKind::Custom(op.clone()),
+            "loss.fused",
+            &[x, head_w, labels],
+            &[],
+        )?,
+        None => {
+            let logits = t.op(OpKind::Linear, "lm_head", &[x, head_w], &[])?;
+            t.op(
+                OpKind::CrossEntropy,
+                "loss.cross_entropy",
+                &[logits, labels],
+                &[],
+            )?
+        }
+    };
     t.op(OpKind::Mean, "loss.mean", &[per_token], &[])?;
     Ok(())
 }

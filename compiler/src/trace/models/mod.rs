@@ -30,6 +30,10 @@ pub struct LlamaConfig {
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub tie_embeddings: bool,
+    /// A registered op that replaces the head's projection and
+    /// cross-entropy (`hidden, head weight, labels -> per-token loss`), e.g.
+    /// `chunked_ce`; `None` keeps `lm_head` + `cross_entropy`.
+    pub loss_op: Option<String>,
 }
 
 /// A GPT-2/3 style model.
@@ -72,6 +76,7 @@ fn llama(
         rms_norm_eps,
         rope_theta,
         tie_embeddings: false,
+        loss_op: None,
     })
 }
 
