@@ -215,6 +215,49 @@ fn compile_rejects_impossible_requests_cleanly() {
         ],
         "unknown schedule 'zigzag'",
     );
+    fails_with(
+        &[
+            "compile",
+            "--model",
+            "gpt-mini",
+            "--plan-ngpus",
+            "2",
+            "--pp",
+            "2",
+            "--no-build",
+            "--out",
+            "/tmp/autopart-never",
+        ],
+        "tied weights need pp=1",
+    );
+    fails_with(
+        &[
+            "compile",
+            "--model",
+            "gpt-mini",
+            "--plan-ngpus",
+            "1",
+            "--loss",
+            "chunked_ce",
+            "--out",
+            "/tmp/autopart-never",
+        ],
+        "not gpt-mini (gpt)",
+    );
+    fails_with(
+        &[
+            "compile",
+            "--model",
+            "llama-mini",
+            "--plan-ngpus",
+            "1",
+            "--loss",
+            "chunked_ce",
+            "--out",
+            "/tmp/autopart-never",
+        ],
+        "chunked_ce",
+    );
     assert!(!std::path::Path::new("/tmp/autopart-never/plan.ron").exists());
 }
 

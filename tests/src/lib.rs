@@ -44,14 +44,14 @@ pub fn autopart(args: &[&str]) -> Result<Output> {
     Ok(out)
 }
 
-/// The common arguments of every end-to-end compile: llama-mini, a CPU
+/// The common arguments of every end-to-end compile: `model`, a CPU
 /// cluster, fp32, 16 tokens per sequence, 8 sequences per step, a dev build
 /// of the plan binary (it shares the test build's compiled dependencies).
-pub fn compile_args(out: &Path) -> Vec<String> {
+pub fn compile_args(out: &Path, model: &str) -> Vec<String> {
     [
         "compile",
         "--model",
-        "llama-mini",
+        model,
         "--cluster",
         "cpu",
         "--dtype",
@@ -73,7 +73,12 @@ pub fn compile_args(out: &Path) -> Vec<String> {
 /// `autopart compile` of llama-mini into `out` with `extra` arguments. The
 /// generated crate must build without warnings.
 pub fn compile(out: &Path, extra: &[&str]) -> Result<()> {
-    let mut args = compile_args(out);
+    compile_model(out, "llama-mini", extra)
+}
+
+/// [`compile`] of `model`.
+pub fn compile_model(out: &Path, model: &str, extra: &[&str]) -> Result<()> {
+    let mut args = compile_args(out, model);
     args.extend(extra.iter().map(ToString::to_string));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let output = autopart(&refs)?;

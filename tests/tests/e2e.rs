@@ -10,14 +10,14 @@
 
 use std::path::Path;
 
-use autopart_tests::{StepMetrics, compile, launch, train};
+use autopart_tests::{StepMetrics, compile, compile_model, launch, train};
 
 const STEPS: u32 = 5;
 const RTOL: f64 = 1e-5;
 
-fn reference(dir: &Path, run_args: &[&str]) -> Vec<StepMetrics> {
+fn reference(dir: &Path, model: &str, run_args: &[&str]) -> Vec<StepMetrics> {
     let out = dir.join("single");
-    compile(&out, &["--plan-ngpus", "1"]).expect("compile the single-device plan");
+    compile_model(&out, model, &["--plan-ngpus", "1"]).expect("compile the single-device plan");
     train(1, &out, STEPS, run_args).expect("train the single-device plan")
 }
 
@@ -36,15 +36,21 @@ fn same_as_single_device_with(np: usize, args: &[&str], run_args: &[&str]) {
     let dir = tempfile::tempdir().expect("temp dir");
     let out = dir.path().join("plan");
     compile(&out, args).expect("compile the plan");
-    compare_with_single_device(np, &out, args, run_args);
+    compare_with_single_device(np, &out, "llama-mini", args, run_args);
 }
 
 /// Trains the plan compiled in `out` (from `args`) and compares it with the
 /// single-device plan, compiled next to it.
-fn compare_with_single_device(np: usize, out: &Path, args: &[&str], run_args: &[&str]) {
+fn compare_with_single_device(
+    np: usize,
+    out: &Path,
+    model: &str,
+    args: &[&str],
+    run_args: &[&str],
+) {
     let dir = out.parent().expect("the plan folder has a parent");
     let got = train(np, out, STEPS, run_args).expect("train the plan");
-    let want = reference(dir, run_args);
+    let want = reference(dir, model, run_args);
     let mut worst = 0.0f64;
     for (g, w) in got.iter().zip(&want) {
         assert_eq!(g.step, w.step);
@@ -375,7 +381,36 @@ fn tp2_with_a_custom_loss_op() {
     );
     let toml = std::fs::read_to_string(out.join("gencode/Cargo.toml")).expect("Cargo.toml");
     assert!(toml.contains("chunked_ce = { path = "), "{toml}");
-    compare_with_single_device(2, &out, &args, &[]);
+    compare_with_single_device(2, &out, "llama-mini", &args, &[]);
+}
+
+#[test]
+fn gpt_tp2_with_tied_embeddings() {
+    // GPT: learned positions, LayerNorm with biases, GeLU, and the token
+    // embedding tied to the head (both split along the vocab).
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("plan");
+    let args = ["--plan-ngpus", "2", "--tp", "2", "--sp", "false"];
+    compile_model(&out, "gpt-mini", &args).expect("compile gpt-mini");
+    compare_with_single_device(2, &out, "gpt-mini", &args, &[]);
+}
+
+#[test]
+fn gpt_dp2_tp2_sequence_parallel() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("plan");
+    let args = [
+        "--plan-ngpus",
+        "4",
+        "--tp",
+        "2",
+        "--dp",
+        "2",
+        "--sp",
+        "true",
+    ];
+    compile_model(&out, "gpt-mini", &args).expect("compile gpt-mini");
+    compare_with_single_device(4, &out, "gpt-mini", &args, &[]);
 }
 
 #[test]

@@ -294,7 +294,9 @@ fn compile(args: &CompileArgs) -> Result<()> {
     let graph = trace_model(&model, &options, &registry)
         .with_context(|| format!("tracing {}", model.name()))?;
     let summary = Summary::new(&graph, model.family(), &registry)?;
-    let input = SearchInput {
+    let tied = tied_consumers(&graph);
+    let replicated_ties = tie_constraints(&tied, &mut constraints)?;
+    let mut input = SearchInput {
         graph: &graph,
         registry: &registry,
         model: &model,
@@ -306,7 +308,17 @@ fn compile(args: &CompileArgs) -> Result<()> {
         top_k: args.top.max(1),
     };
     let started = std::time::Instant::now();
-    let result = search(&input).context("searching a plan")?;
+    let result = match search(&input) {
+        // Tied weights split along the vocab on both ends where the vocab
+        // divides; replicated on both ends where it does not.
+        Err(crate::search::SearchError::Constraint(msg)) if !tied.is_empty() => {
+            tracing::info!(%msg, "tied weights: vocab-parallel split not legal, replicating them");
+            input.constraints = &replicated_ties;
+            search(&input)
+        }
+        other => other,
+    }
+    .context("searching a plan")?;
     let elapsed = started.elapsed().as_secs_f64();
     tracing::info!(
         evaluated = result.evaluated,
@@ -450,6 +462,86 @@ fn compile(args: &CompileArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Parameters read by more than one op (tied weights), each with its
+/// consumers' plan patterns and the annotation identifier of the
+/// parameter's first dim in each (the vocab, for tied embeddings).
+fn tied_consumers(graph: &crate::ir::Graph) -> Vec<(String, Vec<(String, Option<String>)>)> {
+    use crate::anno::{Dim, Factor, Shape};
+    let mut out = Vec::new();
+    for (t, tensor) in graph.parameters() {
+        let consumers = graph.consumers(t);
+        if consumers.len() < 2 {
+            continue;
+        }
+        let uses = consumers
+            .iter()
+            .map(|&o| {
+                let op = graph.op(o);
+                let first_dim = op
+                    .inputs
+                    .iter()
+                    .position(|&i| i == t)
+                    .and_then(|i| op.annotation.inputs.get(i))
+                    .and_then(|shape| match shape {
+                        Shape::Tensor(dims) => match dims.first() {
+                            Some(Dim::Single(Factor::Named { name, .. })) => Some(name.clone()),
+                            Some(Dim::Group(fs)) => match fs.first() {
+                                Some(Factor::Named { name, .. }) => Some(name.clone()),
+                                _ => None,
+                            },
+                            _ => None,
+                        },
+                        Shape::Opaque => None,
+                    });
+                (crate::plan::layer_pattern(&op.name, op.layer), first_dim)
+            })
+            .collect();
+        out.push((tensor.name.clone(), uses));
+    }
+    out
+}
+
+/// Constraints for tied weights: every op reading a tied parameter must
+/// read it in the same layout, and (until the runtime exchanges tied
+/// gradients between stages) on one pipeline stage. Pins the consumers'
+/// splits to the parameter's first dim (vocab-parallel on both ends, as
+/// Megatron does) in `constraints`, and returns the alternative pinning
+/// every consumer replicated.
+fn tie_constraints(
+    tied: &[(String, Vec<(String, Option<String>)>)],
+    constraints: &mut Constraints,
+) -> Result<Constraints> {
+    let mut replicated = constraints.clone();
+    if tied.is_empty() {
+        return Ok(replicated);
+    }
+    let names: Vec<&str> = tied.iter().map(|(n, _)| n.as_str()).collect();
+    match constraints.pp {
+        Some(pp) if pp > 1 => anyhow::bail!(
+            "{} tied between ops; tied weights need pp=1 for now (the runtime does not exchange their gradients between pipeline stages), got --pp {pp}",
+            names.join(", ")
+        ),
+        _ => {
+            constraints.pp = Some(1);
+            replicated.pp = Some(1);
+        }
+    }
+    for (_, uses) in tied {
+        if uses
+            .iter()
+            .any(|(op, _)| constraints.splits.contains_key(op))
+        {
+            // The user pinned them: their choice stands.
+            continue;
+        }
+        for (op, first_dim) in uses {
+            constraints.splits.insert(op.clone(), first_dim.clone());
+            replicated.splits.insert(op.clone(), None);
+        }
+    }
+    Ok(replicated)
 }
 
 /// Where the generated code finds each custom op of `program`: its crate
