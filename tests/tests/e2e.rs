@@ -432,6 +432,32 @@ fn a_wrong_world_size_is_refused_before_any_work() {
     assert!(stderr.contains("mpirun -np 2"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!metrics.exists(), "no step may run");
+
+    // A later compile that did not build leaves a binary that no longer
+    // matches plan.ron: run refuses it.
+    compile(
+        &out,
+        &[
+            "--plan-ngpus",
+            "2",
+            "--tp",
+            "2",
+            "--sp",
+            "true",
+            "--no-build",
+        ],
+    )
+    .expect("compile without building");
+    let output = launch(
+        2,
+        &out,
+        &["--steps", "1"],
+        std::time::Duration::from_secs(120),
+    )
+    .expect("mpirun runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("not built from the current"), "{stderr}");
 }
 
 #[test]

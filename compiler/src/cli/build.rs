@@ -16,6 +16,22 @@ use crate::plan::read_plan;
 /// The file name of the built plan binary inside OUT.
 pub const PLAN_BINARY: &str = "autopart-plan";
 
+/// Next to the binary: a hash of the `plan.ron` it was built from, so that
+/// `run` never starts a binary that no longer matches the plan (a later
+/// `compile` that failed to build, or ran with `--no-build`).
+const PLAN_STAMP: &str = "autopart-plan.stamp";
+
+fn plan_hash(out: &Path) -> Result<String> {
+    let path = out.join("plan.ron");
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    Ok(format!("{h:016x}\n"))
+}
+
 /// The autopart source tree the generated code builds against:
 /// `$AUTOPART_HOME`, else the tree this binary was built from.
 pub fn autopart_home() -> Result<PathBuf> {
@@ -90,6 +106,11 @@ pub fn build_plan_binary(
     std::fs::copy(&built, &tmp)
         .with_context(|| format!("copying {} to {}", built.display(), tmp.display()))?;
     std::fs::rename(&tmp, &dest).with_context(|| format!("writing {}", dest.display()))?;
+    let stamp = out.join(PLAN_STAMP);
+    let tmp = out.join(format!(".{PLAN_STAMP}.tmp"));
+    std::fs::write(&tmp, plan_hash(out)?)
+        .and_then(|()| std::fs::rename(&tmp, &stamp))
+        .with_context(|| format!("writing {}", stamp.display()))?;
     Ok(dest)
 }
 
@@ -126,6 +147,14 @@ pub fn run(out: &Path, args: &[String]) -> Result<()> {
         bail!(
             "{} does not exist: build it with `autopart compile` (without --no-build)",
             binary.display()
+        );
+    }
+    let stamp = std::fs::read_to_string(out.join(PLAN_STAMP)).unwrap_or_default();
+    if stamp != plan_hash(out)? {
+        bail!(
+            "{} was not built from the current {} (a later compile did not build it): run `autopart compile` again without --no-build",
+            binary.display(),
+            plan_path.display()
         );
     }
     let wanted = plan.runtime_gpus;
