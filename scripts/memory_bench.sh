@@ -98,7 +98,7 @@ import sys
 
 out, names = sys.argv[1], sys.argv[2:]
 MIB = 1 << 20
-PARTS = ["params", "grads", "optimizer", "activations", "transient"]
+PARTS = ["params", "grads", "optimizer", "activations", "transient", "allocator"]
 
 
 def prediction(text):
@@ -106,7 +106,7 @@ def prediction(text):
     stages = []
     for m in re.finditer(r"memory: \((.*?)\)", text, re.S):
         fields = dict(re.findall(r"(\w+)_bytes: (\d+)", m.group(1)))
-        stages.append({k: int(fields[k]) for k in PARTS})
+        stages.append({k: int(fields.get(k, 0)) for k in PARTS})
     mesh = {k: int(re.search(rf"\b{k}: (\d+)", text).group(1)) for k in ("tp", "dp", "pp")}
     return stages, mesh
 
@@ -136,7 +136,7 @@ for name in names:
         rows.append((label, measured, predicted, err, st))
 
 head = f"{'plan':<16} {'measured MiB':>12} {'predicted MiB':>13} {'error':>7}  {'<=20%':<5}  " + \
-    "predicted: " + " / ".join(p[:5] if p != "optimizer" else "opt" for p in PARTS) + " (MiB)"
+    "predicted: " + " / ".join({"optimizer": "opt", "activations": "act", "transient": "trans", "allocator": "alloc"}.get(p, p) for p in PARTS) + " (MiB)"
 print(head)
 print("-" * len(head))
 hits = total = 0
