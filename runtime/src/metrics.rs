@@ -267,9 +267,9 @@ mod tests {
         };
         assert!(unknown.json().contains("\"loss\":null"));
         assert!(
-            unknown
-                .json()
-                .ends_with("\"rss_over_baseline_bytes\":null,\"rank_peaks_over_baseline_bytes\":[]}")
+            unknown.json().ends_with(
+                "\"rss_over_baseline_bytes\":null,\"rank_peaks_over_baseline_bytes\":[]}"
+            )
         );
         assert!(!unknown.console_line().contains("rss"));
     }
@@ -291,7 +291,10 @@ mod tests {
             assert!(m.hwm >= m.rss && m.rss > 0, "{m:?}");
             let w = peak_over_world(Some(m.rss), &SoloComm).expect("one rank");
             assert!(w.peak.is_some_and(|p| p >= m.hwm), "{w:?}");
-            assert_eq!(w.over_baseline.map(|o| vec![o]), Some(w.ranks_over_baseline));
+            assert_eq!(
+                w.over_baseline.map(|o| vec![o]),
+                Some(w.ranks_over_baseline)
+            );
         }
     }
 
