@@ -378,11 +378,14 @@ fn describe(p: &crate::search::Candidate) -> String {
     )
 }
 
-/// The cluster a run is priced on: the hardware preset, with the attention
-/// kernel of the run's software stack (Narayanan et al. 2021 predates
+/// The cluster a run is priced on: the hardware preset, with the memory
+/// behaviour of the published stacks (Megatron-LM, DeepSpeed, FSDP: ZeRO-3
+/// per layer, full recompute keeping layer inputs) and the attention kernel
+/// of the run's software stack (Narayanan et al. 2021 predates
 /// FlashAttention: Megatron then materialised the scores).
 pub fn run_cluster(run: &Run, hardware: &Cluster) -> Cluster {
     let mut c = hardware.clone();
+    c.memory_stack = crate::cost::MemoryStack::Reference;
     if run.convention == Convention::Narayanan {
         c.attention_kernel = crate::cost::AttentionKernel::Materialized;
     }

@@ -160,6 +160,7 @@ fn stage_prediction(micro_batch_ms: f64, tp_comm_ms: f64, gib: [f64; 5]) -> Stag
             optimizer_bytes: bytes(gib[2]),
             activations_bytes: bytes(gib[3]),
             transient_bytes: bytes(gib[4]),
+            allocator_bytes: 0,
         },
     }
 }

@@ -631,8 +631,8 @@ fn train(
         let (loss, stats) = program::train_step_with(stage.as_mut(), &plan, &g, &batch, &mut opt)?;
         let step_s = t0.elapsed().as_secs_f64();
         step_times.push(step_s);
-        let (peak, over) = metrics::peak_over_world(baseline, &comms.world)?;
-        last_over = over;
+        let peak = metrics::peak_over_world(baseline, &comms.world)?;
+        last_over = peak.over_baseline;
         let record = StepRecord {
             step: step + 1,
             steps: opts.steps,
@@ -641,8 +641,9 @@ fn train(
             lr: stats.lr,
             step_s,
             tokens_per_s: tokens / step_s.max(1e-9),
-            peak_rss_bytes: peak,
-            rss_over_baseline_bytes: over,
+            peak_rss_bytes: peak.peak,
+            rss_over_baseline_bytes: peak.over_baseline,
+            rank_peaks_over_baseline_bytes: peak.ranks_over_baseline,
         };
         if rank0 {
             say(&record.console_line());

@@ -5,8 +5,9 @@
 //! Memory is the resident set of the process as Linux reports it in
 //! `/proc/self/status`: `VmRSS` (now) and `VmHWM` (the peak so far). A run
 //! takes the baseline (`VmRSS` before the model is built) and each step
-//! reports the peak over every rank of the world ([`peak_over_world`]);
-//! elsewhere than Linux both are unknown.
+//! reports the peak over every rank of the world and each rank's own peak
+//! over its baseline, in world-rank order ([`peak_over_world`]); elsewhere
+//! than Linux both are unknown.
 //!
 //! This module formats and gathers; it does not decide when a step happens
 //! or which rank writes (the plan binary's [`crate::app`] does).
@@ -20,7 +21,7 @@ use tch::Tensor;
 use thiserror::Error;
 
 /// What one optimizer step did.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct StepRecord {
     /// Steps done so far, from 1.
     pub step: u64,
@@ -40,6 +41,10 @@ pub struct StepRecord {
     pub peak_rss_bytes: Option<u64>,
     /// Peak resident set over the rank's baseline, the most of any rank.
     pub rss_over_baseline_bytes: Option<u64>,
+    /// Each rank's peak resident set over its own baseline, by world rank
+    /// (empty when some rank cannot read its memory). Pipeline stages hold
+    /// different layers, so their peaks differ.
+    pub rank_peaks_over_baseline_bytes: Vec<u64>,
 }
 
 impl StepRecord {
@@ -62,7 +67,7 @@ impl StepRecord {
     }
 
     /// One JSON object on one line (no trailing newline). Non-finite numbers
-    /// and unknown memory are `null`.
+    /// and unknown memory are `null`; unknown per-rank peaks are `[]`.
     pub fn json(&self) -> String {
         let num = |x: f64| {
             if x.is_finite() {
@@ -72,8 +77,13 @@ impl StepRecord {
             }
         };
         let bytes = |b: Option<u64>| b.map_or_else(|| "null".to_string(), |b| b.to_string());
+        let ranks: Vec<String> = self
+            .rank_peaks_over_baseline_bytes
+            .iter()
+            .map(u64::to_string)
+            .collect();
         format!(
-            "{{\"step\":{},\"loss\":{},\"grad_norm\":{},\"lr\":{},\"step_s\":{},\"tokens_per_s\":{},\"peak_rss_bytes\":{},\"rss_over_baseline_bytes\":{}}}",
+            "{{\"step\":{},\"loss\":{},\"grad_norm\":{},\"lr\":{},\"step_s\":{},\"tokens_per_s\":{},\"peak_rss_bytes\":{},\"rss_over_baseline_bytes\":{},\"rank_peaks_over_baseline_bytes\":[{}]}}",
             self.step,
             num(self.loss),
             num(self.grad_norm),
@@ -82,6 +92,7 @@ impl StepRecord {
             num(self.tokens_per_s),
             bytes(self.peak_rss_bytes),
             bytes(self.rss_over_baseline_bytes),
+            ranks.join(","),
         )
     }
 }
@@ -171,13 +182,14 @@ impl Memory {
     }
 }
 
-/// The most of any rank of `world` of (peak resident set, peak over the
-/// rank's `baseline`). `None` when some rank cannot read its memory.
-/// Collective over `world`.
+/// The peak resident set of every rank of `world`: the most of any rank of
+/// the peak and of the peak over the rank's `baseline`, and each rank's
+/// peak over its baseline in rank order. A most is `None`, and the per-rank
+/// list empty, when some rank cannot read its memory. Collective over `world`.
 pub fn peak_over_world(
     baseline: Option<u64>,
     world: &dyn Communicator,
-) -> Result<(Option<u64>, Option<u64>), MetricsError> {
+) -> Result<WorldPeak, MetricsError> {
     // f64 holds byte counts exactly up to 2^53 (8 PiB); -1 marks "unknown".
     let mine = match (Memory::current(), baseline) {
         (Some(m), Some(b)) => [m.hwm as f64, m.hwm.saturating_sub(b) as f64],
@@ -186,14 +198,30 @@ pub fn peak_over_world(
     };
     let all = world.all_gather(&Tensor::from_slice(&mine), 0)?;
     let all = Vec::<f64>::try_from(&all)?;
-    let max_of = |col: usize| -> Option<u64> {
+    let column = |col: usize| -> Option<Vec<u64>> {
         let vals: Vec<f64> = all.iter().skip(col).step_by(2).copied().collect();
         if vals.iter().any(|&v| v < 0.0) {
             return None;
         }
-        Some(vals.into_iter().fold(0.0, f64::max) as u64)
+        Some(vals.into_iter().map(|v| v as u64).collect())
     };
-    Ok((max_of(0), max_of(1)))
+    let max_of = |col: usize| column(col).map(|v| v.into_iter().max().unwrap_or(0));
+    Ok(WorldPeak {
+        peak: max_of(0),
+        over_baseline: max_of(1),
+        ranks_over_baseline: column(1).unwrap_or_default(),
+    })
+}
+
+/// Peak memory over a world of ranks, from [`peak_over_world`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorldPeak {
+    /// The most `VmHWM` of any rank.
+    pub peak: Option<u64>,
+    /// The most `VmHWM` over baseline of any rank.
+    pub over_baseline: Option<u64>,
+    /// Each rank's `VmHWM` over its baseline, by rank; empty when unknown.
+    pub ranks_over_baseline: Vec<u64>,
 }
 
 #[cfg(test)]
@@ -212,6 +240,7 @@ mod tests {
             tokens_per_s: 1250.2,
             peak_rss_bytes: Some(900 << 20),
             rss_over_baseline_bytes: Some(120 << 20),
+            rank_peaks_over_baseline_bytes: vec![120 << 20, 100 << 20],
         }
     }
 
@@ -226,19 +255,21 @@ mod tests {
             r.json(),
             "{\"step\":3,\"loss\":5.40123,\"grad_norm\":2.314,\"lr\":0.003,\"step_s\":0.4134,\
              \"tokens_per_s\":1250.2,\"peak_rss_bytes\":943718400,\
-             \"rss_over_baseline_bytes\":125829120}"
+             \"rss_over_baseline_bytes\":125829120,\
+             \"rank_peaks_over_baseline_bytes\":[125829120,104857600]}"
         );
         let unknown = StepRecord {
             loss: f64::NAN,
             peak_rss_bytes: None,
             rss_over_baseline_bytes: None,
-            ..r
+            rank_peaks_over_baseline_bytes: Vec::new(),
+            ..r.clone()
         };
         assert!(unknown.json().contains("\"loss\":null"));
         assert!(
-            unknown
-                .json()
-                .ends_with("\"rss_over_baseline_bytes\":null}")
+            unknown.json().ends_with(
+                "\"rss_over_baseline_bytes\":null,\"rank_peaks_over_baseline_bytes\":[]}"
+            )
         );
         assert!(!unknown.console_line().contains("rss"));
     }
@@ -258,9 +289,12 @@ mod tests {
         if cfg!(target_os = "linux") {
             let m = Memory::current().expect("linux has /proc/self/status");
             assert!(m.hwm >= m.rss && m.rss > 0, "{m:?}");
-            let (peak, over) = peak_over_world(Some(m.rss), &SoloComm).expect("one rank");
-            assert!(peak.is_some_and(|p| p >= m.hwm), "{peak:?}");
-            assert!(over.is_some(), "{over:?}");
+            let w = peak_over_world(Some(m.rss), &SoloComm).expect("one rank");
+            assert!(w.peak.is_some_and(|p| p >= m.hwm), "{w:?}");
+            assert_eq!(
+                w.over_baseline.map(|o| vec![o]),
+                Some(w.ranks_over_baseline)
+            );
         }
     }
 

@@ -247,7 +247,9 @@ impl DpOptimizer {
                         .map(|s| params[s.param].tensor.detach())
                         .collect();
                     let (lo, hi) = b.owned(dp_rank, dp_size);
-                    master.push(b.flatten(&ts)?.f_narrow(0, lo, hi - lo)?.f_contiguous()?);
+                    // A copy: a view of the slice would keep the whole flat
+                    // bucket alive, dp times the memory ZeRO promises.
+                    master.push(b.flatten(&ts)?.f_narrow(0, lo, hi - lo)?.f_detach_copy()?);
                 }
                 AdamWState::new(&master)?
             }

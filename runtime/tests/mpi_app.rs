@@ -35,7 +35,7 @@ const TIMEOUT: Duration = Duration::from_secs(180);
 const SEED: u64 = 5;
 const STEPS: u64 = 3;
 const RTOL: f64 = 1e-5;
-const FIELDS: [&str; 8] = [
+const FIELDS: [&str; 9] = [
     "step",
     "loss",
     "grad_norm",
@@ -44,6 +44,7 @@ const FIELDS: [&str; 8] = [
     "tokens_per_s",
     "peak_rss_bytes",
     "rss_over_baseline_bytes",
+    "rank_peaks_over_baseline_bytes",
 ];
 
 /// The flags of every training run here, and the optimizer they mean.
@@ -294,6 +295,16 @@ fn compare_metrics(name: &str, path: &PathBuf, want: &[(f64, f64, f64)], check: 
         check.ok(
             &format!("{name}: line {i} knows the rss"),
             rss_known,
+            || line.to_string(),
+        );
+        // Both runs here are two ranks: one peak each.
+        let ranks_known = !cfg!(target_os = "linux")
+            || v["rank_peaks_over_baseline_bytes"]
+                .as_array()
+                .is_some_and(|a| a.len() == 2 && a.iter().all(|x| x.as_u64().is_some()));
+        check.ok(
+            &format!("{name}: line {i} has a peak per rank"),
+            ranks_known,
             || line.to_string(),
         );
         for (field, want) in [("loss", loss), ("grad_norm", norm), ("lr", lr)] {

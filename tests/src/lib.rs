@@ -46,7 +46,7 @@ pub fn autopart(args: &[&str]) -> Result<Output> {
 
 /// The common arguments of every end-to-end compile: `model`, a CPU
 /// cluster, fp32, 16 tokens per sequence, 8 sequences per step, a dev build
-/// of the plan binary (it shares the test build's compiled dependencies).
+/// of the plan binary (quick to build; its dependencies are optimised).
 pub fn compile_args(out: &Path, model: &str) -> Vec<String> {
     [
         "compile",

@@ -90,6 +90,32 @@ pub struct Cluster {
     /// How the software stack computes attention (default: flash).
     #[serde(default)]
     pub attention_kernel: AttentionKernel,
+    /// Memory the allocator holds beyond a device's live peak, as a
+    /// fraction of it: freed buffers kept for reuse and the holes between
+    /// live ones. Default 0 (a GPU caching allocator's slack is part of
+    /// `memory_reserve_bytes`); host memory under glibc malloc needs it.
+    #[serde(default)]
+    pub allocator_overhead: f64,
+    /// Whose memory behaviour the plan is priced on (default: ours).
+    #[serde(default)]
+    pub memory_stack: MemoryStack,
+}
+
+/// The training stack whose memory behaviour the memory model follows where
+/// stacks differ. Plans run on autopart's runtime; published runs (see
+/// `validate`) ran on Megatron-LM, DeepSpeed or FSDP.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemoryStack {
+    /// autopart's runtime: ZeRO-3 gathers a stage's parameters for the
+    /// whole step, gradients stay whole (no ZeRO-2), replicated AdamW keeps
+    /// no master weights and ZeRO keeps f32 ones, and full recompute keeps
+    /// every tape value of a layer.
+    #[default]
+    Autopart,
+    /// Megatron-LM / DeepSpeed / FSDP: ZeRO-3 gathers one layer at a time,
+    /// ZeRO-2 shards gradients, mixed precision keeps f32 master weights,
+    /// and full recompute keeps only each layer's input.
+    Reference,
 }
 
 /// The attention implementation the cost model assumes.
@@ -275,6 +301,14 @@ impl Cluster {
                 format!("must be a finite number of seconds >= 0, got {latency}"),
             );
         }
+        check(
+            "allocator_overhead",
+            self.allocator_overhead.is_finite() && self.allocator_overhead >= 0.0,
+            format!(
+                "must be a finite fraction >= 0, got {}",
+                self.allocator_overhead
+            ),
+        );
         let eff = &self.efficiency;
         for (field, value) in [
             ("efficiency.matmul", Some(eff.matmul)),
@@ -331,12 +365,20 @@ impl fmt::Display for Cluster {
         ] {
             writeln!(f, "  peak {label}        {}", scaled(peak, "FLOP/s"))?;
         }
-        writeln!(
+        write!(
             f,
-            "  memory           {:>9.1} GiB (reserve {:.1} GiB)",
+            "  memory           {:>9.1} GiB (reserve {:.1} GiB",
             self.memory_bytes as f64 / GIB,
             self.memory_reserve_bytes as f64 / GIB
         )?;
+        if self.allocator_overhead > 0.0 {
+            write!(
+                f,
+                ", allocator +{:.0}% of the peak",
+                self.allocator_overhead * 100.0
+            )?;
+        }
+        writeln!(f, ")")?;
         writeln!(
             f,
             "  hbm              {}",

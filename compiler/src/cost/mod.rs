@@ -10,8 +10,8 @@ pub mod collective;
 pub mod time;
 
 pub use cluster::{
-    AttentionKernel, Cluster, ClusterError, Efficiency, InvalidField, Link, LinkLevel, PeakFlops,
-    load_cluster, preset_names,
+    AttentionKernel, Cluster, ClusterError, Efficiency, InvalidField, Link, LinkLevel, MemoryStack,
+    PeakFlops, load_cluster, preset_names,
 };
 pub use collective::{Collective, Group, collective_time, link_level, mesh_groups};
 pub use time::{ComputeKind, compute_time};

@@ -187,6 +187,10 @@ pub struct MemoryBreakdown {
     pub optimizer_bytes: u64,
     pub activations_bytes: u64,
     pub transient_bytes: u64,
+    /// Freed memory the host allocator keeps on top of the live peak
+    /// (`Cluster::allocator_overhead`).
+    #[serde(default)]
+    pub allocator_bytes: u64,
 }
 
 impl MemoryBreakdown {
@@ -196,6 +200,7 @@ impl MemoryBreakdown {
             + self.optimizer_bytes
             + self.activations_bytes
             + self.transient_bytes
+            + self.allocator_bytes
     }
 }
 

@@ -325,11 +325,12 @@ fn stage_table(p: &Plan, full: bool) -> Table {
         "optimizer",
         "activations",
         "transient",
+        "allocator",
         "peak GiB",
         "of capacity",
     ]);
     align.extend([Align::Left]);
-    align.extend([Align::Right; 9]);
+    align.extend([Align::Right; 10]);
     let mut table = Table::new(&headers, &align);
     for (i, stage) in p.stages.iter().enumerate() {
         let mut row = vec![
@@ -364,11 +365,12 @@ fn stage_table(p: &Plan, full: bool) -> Table {
                     gib(m.optimizer_bytes),
                     gib(m.activations_bytes),
                     gib(m.transient_bytes),
+                    gib(m.allocator_bytes),
                     gib(m.total_bytes()),
                     percent(ratio(m.total_bytes(), p.prediction.capacity_bytes)),
                 ]);
             }
-            None => row.extend(std::iter::repeat_n("?".to_string(), 9)),
+            None => row.extend(std::iter::repeat_n("?".to_string(), 10)),
         }
         table.row(row);
     }

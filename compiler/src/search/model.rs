@@ -9,17 +9,22 @@
 //! gradient reduction overlaps the last micro-batch's backward; the optimizer
 //! step streams its state through HBM.
 //!
-//! Peak memory of a device of stage `s`: parameters, gradients and optimizer
-//! state (bf16 weights and gradients, fp32 master weights and Adam moments;
-//! fp32 training keeps no master copy) sharded by ZeRO over data-parallel
-//! ranks; the activations of the micro-batches in flight (1F1B: p − s,
-//! GPipe: m, interleaved per Megatron's warm-up count); transient buffers
-//! (the largest op output twice, fp32 logits and their gradient on the last
-//! stage, one layer's activations while a fully recomputed layer runs
-//! backward, two gathered layers under ZeRO-3). It must stay under
+//! Peak memory of a device of stage `s` models what our runtime holds:
+//! parameters and gradients whole (ZeRO-3 gathers a stage's parameters for
+//! the whole step; there is no separate ZeRO-2), f32 AdamW moments (8 B per
+//! parameter replicated; ZeRO-1/3: f32 master weights and moments of the
+//! owned 1/dp slice, 12 B / dp); the activations of the micro-batches in
+//! flight (1F1B: p − s, GPipe: m, interleaved per Megatron's warm-up count),
+//! each what the tape and libtorch autograd keep for our ops
+//! ([`super::segment_cost`]); transient buffers (the largest op output
+//! twice, fp32 logits and their gradient on the last stage, one recomputed
+//! tape segment under full recompute, or the optimizer step's flat buckets
+//! and gradient slices once activations are gone). It must stay under
 //! capacity minus the cluster's reserve.
 
-use crate::cost::{Cluster, Collective, ComputeKind, Group, collective_time, compute_time};
+use crate::cost::{
+    Cluster, Collective, ComputeKind, Group, MemoryStack, collective_time, compute_time,
+};
 use crate::ir::DType;
 use crate::plan::{MemoryBreakdown, Recompute, Schedule};
 
@@ -100,6 +105,10 @@ pub struct Evaluation {
     pub peak_mem_bytes: u64,
     pub capacity_bytes: u64,
 }
+
+/// The runtime's default gradient bucket (`zero::DEFAULT_BUCKET_BYTES`,
+/// PyTorch DDP's 25 MiB).
+const DP_BUCKET_BYTES: u64 = 25 << 20;
 
 /// Per-configuration constants shared by every stage evaluation.
 struct StageModel<'a> {
@@ -189,33 +198,59 @@ impl<'a> StageModel<'a> {
         (t, comm)
     }
 
+    /// Peak memory of a device of stage `s` with `k` layers under `r`, as
+    /// the runtime (`runtime/src/zero.rs`, `exec.rs`, `optim.rs`) holds it.
     fn memory(&self, s: u32, k: u32, r: Recompute) -> MemoryBreakdown {
-        let p = self.params(s, k);
-        let dp = self.cfg.dp_total().max(1);
-        let w = self.dtype_bytes;
-        // Mixed precision keeps fp32 master weights + two Adam moments
-        // (12 B); fp32 training keeps the two moments (8 B).
-        let opt_per_param = if w >= 4 { 8 } else { 12 };
-        let shard = |bytes: u64, sharded: bool| if sharded { bytes.div_ceil(dp) } else { bytes };
-        let z = self.cfg.zero;
-        let params_bytes = shard(p * w, z >= 3);
-        let grads_bytes = shard(p * w, z >= 2);
-        let optimizer_bytes = shard(p * opt_per_param, z >= 1);
-        let l = &self.seg.layer;
-        let mut per_micro = u64::from(k) * l.saved_bytes(r);
+        let mut m = match self.cluster.memory_stack {
+            MemoryStack::Autopart => self.autopart_memory(s, k, r),
+            MemoryStack::Reference => self.reference_memory(s, k, r),
+        };
+        m.allocator_bytes = (m.total_bytes() as f64 * self.cluster.allocator_overhead) as u64;
+        m
+    }
+
+    /// Activations of the micro-batches in flight on stage `s`, each
+    /// keeping `per_layer` bytes per layer.
+    fn activations(&self, s: u32, k: u32, per_layer: u64) -> u64 {
+        let mut per_micro = u64::from(k) * per_layer;
         if self.is_first(s) {
             per_micro += self.seg.pre.saved_none_bytes;
         }
         if self.is_last(s) {
             per_micro += self.seg.post.saved_none_bytes;
         }
-        let activations_bytes = (per_micro as f64 * self.cfg.in_flight(s)).ceil() as u64;
-        let mut transient = 2 * l.max_op_output_bytes;
+        (per_micro as f64 * self.cfg.in_flight(s)).ceil() as u64
+    }
+
+    /// Backward's buffers: the gradient of the largest op output and of its
+    /// input; fp32 logits and their gradient on the last stage.
+    fn backward_transient(&self, s: u32) -> u64 {
+        let mut t = 2 * self.seg.layer.max_op_output_bytes;
         if self.is_last(s) {
-            // fp32 logits and their gradient.
-            let logits = self.seg.post.max_op_output_bytes / w * 4;
-            transient = transient.max(2 * logits);
+            let logits = self.seg.post.max_op_output_bytes / self.dtype_bytes * 4;
+            t = t.max(2 * logits);
         }
+        t
+    }
+
+    /// Megatron-LM / DeepSpeed / FSDP ([`MemoryStack::Reference`]): ZeRO
+    /// shards optimizer state (1), gradients (2) and parameters (3, two
+    /// layers gathered at a time); mixed precision keeps f32 master weights
+    /// with the moments (12 B, fp32 training 8 B); full recompute keeps each
+    /// layer's input and rebuilds one whole layer in backward.
+    fn reference_memory(&self, s: u32, k: u32, r: Recompute) -> MemoryBreakdown {
+        let p = self.params(s, k);
+        let dp = self.cfg.dp_total().max(1);
+        let w = self.dtype_bytes;
+        let opt_per_param = if w >= 4 { 8 } else { 12 };
+        let shard = |bytes: u64, sharded: bool| if sharded { bytes.div_ceil(dp) } else { bytes };
+        let z = self.cfg.zero;
+        let l = &self.seg.layer;
+        let per_layer = match r {
+            Recompute::Full => l.input_bytes,
+            _ => l.saved_bytes(r),
+        };
+        let mut transient = self.backward_transient(s);
         if r == Recompute::Full && k > 0 {
             transient += l.saved_none_bytes;
         }
@@ -223,11 +258,59 @@ impl<'a> StageModel<'a> {
             transient += 2 * l.params * w;
         }
         MemoryBreakdown {
+            params_bytes: shard(p * w, z >= 3),
+            grads_bytes: shard(p * w, z >= 2),
+            optimizer_bytes: shard(p * opt_per_param, z >= 1),
+            activations_bytes: self.activations(s, k, per_layer),
+            transient_bytes: transient,
+            allocator_bytes: 0,
+        }
+    }
+
+    /// autopart's runtime ([`MemoryStack::Autopart`]; `runtime/src/zero.rs`,
+    /// `exec.rs`, `optim.rs`).
+    fn autopart_memory(&self, s: u32, k: u32, r: Recompute) -> MemoryBreakdown {
+        let p = self.params(s, k);
+        let dp = self.cfg.dp_total().max(1);
+        let w = self.dtype_bytes;
+        let z = self.cfg.zero;
+        // Parameters are whole during the step: ZeRO-3 all-gathers every
+        // parameter of the stage before the first forward and releases them
+        // only after the update (its saved autograd graphs would hold them
+        // anyway).
+        let params_bytes = p * w;
+        // Gradients accumulate whole in each parameter's `.grad` under every
+        // stage (zero 2 runs as ZeRO-1: reduce-scattered at the step).
+        let grads_bytes = p * w;
+        // AdamW moments are f32 whatever the weights' dtype. Replicated, the
+        // update writes the weights in place (no master copy, 8 B); ZeRO-1/3
+        // keep f32 master weights and moments of the owned 1/dp slice (12 B).
+        let optimizer_bytes = if z >= 1 { (p * 12).div_ceil(dp) } else { p * 8 };
+        let l = &self.seg.layer;
+        let activations_bytes = self.activations(s, k, l.saved_bytes(r));
+        let mut backward = self.backward_transient(s);
+        if r == Recompute::Full && k > 0 {
+            // Backward reruns one tape segment of a layer at a time, with
+            // its autograd graph.
+            backward += l.max_recomputed_bytes;
+        }
+        // The optimizer step runs once the micro-batches' tapes are gone:
+        // under ZeRO the reduce-scattered f32 gradient slices (4 B / dp per
+        // parameter) live through the update; each bucket is flattened into
+        // one f32 buffer and its collective writes another (ZeRO-3's
+        // all-gather before the step likewise, with no activations alive).
+        let bucket = DP_BUCKET_BYTES.min(p * 4);
+        let mut step = if dp > 1 { 2 * bucket } else { 0 };
+        if z >= 1 {
+            step += (p * 4).div_ceil(dp) + bucket;
+        }
+        MemoryBreakdown {
             params_bytes,
             grads_bytes,
             optimizer_bytes,
             activations_bytes,
-            transient_bytes: transient,
+            transient_bytes: backward.max(step.saturating_sub(activations_bytes)),
+            allocator_bytes: 0,
         }
     }
 

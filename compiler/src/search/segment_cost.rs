@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use crate::anno::Layout;
-use crate::cost::Cluster;
+use crate::cost::{AttentionKernel, Cluster};
 use crate::ir::{Graph, OpKind, Role, TensorId};
 use crate::plan::Recompute;
 
@@ -25,6 +25,12 @@ pub struct SegmentCost {
     pub saved_none_bytes: u64,
     pub saved_selective_bytes: u64,
     pub saved_full_bytes: u64,
+    /// The most one recomputed piece of the segment saves while backward
+    /// reruns it under full recompute.
+    pub max_recomputed_bytes: u64,
+    /// The residual stream entering the segment: what a stack that
+    /// recomputes whole layers keeps under full recompute.
+    pub input_bytes: u64,
     /// Largest local output of one op: a bound on transient buffers.
     pub max_op_output_bytes: u64,
     /// Local bytes of the residual stream leaving the segment (what a
@@ -100,26 +106,10 @@ impl SegmentCost {
         };
         let bytes_of = |t: TensorId| graph.tensor(t).size_bytes() as f64 * scale;
 
-        // Views (split/merge heads) share their input's storage.
-        let base = |mut t: TensorId| -> TensorId {
-            while let Some(p) = graph.producer(t) {
-                let op = graph.op(p);
-                if matches!(op.kind, OpKind::SplitHeads | OpKind::MergeHeads) {
-                    t = op.inputs[0];
-                } else {
-                    break;
-                }
-            }
-            t
-        };
-
         let mut params = 0u64;
         let mut param_bytes = 0u64;
         let mut max_out = 0u64;
         let mut attn_core_ps = 0i64;
-        let mut saved_none: BTreeMap<TensorId, u64> = BTreeMap::new();
-        let mut saved_sel: BTreeMap<TensorId, u64> = BTreeMap::new();
-        let mut probs_bytes = 0u64;
         let mut splits = Vec::with_capacity(seg.ops.len());
         for (o, &c) in assignment.iter().enumerate() {
             let sop = &seg.ops[o];
@@ -145,36 +135,227 @@ impl SegmentCost {
             for (&t, &l) in op.outputs.iter().zip(&ch.outputs) {
                 max_out = max_out.max(local(bytes_of(t), l));
             }
-            let is_core = matches!(op.kind, OpKind::Rope | OpKind::Attention);
-            if is_core {
+            if matches!(op.kind, OpKind::Rope | OpKind::Attention) {
                 attn_core_ps += ch.fwd_ps;
             }
-            // Which inputs backward needs.
-            let saved: Vec<usize> = match op.kind {
-                OpKind::Linear | OpKind::LinearBias => vec![0],
-                OpKind::RmsNorm | OpKind::LayerNorm => vec![0],
-                OpKind::Attention => vec![0, 1, 2],
-                OpKind::SwiGlu => vec![0, 1],
-                OpKind::Gelu => vec![0],
-                OpKind::Embedding => vec![0],
-                OpKind::CrossEntropy => vec![0, 1],
-                OpKind::Custom(_) => (0..op.inputs.len()).collect(),
-                _ => vec![],
-            };
-            for j in saved {
-                let t = op.inputs[j];
-                if graph.tensor(t).role == Role::Parameter {
-                    continue;
-                }
-                let b = local(bytes_of(t), ch.inputs[j]);
-                saved_none.insert(base(t), b);
-                if !is_core {
-                    saved_sel.insert(base(t), b);
+        }
+        let kept = kept_bytes(graph, seg, cluster, assignment, &bytes_of, &local, tp);
+        let boundary = seg
+            .tensors
+            .iter()
+            .find_map(|t| t.leaves_as.map(|l| local(t.bytes, l)))
+            .unwrap_or(0);
+        SegmentCost {
+            breakdown,
+            attn_core_fwd_s: attn_core_ps as f64 * PS,
+            params,
+            param_bytes,
+            saved_none_bytes: kept.none,
+            saved_selective_bytes: kept.selective,
+            saved_full_bytes: kept.full,
+            max_recomputed_bytes: kept.max_recomputed,
+            input_bytes: seg
+                .tensors
+                .iter()
+                .find_map(|t| match t.source {
+                    Source::Boundary(l) => Some(local(t.bytes, l)),
+                    _ => None,
+                })
+                .unwrap_or(0),
+            max_op_output_bytes: max_out,
+            boundary_bytes: boundary,
+            splits,
+        }
+    }
+}
+
+/// What the runtime holds between one micro-batch's forward and backward for
+/// one segment, under each recompute mode.
+struct Kept {
+    none: u64,
+    selective: u64,
+    full: u64,
+    max_recomputed: u64,
+}
+
+/// One buffer the runtime may hold: a tensor in one local layout (views such
+/// as split/merge heads share their base's key), or an op's private saved
+/// buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Buffer {
+    Value(TensorId, Layout),
+    Private { op: usize, idx: u8 },
+}
+
+/// The activations the runtime keeps, modelled on how it runs a segment
+/// (`runtime/src/exec.rs`, `runtime/src/ops.rs`):
+///
+/// - The ops are cut into pieces as `lower` cuts them into tape segments: a
+///   new piece before an op that reads a resharded input (an adapter sits
+///   there) and around the attention op (always its own segment, so that it
+///   can be recomputed alone).
+/// - Every tape value — an output read by a later piece or leaving the
+///   segment, the input of the segment, both sides of a resharding (the
+///   collective's output is a new tensor) — stays on the tape until the
+///   micro-batch's backward ends, whatever the recompute mode. Under full
+///   recompute that is all that is kept.
+/// - Inside a piece kept for backward, libtorch autograd saves what each op's
+///   backward reads in our implementation: linear its input; RMSNorm its
+///   input (in f32) and the normalised tensor (it is written as elementary
+///   ops); SwiGLU gate, up and silu(gate); attention (SDPA) q, k, v, its
+///   output and the row log-sum-exp, and the b·h·l·s probabilities only when
+///   the cluster's kernel materialises them; cross-entropy the f32
+///   log-probabilities (vocab-parallel: the f32 exponentials); embedding its
+///   ids. Rope multiplies by constant tables and saves nothing of size.
+/// - Selective recompute drops the attention op's private saves (the core's
+///   inputs and output are tape values anyway); full recompute keeps the
+///   tape values, and backward reruns one piece at a time.
+fn kept_bytes(
+    graph: &Graph,
+    seg: &Segment,
+    cluster: &Cluster,
+    assignment: &[usize],
+    bytes_of: &dyn Fn(TensorId) -> f64,
+    local: &dyn Fn(f64, Layout) -> u64,
+    tp: u32,
+) -> Kept {
+    // Views (split/merge heads) share their input's storage.
+    let base = |mut t: TensorId| -> TensorId {
+        while let Some(p) = graph.producer(t) {
+            let op = graph.op(p);
+            if matches!(op.kind, OpKind::SplitHeads | OpKind::MergeHeads) {
+                t = op.inputs[0];
+            } else {
+                break;
+            }
+        }
+        t
+    };
+    let choice = |o: usize| &seg.ops[o].choices[assignment[o]];
+    let by_id: BTreeMap<TensorId, &super::sharding::SegTensor> =
+        seg.tensors.iter().map(|t| (t.id, t)).collect();
+    // The layout a tensor is produced in (None: parameters and data, which
+    // any consumer reads in its own layout for free).
+    let produced = |t: TensorId| -> Option<Layout> {
+        match by_id.get(&t)?.source {
+            Source::Op(p, out) => Some(choice(p).outputs[out]),
+            Source::Boundary(l) => Some(l),
+            Source::Data | Source::Param => None,
+        }
+    };
+    let is_float = |t: TensorId| graph.tensor(t).dtype.is_float();
+
+    // Pieces, as lower cuts the ops into tape segments.
+    let mut piece = vec![0usize; seg.ops.len()];
+    let mut cur = 0usize;
+    let mut open = false;
+    let mut after_attention = false;
+    for (o, sop) in seg.ops.iter().enumerate() {
+        let op = graph.op(sop.op);
+        let ch = choice(o);
+        let resharded = op
+            .inputs
+            .iter()
+            .zip(&ch.inputs)
+            .any(|(&t, &l)| produced(t).is_some_and(|p| p != l));
+        let attention = op.kind == OpKind::Attention;
+        if open && (resharded || attention || after_attention) {
+            cur += 1;
+        }
+        piece[o] = cur;
+        open = true;
+        after_attention = attention;
+    }
+
+    let mut tape: BTreeMap<Buffer, u64> = BTreeMap::new();
+    let value = |map: &mut BTreeMap<Buffer, u64>, t: TensorId, l: Layout| {
+        map.insert(Buffer::Value(base(t), l), local(bytes_of(t), l));
+    };
+    for t in &seg.tensors {
+        if !is_float(t.id) {
+            continue;
+        }
+        match t.source {
+            Source::Boundary(l) => value(&mut tape, t.id, l),
+            Source::Op(p, out) => {
+                let l = choice(p).outputs[out];
+                let later = t.consumers.iter().any(|&(o, _)| piece[o] != piece[p]);
+                if later || t.leaves_as.is_some() {
+                    value(&mut tape, t.id, l);
                 }
             }
-            if op.kind == OpKind::Attention {
-                // The attention output is kept by its consumer (o_proj); the
-                // softmax probabilities b·h·l·s are kept unless recomputed.
+            Source::Data | Source::Param => {}
+        }
+        if let Some(from) = produced(t.id) {
+            for &(o, j) in &t.consumers {
+                let to = choice(o).inputs[j];
+                if to != from {
+                    value(&mut tape, t.id, from);
+                    value(&mut tape, t.id, to);
+                }
+            }
+        }
+    }
+
+    // What autograd saves, per piece; the attention op's private saves apart.
+    let n_pieces = cur + 1;
+    let mut saved: Vec<BTreeMap<Buffer, u64>> = vec![BTreeMap::new(); n_pieces];
+    let mut attention_private = 0u64;
+    for (o, sop) in seg.ops.iter().enumerate() {
+        let op = graph.op(sop.op);
+        let ch = choice(o);
+        let map = &mut saved[piece[o]];
+        let input = |j: usize| -> Option<(TensorId, Layout)> {
+            let t = *op.inputs.get(j)?;
+            (graph.tensor(t).role != Role::Parameter).then_some((t, ch.inputs[j]))
+        };
+        let inputs: Vec<usize> = match op.kind {
+            OpKind::Linear | OpKind::LinearBias | OpKind::Gelu | OpKind::Embedding => vec![0],
+            OpKind::LayerNorm => vec![0],
+            OpKind::Attention | OpKind::SwiGlu => (0..op.inputs.len()).collect(),
+            OpKind::CrossEntropy => vec![1],
+            OpKind::Custom(_) => (0..op.inputs.len()).collect(),
+            _ => vec![],
+        };
+        for j in inputs {
+            if let Some((t, l)) = input(j) {
+                value(map, t, l);
+            }
+        }
+        let private = |map: &mut BTreeMap<Buffer, u64>, idx: u8, bytes: u64| {
+            map.insert(Buffer::Private { op: o, idx }, bytes);
+        };
+        match op.kind {
+            OpKind::RmsNorm => {
+                // x in f32 (x itself when f32, else a copy) and the
+                // normalised x·rsqrt(mean x²) in x's dtype.
+                if let Some((t, l)) = input(0) {
+                    let b = local(bytes_of(t), l);
+                    let w = graph.tensor(t).dtype.size_bytes().max(1);
+                    if w >= 4 {
+                        value(map, t, l);
+                    } else {
+                        private(map, 1, b / w * 4);
+                    }
+                    private(map, 0, b);
+                }
+            }
+            OpKind::SwiGlu => {
+                // silu(gate), the left factor of the product.
+                if let Some((t, l)) = input(0) {
+                    private(map, 0, local(bytes_of(t), l));
+                }
+            }
+            OpKind::CrossEntropy => {
+                // f32 log-probabilities (or exponentials) of the local logits.
+                if let Some((t, l)) = input(0) {
+                    let w = graph.tensor(t).dtype.size_bytes().max(1);
+                    private(map, 0, local(bytes_of(t), l) / w * 4);
+                }
+            }
+            OpKind::Attention => {
+                let out = op.outputs[0];
+                value(map, out, ch.outputs[0]);
                 let q = graph.tensor(op.inputs[0]);
                 let k = graph.tensor(op.inputs[1]);
                 let (b, l, h) = (q.shape[0], q.shape[1], q.shape[2]);
@@ -184,43 +365,40 @@ impl SegmentCost {
                 } else {
                     h
                 };
-                probs_bytes += ((b * heads * l * s * q.dtype.size_bytes()) as f64 * scale) as u64;
-                // Selective recompute keeps what rope and attention read.
-                for &t in &op.inputs {
-                    let src = match graph.producer(t) {
-                        Some(p) if graph.op(p).kind == OpKind::Rope => graph.op(p).inputs[0],
-                        _ => t,
-                    };
-                    let lay = ch.inputs[0];
-                    saved_sel.insert(base(src), local(bytes_of(src), lay));
+                let scale = bytes_of(op.inputs[0]) / q.size_bytes().max(1) as f64;
+                // Row log-sum-exp (f32), and the probabilities where the
+                // kernel writes them out.
+                let mut bytes = (b * heads * l * 4) as f64 * scale;
+                if cluster.attention_kernel == AttentionKernel::Materialized {
+                    bytes += (b * heads * l * s * q.dtype.size_bytes()) as f64 * scale;
                 }
+                private(map, 0, bytes as u64);
+                attention_private += bytes as u64;
             }
+            _ => {}
         }
-        let boundary = seg
-            .tensors
-            .iter()
-            .find_map(|t| t.leaves_as.map(|l| local(t.bytes, l)))
-            .unwrap_or(0);
-        let input = seg
-            .tensors
-            .iter()
-            .find_map(|t| match t.source {
-                Source::Boundary(l) => Some(local(t.bytes, l)),
-                _ => None,
-            })
-            .unwrap_or(0);
-        let sum = |m: &BTreeMap<TensorId, u64>| m.values().sum::<u64>();
-        SegmentCost {
-            breakdown,
-            attn_core_fwd_s: attn_core_ps as f64 * PS,
-            params,
-            param_bytes,
-            saved_none_bytes: sum(&saved_none) + probs_bytes,
-            saved_selective_bytes: sum(&saved_sel),
-            saved_full_bytes: input,
-            max_op_output_bytes: max_out,
-            boundary_bytes: boundary,
-            splits,
-        }
+    }
+    let sum = |m: &BTreeMap<Buffer, u64>| m.values().sum::<u64>();
+    let mut all = tape.clone();
+    for m in &saved {
+        all.extend(m.iter().map(|(k, v)| (*k, *v)));
+    }
+    let none = sum(&all);
+    let full = sum(&tape);
+    let max_recomputed = saved
+        .iter()
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| !tape.contains_key(k))
+                .map(|(_, v)| v)
+                .sum::<u64>()
+        })
+        .max()
+        .unwrap_or(0);
+    Kept {
+        none,
+        selective: none.saturating_sub(attention_private),
+        full,
+        max_recomputed,
     }
 }
