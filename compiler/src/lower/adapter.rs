@@ -130,6 +130,18 @@ impl AdapterKind {
         }
     }
 
+    /// The suffix of the value an adapter makes (`o_proj_sum`, `x_full`).
+    pub fn value_suffix(self) -> &'static str {
+        match self {
+            AdapterKind::AllReduce => "sum",
+            AdapterKind::Copy => "bcast",
+            AdapterKind::Chunk { .. } => "shard",
+            AdapterKind::Gather { .. } | AdapterKind::GatherForShards { .. } => "full",
+            AdapterKind::ReduceScatter { .. } => "scattered",
+            AdapterKind::AllToAll { .. } => "resharded",
+        }
+    }
+
     /// Every adapter on tensors of rank `rank`.
     pub fn all(rank: usize) -> Vec<AdapterKind> {
         let mut out = vec![AdapterKind::AllReduce, AdapterKind::Copy];

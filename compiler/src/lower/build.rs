@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use thiserror::Error;
 
-use super::adapter::{AdapterCost, AdapterKind, State, cheapest_path};
+use super::adapter::{AdapterCost, State, cheapest_path};
 use super::{
     Block, BlockInput, BlockKind, ExecProgram, LocalOp, Operand, ParamDecl, ParamInit, Segment,
     StageProgram, Step, ValueDecl, Vid, verify,
@@ -118,17 +118,6 @@ fn short_name(op: &Op) -> String {
         .next()
         .unwrap_or(&op.name)
         .replace(|c: char| !c.is_ascii_alphanumeric() && c != '_', "_")
-}
-
-fn adapter_suffix(kind: AdapterKind) -> &'static str {
-    match kind {
-        AdapterKind::AllReduce => "sum",
-        AdapterKind::Copy => "bcast",
-        AdapterKind::Chunk { .. } => "shard",
-        AdapterKind::Gather { .. } | AdapterKind::GatherForShards { .. } => "full",
-        AdapterKind::ReduceScatter { .. } => "scattered",
-        AdapterKind::AllToAll { .. } => "resharded",
-    }
 }
 
 fn param_init(op: &Op, input: usize) -> ParamInit {
@@ -266,11 +255,7 @@ impl<'c, 'a> BlockBuilder<'c, 'a> {
             if self.made_in_open_segment(at) {
                 self.flush();
             }
-            let base = format!(
-                "{}_{}",
-                self.values[home.index()].name,
-                adapter_suffix(kind)
-            );
+            let base = format!("{}_{}", self.values[home.index()].name, kind.value_suffix());
             let out = self.new_value(&base, t, to);
             self.made_by_step[out.index()] = Some(self.steps.len());
             self.steps.push(Step::Adapter {

@@ -270,17 +270,6 @@ pub(crate) fn adapter_bytes(block: &Block, tp: u64) -> Vec<(AdapterKind, f64)> {
         .collect()
 }
 
-fn adapter_suffix(kind: AdapterKind) -> &'static str {
-    match kind {
-        AdapterKind::AllReduce => "sum",
-        AdapterKind::Copy => "bcast",
-        AdapterKind::Chunk { .. } => "shard",
-        AdapterKind::Gather { .. } | AdapterKind::GatherForShards { .. } => "full",
-        AdapterKind::ReduceScatter { .. } => "scattered",
-        AdapterKind::AllToAll { .. } => "resharded",
-    }
-}
-
 /// Rebuilds a block from an extracted expression: values in schedule order,
 /// local ops grouped into segments between adapters (the attention core a
 /// segment of its own), segment inputs and outputs from the uses.
@@ -431,7 +420,7 @@ pub(crate) fn to_block(
                     .map_or("value".to_string(), |d| d.name.clone());
                 let vid = Vid(values.len() as u32);
                 values.push(ValueDecl {
-                    name: unique(&format!("{base}_{}", adapter_suffix(*kind))),
+                    name: unique(&format!("{base}_{}", kind.value_suffix())),
                     shape: info.local(tp),
                     dtype: info.dtype,
                     state: info.state,
