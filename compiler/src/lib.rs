@@ -9,6 +9,7 @@ pub mod anno;
 pub mod cli;
 pub mod codegen;
 pub mod cost;
+pub mod driver;
 pub mod ir;
 pub mod lower;
 pub mod plan;

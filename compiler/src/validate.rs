@@ -16,7 +16,7 @@ use thiserror::Error;
 use crate::anno::Registry;
 use crate::cost::Cluster;
 use crate::ir::DType;
-use crate::plan::{Recompute, Schedule};
+use crate::plan::{Recompute, Schedule, ZeroStage};
 use crate::search::{Constraints, SearchInput, search};
 use crate::trace::{GptConfig, LlamaConfig, ModelConfig, TraceOptions, trace_model};
 
@@ -51,7 +51,7 @@ pub struct Run {
     pub virtual_stages: Option<u32>,
     pub sequence_parallel: bool,
     pub recompute: Recompute,
-    pub zero: u8,
+    pub zero: ZeroStage,
     pub micro_batch: Option<u64>,
     pub global_batch: u64,
     pub measured_tflops: f64,
@@ -212,7 +212,10 @@ pub fn read_runs(path: &Path) -> Result<Vec<Run>, ValidateError> {
             virtual_stages: opt_num("virtual_stages")?.map(|v| v as u32),
             sequence_parallel: get("sequence_parallel")? == "yes",
             recompute,
-            zero: num("zero")? as u8,
+            zero: u8::try_from(num("zero")?)
+                .ok()
+                .and_then(|z| ZeroStage::try_from(z).ok())
+                .ok_or_else(|| row_err("zero: expected 0, 1, 2 or 3".into()))?,
             micro_batch: opt_num("micro_batch")?,
             global_batch: num("global_batch")?,
             measured_tflops: measured,

@@ -9,9 +9,9 @@ use autopart::anno::builtin_registry;
 use autopart::ir::{DType, Graph};
 use autopart::plan::{
     FORMAT_VERSION, MemoryBreakdown, MeshSpec, ModelRef, OpSplit, Plan, PlanError, Prediction,
-    Recompute, Schedule, StagePlan, StagePrediction, TraceSpec, layer_pattern, parse_plan,
-    plan_to_ron, read_plan, render_alternatives, render_report, render_summary, validate_plan,
-    write_plan,
+    Recompute, Schedule, StagePlan, StagePrediction, TraceSpec, ZeroStage, layer_pattern,
+    parse_plan, plan_to_ron, read_plan, render_alternatives, render_report, render_summary,
+    validate_plan, write_plan,
 };
 use autopart::trace::{TraceOptions, preset, trace_model};
 use expect_test::{expect, expect_file};
@@ -189,7 +189,7 @@ fn llama_mini_plan(graph: &Graph) -> Plan {
         },
         trace: TraceSpec {
             seq_len: 128,
-            dtype: "bf16".to_string(),
+            dtype: autopart::plan::DType::Bf16,
         },
         cluster: "h100".to_string(),
         plan_gpus: 4,
@@ -204,7 +204,7 @@ fn llama_mini_plan(graph: &Graph) -> Plan {
         micro_batch: 1,
         n_micro_batches: 8,
         schedule: Schedule::OneFOneB,
-        zero: 1,
+        zero: ZeroStage::One,
         sequence_parallel: false,
         stages: vec![
             StagePlan {
@@ -550,10 +550,8 @@ fn interleaved_schedule_needs_chunks_that_fit() {
 fn zero_sequence_parallel_and_model_are_checked() {
     let graph = llama_mini();
     let mut plan = llama_mini_plan(&graph);
-    plan.zero = 4;
     plan.model.params += 1;
     plan.trace.seq_len = 256;
-    plan.trace.dtype = "int4".to_string();
     plan.prediction.step_s = 0.0;
     assert_problems(
         &plan,
@@ -565,9 +563,7 @@ fn zero_sequence_parallel_and_model_are_checked() {
                 graph.n_params() + 1,
                 graph.n_params()
             ),
-            "trace.dtype 'int4' is not one of bf16, fp16, fp32",
             "trace.seq_len 256 does not match the graph's sequence length 128",
-            "zero stage 4 is not one of 0, 1, 2, 3",
             "prediction.step_s 0 is not a positive time",
         ],
     );
@@ -648,11 +644,9 @@ fn invalid_plan_error_lists_every_problem() {
     let graph = llama_mini();
     let mut plan = llama_mini_plan(&graph);
     plan.n_micro_batches = 0;
-    plan.zero = 9;
     let err = validate_plan(&plan, &graph, Some(8)).expect_err("invalid");
     expect![[r#"
         invalid plan:
-          - zero stage 9 is not one of 0, 1, 2, 3
           - n_micro_batches must be at least 1
           - global_batch 16 does not equal micro_batch 1 × n_micro_batches 0 × dp 1 × replicas 2 = 0"#]]
     .assert_eq(&err.to_string());
@@ -712,6 +706,26 @@ fn broken_files_name_path_line_and_column() {
         parse_plan(&plain, Path::new("plain.ron")).expect("reads"),
         llama_mini_plan(&graph)
     );
+
+    // A ZeRO stage or dtype outside the vocabulary, where it is written.
+    for (from, to, what) in [
+        (
+            "    zero: 1,",
+            "    zero: 4,",
+            "zero stage 4 does not exist (expected 0, 1, 2 or 3)",
+        ),
+        (
+            "        dtype: \"bf16\",",
+            "        dtype: \"int4\",",
+            "unknown dtype 'int4' (expected bf16, fp16 or fp32)",
+        ),
+    ] {
+        let bad = text.replacen(from, to, 1);
+        let line = 1 + bad.lines().position(|l| l == to).expect("replaced");
+        let (message, _) = read_text(&bad);
+        assert!(message.starts_with(&format!("{line}:")), "{message}");
+        assert!(message.contains(what), "{message}");
+    }
 
     // A missing field.
     let (message, _) = read_text(&text.replacen("    zero: 1,\n", "", 1));

@@ -399,37 +399,8 @@ impl AppError {
 }
 
 /// The process count and this process's rank as the launcher set them in
-/// the environment (Open MPI, MPICH/PMI, Slurm), before MPI starts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Launcher {
-    pub size: Option<usize>,
-    pub rank: Option<usize>,
-}
-
-impl Launcher {
-    /// Reads the launcher variables through `var`.
-    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
-        let first = |names: &[&str]| {
-            names
-                .iter()
-                .find_map(|n| var(n).and_then(|v| v.trim().parse().ok()))
-        };
-        Self {
-            size: first(&[
-                "OMPI_COMM_WORLD_SIZE",
-                "PMI_SIZE",
-                "SLURM_STEP_NUM_TASKS",
-                "SLURM_NTASKS",
-                "SLURM_NPROCS",
-            ]),
-            rank: first(&["OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"]),
-        }
-    }
-
-    pub fn from_env() -> Self {
-        Self::from_vars(|n| std::env::var(n).ok())
-    }
-}
+/// the environment (Open MPI, MPICH/PMI, PMIx, Slurm), before MPI starts.
+pub use autopart_vocab::launcher::Launcher;
 
 fn check_world(meta: &PlanMeta, got: usize) -> Result<(), AppError> {
     if got != meta.runtime_gpus {
@@ -833,20 +804,10 @@ mod tests {
                     .map(|(_, v)| v.to_string())
             })
         };
-        assert_eq!(
-            vars(&[("OMPI_COMM_WORLD_SIZE", "2"), ("OMPI_COMM_WORLD_RANK", "1")]),
-            Launcher {
-                size: Some(2),
-                rank: Some(1)
-            }
-        );
-        assert_eq!(
-            vars(&[("SLURM_NTASKS", "4"), ("SLURM_PROCID", "3")]),
-            Launcher {
-                size: Some(4),
-                rank: Some(3)
-            }
-        );
+        let ompi = vars(&[("OMPI_COMM_WORLD_SIZE", "2"), ("OMPI_COMM_WORLD_RANK", "1")]);
+        assert_eq!((ompi.size, ompi.rank), (Some(2), Some(1)));
+        let slurm = vars(&[("SLURM_NTASKS", "4"), ("SLURM_PROCID", "3")]);
+        assert_eq!((slurm.size, slurm.rank), (Some(4), Some(3)));
         assert_eq!(vars(&[("PMI_SIZE", "x")]), Launcher::default());
         let err = prepare(&META, &vars(&[("PMI_SIZE", "2")]), args("--steps 1"))
             .expect_err("2 is not 16");

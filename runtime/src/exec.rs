@@ -519,11 +519,10 @@ pub struct Param {
 
 /// A stable 64-bit FNV-1a hash of the global seed and a name.
 fn seed_of(seed: u64, name: &str) -> i64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in seed.to_le_bytes().iter().chain(name.as_bytes()) {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
+    let h = autopart_vocab::hash::Fnv1a::new()
+        .write(&seed.to_le_bytes())
+        .write(name.as_bytes())
+        .finish();
     // torch seeds are i64; any bit pattern is a valid seed.
     (h >> 1) as i64
 }

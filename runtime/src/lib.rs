@@ -1,7 +1,7 @@
 //! autopart-runtime: everything the generated per-stage programs call at run time.
 //!
 //! It owns communicators, op implementations, segment/adapter execution,
-//! pipeline schedules, optimizers, checkpoints, data and metrics. It never
+//! pipeline schedules, optimizers, data and metrics. It never
 //! depends on the compiler (`autopart`): generated code links only this crate
 //! (and the crates of custom ops).
 //!
@@ -9,7 +9,8 @@
 //! MPI for CPU, NCCL behind the `nccl` feature), `ops` (the built-in ops, named
 //! as in the annotation files), `exec` (segments, adapters with their backward
 //! duals, recompute, partition-independent parameter initialisation),
-//! `schedule` (GPipe, 1F1B and interleaved 1F1B pipeline orders), `program`
+//! `schedule` (GPipe, 1F1B and interleaved 1F1B pipeline orders, from the
+//! `autopart-vocab` crate the compiler shares), `program`
 //! (the [`program::StageModule`] trait a stage implements and the generic
 //! pipeline driver that runs one training step of any program), `model`
 //! (hand-written programs such as llama-mini, the golden examples of generated
@@ -30,5 +31,6 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod program;
-pub mod schedule;
+/// Pipeline schedules, shared with the compiler (which draws them).
+pub use autopart_vocab::schedule;
 pub mod zero;

@@ -246,10 +246,7 @@ fn run_pipeline<M: StageModule + ?Sized>(
             "batch ({b}) does not split into {dp} dp ranks x {n_mb} micro-batches"
         )));
     }
-    let chunks = match plan.schedule {
-        Schedule::Interleaved { chunks } => chunks,
-        Schedule::GPipe | Schedule::OneFOneB => 1,
-    };
+    let chunks = plan.schedule.chunks() as usize;
     if chunks != m.n_chunks() {
         return Err(plan_error(format!(
             "schedule {:?} runs {chunks} model chunks per stage, the stage holds {}",
@@ -267,7 +264,7 @@ fn run_pipeline<M: StageModule + ?Sized>(
         shape: m.boundary_shape(mbs, l),
     };
     match plan.schedule {
-        Schedule::Interleaved { chunks } => run_interleaved(&step, chunks),
+        Schedule::Interleaved { chunks } => run_interleaved(&step, chunks as usize),
         Schedule::GPipe | Schedule::OneFOneB => run_flat(&step),
     }
 }

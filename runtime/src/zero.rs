@@ -52,17 +52,10 @@ use tch::{Device, Kind, Tensor};
 /// 25 MiB, the default bucket size (PyTorch DDP's).
 pub const DEFAULT_BUCKET_BYTES: usize = 25 * 1024 * 1024;
 
-/// How parameters and optimizer state are spread over the dp group.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ZeroStage {
-    /// Every dp rank holds every parameter, gradient and moment.
-    Off,
-    /// Optimizer state (f32 master weights and moments) sharded over dp.
-    One,
-    /// Optimizer state and parameters sharded over dp; parameters gathered
-    /// for the step.
-    Three,
-}
+/// How parameters and optimizer state are spread over the dp group (the
+/// plan's ZeRO stage). [`ZeroStage::Two`] runs as [`ZeroStage::One`], which
+/// already leaves each rank only its gradient slice at the step (see above).
+pub use autopart_vocab::ZeroStage;
 
 /// The optimizer of a training run.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -239,7 +232,7 @@ impl DpOptimizer {
                 let tensors: Vec<Tensor> = params.iter().map(|p| p.tensor.detach()).collect();
                 AdamWState::new(&tensors)?
             }
-            ZeroStage::One | ZeroStage::Three => {
+            ZeroStage::One | ZeroStage::Two | ZeroStage::Three => {
                 for b in &buckets {
                     let ts: Vec<Tensor> = b
                         .slots
@@ -373,7 +366,9 @@ impl DpOptimizer {
         let grads = self.grads(params)?;
         let grad_norm = match self.cfg.zero {
             ZeroStage::Off => self.step_replicated(params, grads, g, lr)?,
-            ZeroStage::One | ZeroStage::Three => self.step_sharded(params, grads, g, lr)?,
+            ZeroStage::One | ZeroStage::Two | ZeroStage::Three => {
+                self.step_sharded(params, grads, g, lr)?
+            }
         };
         if self.cfg.zero == ZeroStage::Three {
             self.release_params(params)?;
@@ -457,7 +452,7 @@ impl DpOptimizer {
         }
         self.state
             .step(&self.cfg.adamw, &mut self.master, &shards, lr)?;
-        if self.cfg.zero == ZeroStage::One {
+        if matches!(self.cfg.zero, ZeroStage::One | ZeroStage::Two) {
             for (b, m) in self.buckets.iter().zip(&self.master) {
                 let full = if self.dp_size > 1 {
                     g.dp.all_gather(m, 0)?

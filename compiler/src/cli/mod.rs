@@ -10,17 +10,12 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-mod build;
+mod run;
 
-use crate::anno::{Registry, builtin_registry};
 use crate::cost::load_cluster;
-use crate::ir::DType;
-use crate::plan::{
-    Plan, Recompute, Schedule, render_alternatives, render_report, render_summary, validate_plan,
-    write_plan,
-};
-use crate::search::to_plan::{PlanContext, to_plan};
-use crate::search::{Constraints, SearchInput, search};
+use crate::driver::{self, BuildProfile, Observer, Pass, Request};
+use crate::plan::{DType, Recompute, Schedule, ZeroStage, render_alternatives, render_summary};
+use crate::search::Constraints;
 use crate::trace::{Summary, TraceOptions, load_model, trace_model};
 
 #[derive(Debug, Parser)]
@@ -79,8 +74,8 @@ struct ModelArgs {
     /// Tokens per sequence (default: the model's context, capped at 8192).
     #[arg(long)]
     seq_len: Option<u64>,
-    /// Parameter and activation dtype.
-    #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
+    /// Parameter and activation dtype: bf16, fp16 or fp32.
+    #[arg(long, default_value = "bf16")]
     dtype: DType,
     /// Extra annotation files registering custom ops (repeatable).
     #[arg(long = "annotations", value_name = "FILE")]
@@ -125,10 +120,11 @@ struct CompileArgs {
     /// 2M tokens, a multiple of the runtime GPUs).
     #[arg(long)]
     global_batch: Option<u64>,
-    /// Parameter and activation dtype.
-    #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
+    /// Parameter and activation dtype: bf16, fp16 or fp32.
+    #[arg(long, default_value = "bf16")]
     dtype: DType,
-    /// Output folder for plan.ron and report.md.
+    /// Output folder for plan.ron, report.md, program.txt, rewrite.txt,
+    /// gencode/ and the plan binary.
     #[arg(long, default_value = "out")]
     out: PathBuf,
     /// How many alternatives to list.
@@ -163,13 +159,22 @@ struct CompileArgs {
     recompute: Option<Recompute>,
     /// ZeRO stage 0-3.
     #[arg(long)]
-    zero: Option<u8>,
+    zero: Option<ZeroStage>,
     /// Sequence parallelism: true or false.
     #[arg(long)]
     sp: Option<bool>,
-    /// Print the lowered program (every block, adapter and segment).
+    /// Print the lowered program (every block, adapter and segment): the
+    /// same as --dump-after rewrite.
     #[arg(long)]
     dump_program: bool,
+    /// Print the hand-off of a pass once it ran and verified (repeatable):
+    /// trace, ties, custom-ops, search, plan, lower, rewrite, codegen, build.
+    #[arg(long, value_name = "PASS")]
+    dump_after: Vec<Pass>,
+    /// Stop after a pass (the files of the passes that ran are written);
+    /// --no-build is --stop-after codegen.
+    #[arg(long, value_name = "PASS")]
+    stop_after: Option<Pass>,
     /// Lower the plan as it is, without the egg collective rewrites.
     #[arg(long)]
     no_rewrite: bool,
@@ -177,34 +182,12 @@ struct CompileArgs {
     #[arg(long)]
     no_build: bool,
     /// Cargo profile of the plan binary: release or dev.
-    #[arg(long, default_value = "release", value_parser = ["release", "dev"])]
-    build_profile: String,
-}
-
-fn parse_dtype(s: &str) -> Result<DType, String> {
-    match s {
-        "bf16" => Ok(DType::Bf16),
-        "fp16" | "f16" => Ok(DType::F16),
-        "fp32" | "f32" => Ok(DType::F32),
-        other => Err(format!(
-            "unknown dtype '{other}' (expected bf16, fp16 or fp32)"
-        )),
-    }
-}
-
-/// The registry of built-in ops plus the user's annotation files.
-fn registry(files: &[PathBuf]) -> Result<Registry> {
-    let mut registry = builtin_registry();
-    for file in files {
-        registry
-            .load_file(file)
-            .with_context(|| format!("loading annotation file {}", file.display()))?;
-    }
-    Ok(registry)
+    #[arg(long, default_value = "release")]
+    build_profile: BuildProfile,
 }
 
 fn trace(args: &TraceArgs) -> Result<()> {
-    let registry = registry(&args.model.annotations)?;
+    let registry = driver::registry(&args.model.annotations)?;
     let mut model = load_model(&args.model.model)
         .with_context(|| format!("loading model '{}'", args.model.model))?;
     if let Some(op) = &args.model.loss {
@@ -213,7 +196,7 @@ fn trace(args: &TraceArgs) -> Result<()> {
     let options = TraceOptions {
         batch: args.model.batch,
         seq_len: args.model.seq_len,
-        dtype: args.model.dtype,
+        dtype: args.model.dtype.into(),
     };
     let graph = trace_model(&model, &options, &registry)
         .with_context(|| format!("tracing {}", model.name()))?;
@@ -234,24 +217,8 @@ fn trace(args: &TraceArgs) -> Result<()> {
     Ok(())
 }
 
-fn compile(args: &CompileArgs) -> Result<()> {
-    let registry = registry(&args.annotations)?;
-    let mut model =
-        load_model(&args.model).with_context(|| format!("loading model '{}'", args.model))?;
-    if let Some(op) = &args.loss {
-        model.set_loss_op(op).map_err(anyhow::Error::msg)?;
-    }
-    let cluster = load_cluster(&args.cluster)
-        .with_context(|| format!("loading cluster '{}'", args.cluster))?;
-    let seq_len = args.seq_len.unwrap_or_else(|| model.default_seq_len());
-    let runtime = args.runtime_ngpus.unwrap_or(args.plan_ngpus);
-    let global_batch = match args.global_batch {
-        Some(g) => g,
-        None => {
-            let per_gpu = (1u64 << 21).div_ceil(seq_len * u64::from(runtime.max(1)));
-            per_gpu.max(1) * u64::from(runtime.max(1))
-        }
-    };
+/// Reads the constraints file (if any) and lays the dimension flags over it.
+fn constraints(args: &CompileArgs) -> Result<Constraints> {
     let mut constraints = match &args.constraints {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -285,123 +252,70 @@ fn compile(args: &CompileArgs) -> Result<()> {
     flag!(recompute, args.recompute);
     flag!(zero, args.zero);
     flag!(sequence_parallel, args.sp);
+    Ok(constraints)
+}
 
-    let options = TraceOptions {
-        batch: 1,
-        seq_len: Some(seq_len),
-        dtype: args.dtype,
-    };
-    let graph = trace_model(&model, &options, &registry)
-        .with_context(|| format!("tracing {}", model.name()))?;
-    let summary = Summary::new(&graph, model.family(), &registry)?;
-    let tied = tied_consumers(&graph);
-    let replicated_ties = tie_constraints(&tied, &mut constraints)?;
-    let mut input = SearchInput {
-        graph: &graph,
-        registry: &registry,
-        model: &model,
-        cluster: &cluster,
-        plan_gpus: args.plan_ngpus,
-        runtime_gpus: runtime,
-        global_batch,
-        constraints: &constraints,
-        top_k: args.top.max(1),
-    };
-    let started = std::time::Instant::now();
-    let result = match search(&input) {
-        // Tied weights split along the vocab on both ends where the vocab
-        // divides; replicated on both ends where it does not.
-        Err(crate::search::SearchError::Constraint(msg)) if !tied.is_empty() => {
-            tracing::info!(%msg, "tied weights: vocab-parallel split not legal, replicating them");
-            input.constraints = &replicated_ties;
-            search(&input)
+/// Prints the hand-offs `--dump-after` names (to stderr under `--json`, so
+/// that stdout stays one JSON object).
+struct Dumps<'a> {
+    passes: &'a [Pass],
+    to_stderr: bool,
+}
+
+impl Observer for Dumps<'_> {
+    fn after(&mut self, pass: Pass, handoff: &dyn std::fmt::Display, _: std::time::Duration) {
+        if self.passes.contains(&pass) {
+            let text = format!("===== after {pass} =====\n{handoff}");
+            if self.to_stderr {
+                eprint!("{text}");
+            } else {
+                print!("{text}");
+            }
         }
-        other => other,
     }
-    .context("searching a plan")?;
-    let elapsed = started.elapsed().as_secs_f64();
-    tracing::info!(
-        evaluated = result.evaluated,
-        sharding_solves = result.sharding_solves,
-        seconds = elapsed,
-        "search finished"
-    );
-    let annotation_files: Vec<String> = args
-        .annotations
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect();
-    let ctx = PlanContext {
-        graph: &graph,
-        model_spec: &args.model,
-        family: model.family(),
-        annotation_files,
-        loss_op: model.loss_op().map(str::to_string),
-        cluster: &args.cluster,
-        seq_len,
-        dtype: args.dtype,
-        plan_gpus: args.plan_ngpus,
-        runtime_gpus: runtime,
-        global_batch,
-        flops_per_token: summary.flops_per_token,
-        peak_flops_per_s: cluster.peak_flops_per_s.for_dtype(args.dtype),
-    };
-    let plans: Vec<Plan> = result.plans.iter().map(|c| to_plan(&ctx, c)).collect();
-    let best = &plans[0];
-    validate_plan(best, &graph, None).context("checking the chosen plan")?;
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let plan_path = args.out.join("plan.ron");
-    write_plan(best, &plan_path).with_context(|| format!("writing {}", plan_path.display()))?;
-    let mut report = render_report(best);
-    report.push_str("\n## Alternatives (fastest first)\n\n```text\n");
-    report.push_str(&render_alternatives(&plans));
-    report.push_str("```\n");
-    let report_path = args.out.join("report.md");
-    write_atomic(&report_path, report.as_bytes())
-        .with_context(|| format!("writing {}", report_path.display()))?;
-    let mut program = lower_plan(best, &model, &registry, &cluster)?;
-    let rewrite_path = args.out.join("rewrite.txt");
-    let rewrite_report = if args.no_rewrite {
-        None
-    } else {
-        let cost = crate::lower::AdapterCost {
-            cluster: &cluster,
-            group: crate::cost::Group::placed(&cluster, best.mesh.tp, 1),
-        };
-        let (rewritten, report) =
-            crate::rewrite::rewrite(&program, &cost, &crate::rewrite::Limits::default())
-                .context("rewriting the lowered program's collectives")?;
-        write_atomic(&rewrite_path, report.to_string().as_bytes())
-            .with_context(|| format!("writing {}", rewrite_path.display()))?;
-        program = rewritten;
-        Some(report)
-    };
-    let program_path = args.out.join("program.txt");
-    write_atomic(&program_path, program.to_string().as_bytes())
-        .with_context(|| format!("writing {}", program_path.display()))?;
+}
+
+fn compile(args: &CompileArgs) -> Result<()> {
+    let mut dump = args.dump_after.clone();
     if args.dump_program {
-        print!("{program}");
+        dump.push(Pass::Rewrite);
     }
-    let gencode = args.out.join("gencode");
-    let home = build::autopart_home()?;
-    let options = crate::codegen::CodegenOptions {
-        runtime_path: home.join("runtime"),
-        custom_ops: custom_op_impls(&registry, &program)?,
+    let stop_after = match (args.stop_after, args.no_build) {
+        (Some(p), true) => Some(p.min(Pass::Codegen)),
+        (Some(p), false) => Some(p),
+        (None, true) => Some(Pass::Codegen),
+        (None, false) => None,
     };
-    let package = crate::codegen::write_crate(&program, &options, &gencode)
-        .context("generating the plan's code")?;
-    let binary = if args.no_build {
-        None
-    } else {
-        Some(build::build_plan_binary(
-            &home,
-            &gencode,
-            &package,
-            &args.out,
-            &args.build_profile,
-        )?)
+    let req = Request {
+        model: args.model.clone(),
+        loss: args.loss.clone(),
+        annotations: args.annotations.clone(),
+        cluster: args.cluster.clone(),
+        plan_gpus: args.plan_ngpus,
+        runtime_gpus: args.runtime_ngpus,
+        seq_len: args.seq_len,
+        global_batch: args.global_batch,
+        dtype: args.dtype,
+        constraints: constraints(args)?,
+        top_k: args.top.max(1),
+        rewrite: !args.no_rewrite,
+        out: args.out.clone(),
+        stop_after,
+        build_profile: args.build_profile,
     };
+    let mut dumps = Dumps {
+        passes: &dump,
+        to_stderr: args.json,
+    };
+    let done = driver::compile(&req, &mut dumps)?;
+    let (Some(searched), Some(planned)) = (&done.searched, &done.planned) else {
+        // Stopped before the plan: the dumps were the output.
+        return Ok(());
+    };
+    let best = planned.best();
+    let plans = &planned.plans;
+    let paths = &done.paths;
+    let binary = done.built.as_ref().map(|b| b.binary.clone());
     if args.json {
         let p = &best.prediction;
         let value = serde_json::json!({
@@ -420,10 +334,10 @@ fn compile(args: &CompileArgs) -> Result<()> {
             "predicted_mfu": p.mfu,
             "peak_mem_gib": p.peak_mem_bytes as f64 / GIB,
             "capacity_gib": p.capacity_bytes as f64 / GIB,
-            "search_s": elapsed,
-            "plan": plan_path.display().to_string(),
-            "program": program_path.display().to_string(),
-            "gencode": gencode.display().to_string(),
+            "search_s": searched.seconds,
+            "plan": paths.plan.display().to_string(),
+            "program": done.rewritten.as_ref().map(|_| paths.program.display().to_string()),
+            "gencode": done.generated.as_ref().map(|_| paths.gencode.display().to_string()),
             "binary": binary.as_ref().map(|b| b.display().to_string()),
             "alternatives": plans.iter().skip(1).map(|q| serde_json::json!({
                 "tp": q.mesh.tp, "pp": q.mesh.pp, "dp": q.mesh.dp,
@@ -433,202 +347,48 @@ fn compile(args: &CompileArgs) -> Result<()> {
             })).collect::<Vec<_>>(),
         });
         println!("{value}");
-    } else {
-        print!("{}", render_summary(best));
-        println!("\nalternatives (fastest first):");
-        print!("{}", render_alternatives(&plans));
-        println!(
-            "\nsearched {} configurations ({} sharding problems solved with z3) in {:.2} s",
-            result.evaluated, result.sharding_solves, elapsed
-        );
-        println!(
-            "wrote {}, {}, {} and the crate {}",
-            plan_path.display(),
-            report_path.display(),
-            program_path.display(),
-            gencode.display()
-        );
-        if let Some(report) = &rewrite_report {
-            print!("\n{report}");
-        }
-        match &binary {
-            Some(b) => println!(
-                "built {}: run it with `mpirun -np {} autopart run {}`",
-                b.display(),
-                best.runtime_gpus,
-                args.out.display()
-            ),
-            None => println!("not built (--no-build)"),
-        }
+        return Ok(());
+    }
+    print!("{}", render_summary(best));
+    println!("\nalternatives (fastest first):");
+    print!("{}", render_alternatives(plans));
+    println!(
+        "\nsearched {} configurations ({} sharding problems solved with z3) in {:.2} s",
+        searched.result.evaluated, searched.result.sharding_solves, searched.seconds
+    );
+    let mut wrote = vec![
+        paths.plan.display().to_string(),
+        paths.report.display().to_string(),
+    ];
+    if done.rewritten.is_some() || done.lowered.is_some() {
+        wrote.push(paths.program.display().to_string());
+    }
+    if done.generated.is_some() {
+        wrote.push(format!("the crate {}", paths.gencode.display()));
+    }
+    println!("wrote {}", wrote.join(", "));
+    if let Some(report) = done.rewritten.as_ref().and_then(|r| r.report.as_ref()) {
+        print!("\n{report}");
+    }
+    match &binary {
+        Some(b) => println!(
+            "built {}: run it with `mpirun -np {} autopart run {}`",
+            b.display(),
+            best.runtime_gpus,
+            args.out.display()
+        ),
+        None => println!(
+            "not built (stopped after {})",
+            stop_after.map_or("codegen".to_string(), |p| p.to_string())
+        ),
     }
     Ok(())
-}
-
-/// Parameters read by more than one op (tied weights), each with its
-/// consumers' plan patterns and the annotation identifier of the
-/// parameter's first dim in each (the vocab, for tied embeddings).
-fn tied_consumers(graph: &crate::ir::Graph) -> Vec<(String, Vec<(String, Option<String>)>)> {
-    use crate::anno::{Dim, Factor, Shape};
-    let mut out = Vec::new();
-    for (t, tensor) in graph.parameters() {
-        let consumers = graph.consumers(t);
-        if consumers.len() < 2 {
-            continue;
-        }
-        let uses = consumers
-            .iter()
-            .map(|&o| {
-                let op = graph.op(o);
-                let first_dim = op
-                    .inputs
-                    .iter()
-                    .position(|&i| i == t)
-                    .and_then(|i| op.annotation.inputs.get(i))
-                    .and_then(|shape| match shape {
-                        Shape::Tensor(dims) => match dims.first() {
-                            Some(Dim::Single(Factor::Named { name, .. })) => Some(name.clone()),
-                            Some(Dim::Group(fs)) => match fs.first() {
-                                Some(Factor::Named { name, .. }) => Some(name.clone()),
-                                _ => None,
-                            },
-                            _ => None,
-                        },
-                        Shape::Opaque => None,
-                    });
-                (crate::plan::layer_pattern(&op.name, op.layer), first_dim)
-            })
-            .collect();
-        out.push((tensor.name.clone(), uses));
-    }
-    out
-}
-
-/// Constraints for tied weights: every op reading a tied parameter must
-/// read it in the same layout, and (until the runtime exchanges tied
-/// gradients between stages) on one pipeline stage. Pins the consumers'
-/// splits to the parameter's first dim (vocab-parallel on both ends, as
-/// Megatron does) in `constraints`, and returns the alternative pinning
-/// every consumer replicated.
-fn tie_constraints(
-    tied: &[(String, Vec<(String, Option<String>)>)],
-    constraints: &mut Constraints,
-) -> Result<Constraints> {
-    let mut replicated = constraints.clone();
-    if tied.is_empty() {
-        return Ok(replicated);
-    }
-    let names: Vec<&str> = tied.iter().map(|(n, _)| n.as_str()).collect();
-    match constraints.pp {
-        Some(pp) if pp > 1 => anyhow::bail!(
-            "{} tied between ops; tied weights need pp=1 for now (the runtime does not exchange their gradients between pipeline stages), got --pp {pp}",
-            names.join(", ")
-        ),
-        _ => {
-            constraints.pp = Some(1);
-            replicated.pp = Some(1);
-        }
-    }
-    for (_, uses) in tied {
-        if uses
-            .iter()
-            .any(|(op, _)| constraints.splits.contains_key(op))
-        {
-            // The user pinned them: their choice stands.
-            continue;
-        }
-        for (op, first_dim) in uses {
-            constraints.splits.insert(op.clone(), first_dim.clone());
-            replicated.splits.insert(op.clone(), None);
-        }
-    }
-    Ok(replicated)
-}
-
-/// Where the generated code finds each custom op of `program`: its crate
-/// (resolved against the annotation file that registered it), function and
-/// attributes.
-fn custom_op_impls(
-    registry: &Registry,
-    program: &crate::lower::ExecProgram,
-) -> Result<std::collections::BTreeMap<String, crate::codegen::CustomOpImpl>> {
-    let mut out = std::collections::BTreeMap::new();
-    for block in program.blocks() {
-        for op in block.ops() {
-            let crate::ir::OpKind::Custom(name) = &op.kind else {
-                continue;
-            };
-            let sig = registry
-                .get(name)
-                .with_context(|| format!("custom op '{name}' is not registered"))?;
-            let imp = sig.implementation.as_ref().with_context(|| {
-                format!(
-                    "custom op '{name}' has no implementation in its annotation file: add `implementation: Some((crate: ..., path: ..., crate_path: ...))`"
-                )
-            })?;
-            let crate_dir = match &imp.crate_path {
-                Some(dir) => {
-                    let file = registry
-                        .source(name)
-                        .map(|l| PathBuf::from(&l.file))
-                        .unwrap_or_default();
-                    let base = file.parent().unwrap_or(std::path::Path::new("."));
-                    let joined = base.join(dir);
-                    Some(joined.canonicalize().with_context(|| {
-                        format!(
-                            "crate_path '{dir}' of custom op '{name}' ({}): no such folder",
-                            joined.display()
-                        )
-                    })?)
-                }
-                None => None,
-            };
-            let attrs = sig.attrs.iter().cloned().collect();
-            out.insert(
-                name.clone(),
-                crate::codegen::CustomOpImpl {
-                    crate_name: imp.crate_name.clone(),
-                    path: imp.path.clone(),
-                    crate_dir,
-                    attrs,
-                },
-            );
-        }
-    }
-    Ok(out)
-}
-
-/// Lowers `plan` for `model`: traces the graph at the plan's micro-batch
-/// and sequence length, then [`crate::lower::lower`].
-fn lower_plan(
-    plan: &Plan,
-    model: &crate::trace::ModelConfig,
-    registry: &Registry,
-    cluster: &crate::cost::Cluster,
-) -> Result<crate::lower::ExecProgram> {
-    let dtype = match plan.trace.dtype.as_str() {
-        "fp32" | "f32" => DType::F32,
-        "fp16" | "f16" => DType::F16,
-        _ => DType::Bf16,
-    };
-    let options = TraceOptions {
-        batch: plan.micro_batch,
-        seq_len: Some(plan.trace.seq_len),
-        dtype,
-    };
-    let graph = trace_model(model, &options, registry).with_context(|| {
-        format!(
-            "tracing {} at micro-batch {}",
-            model.name(),
-            plan.micro_batch
-        )
-    })?;
-    crate::lower::lower(&graph, plan, cluster).context("lowering the plan")
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
 
 fn validate(args: &ValidateArgs) -> Result<()> {
-    let registry = builtin_registry();
+    let registry = crate::anno::builtin_registry();
     let runs = crate::validate::read_runs(&args.runs)?;
     println!(
         "{:<22} {:>5} {:>6}  {:<38} {:>9} {:>9} {:>7}  {:<38} {:>8}",
@@ -693,23 +453,6 @@ fn validate(args: &ValidateArgs) -> Result<()> {
     Ok(())
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename, so an
-/// existing file is never left half-written.
-fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(std::path::Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("out")
-    ));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
-}
-
 /// Entry point of the `autopart` binary.
 pub fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -724,7 +467,7 @@ pub fn main() -> ExitCode {
         Command::Trace(args) => trace(args),
         Command::Compile(args) => compile(args),
         Command::Validate(args) => validate(args),
-        Command::Run(args) => build::run(&args.out, &args.args),
+        Command::Run(args) => run::run(&args.out, &args.args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

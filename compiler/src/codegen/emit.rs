@@ -10,7 +10,7 @@ use crate::lower::{
     AdapterKind, Block, BlockKind, ExecProgram, LocalOp, Operand, ParamDecl, ParamInit, Segment,
     StageProgram, Step, Vid,
 };
-use crate::plan::{Recompute, Schedule};
+use crate::plan::{Recompute, Schedule, ZeroStage};
 
 const KEYWORDS: &[&str] = &[
     "as",
@@ -844,6 +844,16 @@ fn schedule_expr(s: Schedule) -> String {
     }
 }
 
+/// The runtime's name of the plan's ZeRO stage.
+fn zero_expr(zero: ZeroStage) -> &'static str {
+    match zero {
+        ZeroStage::Off => "ZeroStage::Off",
+        ZeroStage::One => "ZeroStage::One",
+        ZeroStage::Two => "ZeroStage::Two",
+        ZeroStage::Three => "ZeroStage::Three",
+    }
+}
+
 fn main_rs(program: &ExecProgram) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -872,17 +882,7 @@ fn main_rs(program: &ExecProgram) -> String {
         .checked_div(program.plan_gpus)
         .unwrap_or(1)
         .max(1);
-    if program.zero == 2 {
-        let _ = writeln!(
-            out,
-            "// The plan asks for ZeRO-2; the runtime has no ZeRO-2 and runs ZeRO-1\n// (optimizer state sharded, gradients whole).\n"
-        );
-    }
-    let zero = match program.zero {
-        0 => "ZeroStage::Off",
-        1 | 2 => "ZeroStage::One",
-        _ => "ZeroStage::Three",
-    };
+    let zero = zero_expr(program.zero);
     let peaks: Vec<String> = program
         .stages
         .iter()

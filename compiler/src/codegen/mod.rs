@@ -44,6 +44,8 @@ pub struct CodegenOptions {
     pub runtime_path: PathBuf,
     /// The implementation of every custom op the program uses, by op name.
     pub custom_ops: BTreeMap<String, CustomOpImpl>,
+    /// The plan hash of the `plan.ron` the program was lowered from.
+    pub plan_hash: String,
 }
 
 /// How generated code calls a custom op: `path(inputs.., attrs..)`, each
@@ -70,13 +72,11 @@ pub struct GeneratedFile {
 /// so that crates of different plans never share a binary name in a shared
 /// target folder.
 pub fn package_name(program: &ExecProgram, files: &[GeneratedFile]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut hasher = autopart_vocab::hash::Fnv1a::new();
     for f in files {
-        for b in f.path.bytes().chain(f.text.bytes()) {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
+        hasher.write(f.path.as_bytes()).write(f.text.as_bytes());
     }
+    let h = hasher.finish();
     let model: String = program
         .model
         .chars()
@@ -100,6 +100,14 @@ pub fn write_crate(
     dir: &Path,
 ) -> Result<String, CodegenError> {
     let (name, files) = generate_files(program, options)?;
+    write_files(&files, dir)?;
+    Ok(name)
+}
+
+/// Writes generated `files` under `dir`, replacing what was there (each file
+/// atomically); `.rs` files of `src/` that `files` does not name (stage files
+/// of an earlier, longer pipeline) are removed.
+pub fn write_files(files: &[GeneratedFile], dir: &Path) -> Result<(), CodegenError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| CodegenError::Io { path, source }
@@ -115,11 +123,9 @@ pub fn write_crate(
             }
         }
     }
-    for f in &files {
+    for f in files {
         let path = dir.join(&f.path);
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, &f.text).map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        autopart_vocab::fs::write_atomic(&path, f.text.as_bytes()).map_err(io(&path))?;
     }
-    Ok(name)
+    Ok(())
 }

@@ -72,6 +72,16 @@ impl DType {
     }
 }
 
+impl From<autopart_vocab::DType> for DType {
+    fn from(d: autopart_vocab::DType) -> Self {
+        match d {
+            autopart_vocab::DType::Bf16 => DType::Bf16,
+            autopart_vocab::DType::Fp16 => DType::F16,
+            autopart_vocab::DType::Fp32 => DType::F32,
+        }
+    }
+}
+
 impl fmt::Display for DType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())

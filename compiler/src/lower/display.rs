@@ -3,6 +3,7 @@
 use std::fmt;
 
 use super::{Block, BlockInput, ExecProgram, Operand, Step, Vid};
+use crate::plan::ZeroStage;
 
 fn shape(s: &[u64]) -> String {
     s.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
@@ -162,9 +163,11 @@ impl fmt::Display for ExecProgram {
             f,
             "  dp ({dp} ranks): {}",
             match self.zero {
-                0 => "bucketed all-reduce of every gradient",
-                1 | 2 => "bucketed reduce-scatter, sharded AdamW, all-gather (ZeRO-1)",
-                _ => "parameters gathered per step, reduce-scatter, sharded AdamW (ZeRO-3)",
+                ZeroStage::Off => "bucketed all-reduce of every gradient",
+                ZeroStage::One | ZeroStage::Two =>
+                    "bucketed reduce-scatter, sharded AdamW, all-gather (ZeRO-1)",
+                ZeroStage::Three =>
+                    "parameters gathered per step, reduce-scatter, sharded AdamW (ZeRO-3)",
             }
         )?;
         for s in &self.stages {

@@ -37,7 +37,7 @@ pub use build::{LowerError, lower};
 
 use crate::anno::Layout;
 use crate::ir::{AttrValue, DType, OpKind};
-use crate::plan::{Recompute, Schedule};
+use crate::plan::{Recompute, Schedule, ZeroStage};
 
 /// A value of a block: a tensor on this rank (a shard, a replica or a partial sum).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -231,7 +231,7 @@ pub struct ExecProgram {
     pub seq_len: u64,
     pub vocab: u64,
     pub schedule: Schedule,
-    pub zero: u8,
+    pub zero: ZeroStage,
     pub sequence_parallel: bool,
     pub predicted_step_s: f64,
     /// The stream's shape on one rank for one micro-batch, and its state.

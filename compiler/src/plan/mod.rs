@@ -13,8 +13,6 @@
 mod report;
 mod validate;
 
-use std::fmt;
-
 use serde::{Deserialize, Serialize};
 
 pub use report::{render_alternatives, render_report, render_summary};
@@ -25,89 +23,8 @@ pub use validate::{
 /// Current `plan.ron` format version.
 pub const FORMAT_VERSION: u32 = 1;
 
-/// The pipeline schedule.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub enum Schedule {
-    /// All forwards, then all backwards.
-    GPipe,
-    /// One forward, one backward (PipeDream-flush / Megatron default).
-    OneFOneB,
-    /// Interleaved 1F1B with `chunks` model chunks per device.
-    Interleaved { chunks: u32 },
-}
-
-impl fmt::Display for Schedule {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Schedule::GPipe => f.write_str("gpipe"),
-            Schedule::OneFOneB => f.write_str("1f1b"),
-            Schedule::Interleaved { chunks } => write!(f, "interleaved-{chunks}"),
-        }
-    }
-}
-
-impl std::str::FromStr for Schedule {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "gpipe" => Ok(Schedule::GPipe),
-            "1f1b" => Ok(Schedule::OneFOneB),
-            _ => s
-                .strip_prefix("interleaved-")
-                .or_else(|| s.strip_prefix("interleaved"))
-                .and_then(|v| {
-                    if v.is_empty() {
-                        Some(2)
-                    } else {
-                        v.parse().ok()
-                    }
-                })
-                .filter(|&chunks| chunks >= 2)
-                .map(|chunks| Schedule::Interleaved { chunks })
-                .ok_or_else(|| {
-                    format!(
-                        "unknown schedule '{s}' (expected gpipe, 1f1b or interleaved-V with V >= 2)"
-                    )
-                }),
-        }
-    }
-}
-
-/// Activation recompute of a stage's layers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum Recompute {
-    /// Keep every activation backward needs.
-    None,
-    /// Recompute the attention core (scores, softmax) in backward.
-    Selective,
-    /// Keep only each layer's input; recompute the layer in backward.
-    Full,
-}
-
-impl fmt::Display for Recompute {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Recompute::None => "none",
-            Recompute::Selective => "selective",
-            Recompute::Full => "full",
-        })
-    }
-}
-
-impl std::str::FromStr for Recompute {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "none" => Ok(Recompute::None),
-            "selective" => Ok(Recompute::Selective),
-            "full" => Ok(Recompute::Full),
-            _ => Err(format!(
-                "unknown recompute mode '{s}' (expected none, selective or full)"
-            )),
-        }
-    }
-}
+/// The plan's closed vocabulary, shared with the runtime.
+pub use autopart_vocab::{DType, Recompute, Schedule, ZeroStage};
 
 /// Where the model comes from, so lowering can trace the same graph.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,8 +49,8 @@ pub struct ModelRef {
 #[serde(deny_unknown_fields)]
 pub struct TraceSpec {
     pub seq_len: u64,
-    /// `bf16`, `fp16` or `fp32`.
-    pub dtype: String,
+    /// `bf16`, `fp16` or `fp32` (written as its name).
+    pub dtype: DType,
 }
 
 /// Mesh axes. `order` lists them innermost first (tp innermost keeps tensor
@@ -250,8 +167,8 @@ pub struct Plan {
     pub micro_batch: u64,
     pub n_micro_batches: u64,
     pub schedule: Schedule,
-    /// 0, 1, 2 or 3.
-    pub zero: u8,
+    /// Written as its number, 0 to 3.
+    pub zero: ZeroStage,
     pub sequence_parallel: bool,
     pub stages: Vec<StagePlan>,
     pub sharding: Vec<OpSplit>,

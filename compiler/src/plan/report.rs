@@ -9,7 +9,7 @@
 
 use std::fmt::Write as _;
 
-use super::{Plan, Recompute, Schedule};
+use super::{Plan, Recompute, Schedule, ZeroStage};
 
 /// At most this many micro-batches are drawn in the pipeline timeline.
 const TIMELINE_MICRO_BATCHES: u64 = 8;
@@ -429,14 +429,8 @@ fn schedule_name(schedule: Schedule) -> String {
     }
 }
 
-fn zero_name(zero: u8) -> String {
-    match zero {
-        0 => "0 (nothing sharded)".to_string(),
-        1 => "1 (optimizer state sharded over dp)".to_string(),
-        2 => "2 (optimizer state and gradients sharded over dp)".to_string(),
-        3 => "3 (optimizer state, gradients and parameters sharded over dp)".to_string(),
-        other => other.to_string(),
-    }
+fn zero_name(zero: ZeroStage) -> String {
+    format!("{zero} ({})", zero.description())
 }
 
 fn timeline_section(p: &Plan) -> String {
@@ -518,63 +512,31 @@ struct Task {
     chunk: u32,
 }
 
-/// The order in which each device runs its passes.
+/// The order in which each device runs its passes: the runtime's own
+/// schedule (`autopart_vocab::schedule`), without its communication.
 fn device_orders(schedule: Schedule, pp: u32, m: u32) -> Vec<Vec<Task>> {
-    let task = |pass, micro, chunk| Task { pass, micro, chunk };
-    (0..pp)
-        .map(|s| match schedule {
-            Schedule::GPipe => (0..m)
-                .map(|i| task(Pass::Forward, i, 0))
-                .chain((0..m).map(|i| task(Pass::Backward, i, 0)))
-                .collect(),
-            Schedule::OneFOneB => {
-                let warmup = (pp - s - 1).min(m);
-                one_f_one_b(
-                    m,
-                    warmup,
-                    |k| task(Pass::Forward, k, 0),
-                    |k| task(Pass::Backward, k, 0),
-                )
-            }
-            Schedule::Interleaved { chunks } => {
-                // Megatron-LM's interleaved order: groups of pp micro-batches
-                // go through chunk 0, then chunk 1, …; backwards visit the
-                // chunks in reverse.
-                let total = m * chunks;
-                let group = pp * chunks;
-                let micro = |k: u32| (k / group) * pp + k % pp;
-                let chunk = |k: u32| (k % group) / pp;
-                let warmup = if m == pp {
-                    total
-                } else {
-                    ((pp - s - 1) * 2 + (chunks - 1) * pp).min(total)
-                };
-                one_f_one_b(
-                    total,
-                    warmup,
-                    |k| task(Pass::Forward, micro(k), chunk(k)),
-                    |k| task(Pass::Backward, micro(k), chunks - 1 - chunk(k)),
-                )
-            }
+    use autopart_vocab::schedule::{Pass as P, compute_orders};
+    let task = |pass, w: autopart_vocab::schedule::Work| Task {
+        pass,
+        micro: w.mb as u32,
+        chunk: w.chunk as u32,
+    };
+    compute_orders(schedule, pp as usize, m as usize)
+        .map(|orders| {
+            orders
+                .into_iter()
+                .map(|order| {
+                    order
+                        .into_iter()
+                        .map(|p| match p {
+                            P::Forward(w) => task(Pass::Forward, w),
+                            P::Backward(w) => task(Pass::Backward, w),
+                        })
+                        .collect()
+                })
+                .collect()
         })
-        .collect()
-}
-
-/// `warmup` forwards, then alternate forward and backward, then the
-/// remaining backwards.
-fn one_f_one_b(
-    total: u32,
-    warmup: u32,
-    forward: impl Fn(u32) -> Task,
-    backward: impl Fn(u32) -> Task,
-) -> Vec<Task> {
-    let mut order: Vec<Task> = (0..warmup).map(&forward).collect();
-    for i in 0..total - warmup {
-        order.push(forward(warmup + i));
-        order.push(backward(i));
-    }
-    order.extend((total - warmup..total).map(backward));
-    order
+        .unwrap_or_default()
 }
 
 /// Runs each device's passes in order, one slot each, as soon as their
@@ -582,6 +544,9 @@ fn one_f_one_b(
 /// a backward the next virtual stage's backward. Returns the grid
 /// `[stage][slot]`, or `None` if the orders deadlock.
 fn simulate(orders: &[Vec<Task>], pp: u32, chunks: u32, m: u32) -> Option<Vec<Vec<Option<Task>>>> {
+    if orders.len() != pp as usize {
+        return None;
+    }
     let virtual_stages = (pp * chunks) as usize;
     let m = m as usize;
     // End slot (exclusive) of each pass, by [virtual stage][micro-batch].

@@ -31,7 +31,7 @@ use thiserror::Error;
 use crate::anno::{Layout, Registry};
 use crate::cost::Cluster;
 use crate::ir::{Graph, OpId};
-use crate::plan::{Recompute, Schedule, layer_pattern};
+use crate::plan::{Recompute, Schedule, ZeroStage, layer_pattern};
 use crate::trace::ModelConfig;
 
 pub use model::{Config, Evaluation, StageEval};
@@ -49,12 +49,34 @@ pub struct Constraints {
     pub schedule: Option<Schedule>,
     /// One mode for every stage.
     pub recompute: Option<Recompute>,
-    pub zero: Option<u8>,
+    pub zero: Option<ZeroStage>,
     pub sequence_parallel: Option<bool>,
     /// Pinned tp splits: op name (layer ops with `*` for the layer index,
     /// `layers.*.mlp.down_proj`) → identifier to split, or `None` to run it
     /// replicated.
     pub splits: BTreeMap<String, Option<String>>,
+    /// Tied weights (set by the compile driver's `ties` pass, not read from
+    /// files): each reader not pinned in `splits` splits its tied dim where
+    /// that is legal at the tp being solved, and runs replicated otherwise.
+    #[serde(skip)]
+    pub tied: Vec<TiedWeight>,
+}
+
+/// A parameter read by more than one op (GPT's embedding and head).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TiedWeight {
+    pub param: String,
+    pub readers: Vec<TiedReader>,
+    /// The user pinned a reader's split: the search leaves them all alone.
+    pub user_pinned: bool,
+}
+
+/// One op reading a tied weight: its plan pattern and the annotation
+/// identifier of the weight's first dim in it (the vocab).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TiedReader {
+    pub op: String,
+    pub dim: Option<String>,
 }
 
 /// What to search for.
@@ -274,7 +296,27 @@ fn pinned(
     for (o, sop) in seg.ops.iter().enumerate() {
         let op = graph.op(sop.op);
         let key = layer_pattern(&op.name, op.layer);
-        if let Some(want) = constraints.splits.get(&key) {
+        let tied = constraints
+            .tied
+            .iter()
+            .filter(|t| !t.user_pinned)
+            .find_map(|t| t.readers.iter().find(|r| r.op == key));
+        if let Some(reader) = tied {
+            // The tied dim where this tp can split it, else replicated; both
+            // ends of a tie see the same dim size, so they agree (the
+            // driver verifies it).
+            let c = sop
+                .choices
+                .iter()
+                .position(|c| reader.dim.is_some() && c.split == reader.dim)
+                .or_else(|| sop.choices.iter().position(|c| c.split.is_none()))
+                .ok_or_else(|| {
+                    SearchError::Constraint(format!(
+                        "{key}: no replicated choice for a tied weight"
+                    ))
+                })?;
+            fixed.push((o, c));
+        } else if let Some(want) = constraints.splits.get(&key) {
             let c = sop
                 .choices
                 .iter()
@@ -354,13 +396,6 @@ pub fn search(input: &SearchInput<'_>) -> Result<SearchResult, SearchError> {
             "sequence parallelism needs tp > 1".into(),
         ));
     }
-    if let Some(z) = c.zero {
-        if z > 3 {
-            return Err(SearchError::Constraint(format!(
-                "zero stage {z} does not exist (0, 1, 2 or 3)"
-            )));
-        }
-    }
 
     let mut configs: Vec<Config> = Vec::new();
     let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
@@ -411,7 +446,7 @@ pub fn search(input: &SearchInput<'_>) -> Result<SearchResult, SearchError> {
                         schedules.push(Schedule::GPipe);
                     }
                     for schedule in pick(schedules, c.schedule) {
-                        for zero in pick(vec![0u8, 1, 2, 3], c.zero) {
+                        for zero in pick(ZeroStage::ALL.to_vec(), c.zero) {
                             configs.push(Config {
                                 tp,
                                 pp,

@@ -26,7 +26,7 @@ use crate::cost::{
     Cluster, Collective, ComputeKind, Group, MemoryStack, collective_time, compute_time,
 };
 use crate::ir::DType;
-use crate::plan::{MemoryBreakdown, Recompute, Schedule};
+use crate::plan::{MemoryBreakdown, Recompute, Schedule, ZeroStage};
 
 use super::Solved;
 use super::segment_cost::SegmentCost;
@@ -42,7 +42,7 @@ pub struct Config {
     pub micro_batch: u64,
     pub n_micro: u64,
     pub schedule: Schedule,
-    pub zero: u8,
+    pub zero: ZeroStage,
     pub sp: bool,
     pub n_layers: u32,
     /// A recompute mode every stage must use; `None` lets each stage choose.
@@ -185,7 +185,7 @@ impl<'a> StageModel<'a> {
         // Activations forward, gradients backward, once per chunk boundary.
         let sends = u32::from(!self.is_last(s)) + u32::from(!self.is_first(s));
         t += f64::from(sends * self.cfg.chunks()) * self.p2p_s;
-        if self.cfg.zero == 3 && self.cfg.dp_total() > 1 {
+        if self.cfg.zero == ZeroStage::Three && self.cfg.dp_total() > 1 {
             // Parameters are gathered for forward and again for backward;
             // prefetching hides them behind compute up to the compute time.
             let dp_group = Group::placed(self.cluster, self.cfg.dp_total() as u32, self.cfg.tp);
@@ -254,13 +254,13 @@ impl<'a> StageModel<'a> {
         if r == Recompute::Full && k > 0 {
             transient += l.saved_none_bytes;
         }
-        if z >= 3 {
+        if z.shards_parameters() {
             transient += 2 * l.params * w;
         }
         MemoryBreakdown {
-            params_bytes: shard(p * w, z >= 3),
-            grads_bytes: shard(p * w, z >= 2),
-            optimizer_bytes: shard(p * opt_per_param, z >= 1),
+            params_bytes: shard(p * w, z.shards_parameters()),
+            grads_bytes: shard(p * w, z.shards_gradients()),
+            optimizer_bytes: shard(p * opt_per_param, z.shards_optimizer()),
             activations_bytes: self.activations(s, k, per_layer),
             transient_bytes: transient,
             allocator_bytes: 0,
@@ -285,7 +285,11 @@ impl<'a> StageModel<'a> {
         // AdamW moments are f32 whatever the weights' dtype. Replicated, the
         // update writes the weights in place (no master copy, 8 B); ZeRO-1/3
         // keep f32 master weights and moments of the owned 1/dp slice (12 B).
-        let optimizer_bytes = if z >= 1 { (p * 12).div_ceil(dp) } else { p * 8 };
+        let optimizer_bytes = if z.shards_optimizer() {
+            (p * 12).div_ceil(dp)
+        } else {
+            p * 8
+        };
         let l = &self.seg.layer;
         let activations_bytes = self.activations(s, k, l.saved_bytes(r));
         let mut backward = self.backward_transient(s);
@@ -301,7 +305,7 @@ impl<'a> StageModel<'a> {
         // all-gather before the step likewise, with no activations alive).
         let bucket = DP_BUCKET_BYTES.min(p * 4);
         let mut step = if dp > 1 { 2 * bucket } else { 0 };
-        if z >= 1 {
+        if z.shards_optimizer() {
             step += (p * 4).div_ceil(dp) + bucket;
         }
         MemoryBreakdown {
@@ -371,21 +375,25 @@ impl<'a> StageModel<'a> {
             let mut exposed = 0.0;
             if dp > 1 {
                 let group = Group::placed(self.cluster, dp as u32, cfg.tp);
-                let reduce = if cfg.zero >= 2 {
+                let reduce = if cfg.zero.shards_gradients() {
                     collective_time(self.cluster, Collective::ReduceScatter, &group, grad_bytes)
                 } else {
                     collective_time(self.cluster, Collective::AllReduce, &group, grad_bytes)
                 };
                 let overlap = f64::from(k) * self.seg.layer.bwd_s();
                 exposed = (reduce - overlap).max(0.0);
-                if cfg.zero >= 1 && cfg.zero < 3 {
+                if cfg.zero.shards_optimizer() && !cfg.zero.shards_parameters() {
                     exposed +=
                         collective_time(self.cluster, Collective::AllGather, &group, grad_bytes);
                 }
             }
             dp_comm = dp_comm.max(exposed);
             let opt_per_param = if w >= 4 { 8 } else { 12 };
-            let shard = if cfg.zero >= 1 { dp.max(1) } else { 1 };
+            let shard = if cfg.zero.shards_optimizer() {
+                dp.max(1)
+            } else {
+                1
+            };
             let state_bytes = (p_elems * (2 * w + opt_per_param)) as f64 / shard as f64;
             let t = compute_time(
                 self.cluster,
@@ -587,7 +595,7 @@ fn out_of_memory(model: &StageModel<'_>, s: u32, k: u32) -> String {
     if model.cfg.recompute != Some(Recompute::Full) && model.cfg.recompute.is_some() {
         hint.push("--recompute full");
     }
-    if model.cfg.zero < 3 {
+    if !model.cfg.zero.shards_parameters() {
         hint.push("a higher --zero");
     }
     hint.push("more --pp or --tp");

@@ -1,6 +1,7 @@
 //! Turning a search [`Candidate`] into the serialisable [`Plan`].
 
-use crate::ir::{DType, Graph};
+use crate::ir::Graph;
+use crate::plan::DType;
 use crate::plan::{
     FORMAT_VERSION, MeshSpec, ModelRef, OpSplit, Plan, Prediction, StagePlan, StagePrediction,
     TraceSpec,
@@ -85,7 +86,7 @@ pub fn to_plan(ctx: &PlanContext<'_>, candidate: &Candidate) -> Plan {
         },
         trace: TraceSpec {
             seq_len: ctx.seq_len,
-            dtype: ctx.dtype.name().to_string(),
+            dtype: ctx.dtype,
         },
         cluster: ctx.cluster.to_string(),
         plan_gpus: ctx.plan_gpus,

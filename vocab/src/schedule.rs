@@ -15,23 +15,16 @@
 //! stage holds several model chunks, runs them in Megatron's order, and
 //! passes activations and gradients around the pp ring in exchange rounds.
 //!
-//! This module only orders work; the program executes the actions and keeps
-//! each in-flight micro-batch's activations until its backward.
+//! [`compute_order`] is the forward/backward order alone, for any schedule:
+//! the compiler's report draws its pipeline timeline from it, so the picture
+//! is the schedule the runtime runs.
+//!
+//! This module only orders work; the runtime's program executes the actions
+//! and keeps each in-flight micro-batch's activations until its backward.
 
 use thiserror::Error;
 
-/// Which pipeline schedule to run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Schedule {
-    /// Every forward, then every backward (activations of all micro-batches live at once).
-    GPipe,
-    /// One forward, one backward: at most `stages - stage` micro-batches in flight.
-    OneFOneB,
-    /// Megatron's interleaved 1F1B: each stage holds `chunks` model chunks
-    /// (stage `s` holds chunks `s`, `s + stages`, …) and runs them in the
-    /// order of [`interleaved`]; needs a multiple of `stages` micro-batches.
-    Interleaved { chunks: usize },
-}
+pub use crate::Schedule;
 
 /// One step of a stage's program. Micro-batches are numbered `0..m`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -327,6 +320,53 @@ pub fn interleaved(
         round += 1;
     }
     Ok(lists)
+}
+
+/// One computation of a stage: the forward or backward pass of one
+/// micro-batch through one of the stage's model chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Pass {
+    Forward(Work),
+    Backward(Work),
+}
+
+/// The order in which each stage (index = stage) runs its passes under
+/// `schedule`: the computations of the runtime's action lists
+/// ([`actions`], [`interleaved`]) without their communication.
+pub fn compute_orders(
+    schedule: Schedule,
+    stages: usize,
+    micro_batches: usize,
+) -> Result<Vec<Vec<Pass>>, ScheduleError> {
+    match schedule {
+        Schedule::Interleaved { chunks } => {
+            Ok(interleaved(stages, chunks as usize, micro_batches)?
+                .into_iter()
+                .map(|list| {
+                    list.into_iter()
+                        .filter_map(|a| match a {
+                            ChunkAction::Forward(w) => Some(Pass::Forward(w)),
+                            ChunkAction::Backward(w) => Some(Pass::Backward(w)),
+                            ChunkAction::ShiftForward { .. }
+                            | ChunkAction::ShiftBackward { .. } => None,
+                        })
+                        .collect()
+                })
+                .collect())
+        }
+        Schedule::GPipe | Schedule::OneFOneB => (0..stages)
+            .map(|stage| {
+                Ok(actions(schedule, stages, stage, micro_batches)?
+                    .into_iter()
+                    .filter_map(|a| match a {
+                        Action::Forward(mb) => Some(Pass::Forward(Work { chunk: 0, mb })),
+                        Action::Backward(mb) => Some(Pass::Backward(Work { chunk: 0, mb })),
+                        _ => None,
+                    })
+                    .collect())
+            })
+            .collect(),
+    }
 }
 
 #[cfg(test)]
