@@ -9,14 +9,8 @@
 #![allow(clippy::print_stdout)]
 
 use anyhow::{Context, Result};
-use autopart::anno::builtin_registry;
-use autopart::cost::{Group, load_cluster};
-use autopart::ir::DType;
-use autopart::lower::{AdapterCost, lower};
-use autopart::rewrite::{Limits, rewrite};
-use autopart::search::to_plan::{PlanContext, to_plan};
-use autopart::search::{Constraints, SearchInput, search};
-use autopart::trace::{Summary, TraceOptions, load_model, trace_model};
+use autopart::driver::{self, Pass, Request};
+use autopart::plan::DType;
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -27,78 +21,39 @@ fn main() -> Result<()> {
         .map_or(Ok(4096), |s| s.parse())
         .context("seq_len")?;
     let cluster_name = args.next().unwrap_or_else(|| "a100-80gb".into());
-    let cluster_name = cluster_name.as_str();
-    let dtype = if cluster_name == "cpu" {
-        DType::F32
+
+    // The compile driver up to the rewrite, in a scratch folder.
+    let scratch =
+        std::env::temp_dir().join(format!("autopart-rewrite-report-{}", std::process::id()));
+    let mut req = Request::new(&model_name, tp);
+    req.dtype = if cluster_name == "cpu" {
+        DType::Fp32
     } else {
         DType::Bf16
     };
-
-    let registry = builtin_registry();
-    let model = load_model(&model_name).with_context(|| format!("loading {model_name}"))?;
-    let cluster = load_cluster(cluster_name).context("loading the cluster")?;
-    let trace = |batch| {
-        let options = TraceOptions {
-            batch,
-            seq_len: Some(seq_len),
-            dtype,
-        };
-        trace_model(&model, &options, &registry).context("tracing")
-    };
-    let graph = trace(1)?;
-    let summary = Summary::new(&graph, model.family(), &registry)?;
-    let constraints = Constraints {
-        tp: Some(tp),
-        pp: Some(1),
-        sequence_parallel: Some(false),
-        ..Constraints::default()
-    };
-    let global_batch = u64::from(tp) * 4;
-    let input = SearchInput {
-        graph: &graph,
-        registry: &registry,
-        model: &model,
-        cluster: &cluster,
-        plan_gpus: tp,
-        runtime_gpus: tp,
-        global_batch,
-        constraints: &constraints,
-        top_k: 1,
-    };
-    let result = search(&input).context("searching a plan")?;
-    let ctx = PlanContext {
-        graph: &graph,
-        model_spec: &model_name,
-        family: model.family(),
-        annotation_files: Vec::new(),
-        loss_op: None,
-        cluster: cluster_name,
-        seq_len,
-        dtype,
-        plan_gpus: tp,
-        runtime_gpus: tp,
-        global_batch,
-        flops_per_token: summary.flops_per_token,
-        peak_flops_per_s: cluster.peak_flops_per_s.for_dtype(dtype),
-    };
-    let plan = to_plan(
-        &ctx,
-        result.plans.first().context("the search found no plan")?,
-    );
-    let graph = trace(plan.micro_batch)?;
-    let program = lower(&graph, &plan, &cluster).context("lowering")?;
-    let cost = AdapterCost {
-        cluster: &cluster,
-        group: Group::placed(&cluster, tp, 1),
-    };
-    let (rewritten, report) = rewrite(&program, &cost, &Limits::default())?;
+    req.cluster = cluster_name.clone();
+    req.seq_len = Some(seq_len);
+    req.global_batch = Some(u64::from(tp) * 4);
+    req.constraints.tp = Some(tp);
+    req.constraints.pp = Some(1);
+    req.constraints.sequence_parallel = Some(false);
+    req.top_k = 1;
+    req.out = scratch.clone();
+    req.stop_after = Some(Pass::Rewrite);
+    let done = driver::compile(&req, &mut driver::Quiet);
+    let _ = std::fs::remove_dir_all(&scratch);
+    let done = done?;
+    let plan = done.planned.as_ref().context("planned")?.best();
+    let rewritten = done.rewritten.as_ref().context("rewritten")?;
     println!(
         "{model_name}, tp {tp}, no sequence parallelism, micro-batch {} x seq {seq_len}, {cluster_name}\n",
         plan.micro_batch
     );
-    println!("{report}");
+    if let Some(report) = &rewritten.report {
+        println!("{report}");
+    }
     if std::env::var_os("DUMP_PROGRAM").is_some() {
-        println!("{rewritten}");
+        println!("{}", rewritten.program);
     }
     Ok(())
 }

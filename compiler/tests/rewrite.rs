@@ -213,7 +213,7 @@ fn program(
         seq_len,
         vocab: 64,
         schedule: Schedule::OneFOneB,
-        zero: 0,
+        zero: autopart::plan::ZeroStage::Off,
         sequence_parallel: false,
         predicted_step_s: 0.0,
         stream_shape: local(&FULL, stream),
@@ -637,7 +637,11 @@ fn lowered(model: &str, tp: u32, sp: bool, seq_len: u64, cluster: &Cluster) -> E
         loss_op: None,
         cluster: &cluster.name,
         seq_len,
-        dtype,
+        dtype: if dtype == DType::F32 {
+            autopart::plan::DType::Fp32
+        } else {
+            autopart::plan::DType::Bf16
+        },
         plan_gpus: tp,
         runtime_gpus: tp,
         global_batch,

@@ -4,7 +4,7 @@
 use autopart::anno::{Layout, Registry, builtin_registry};
 use autopart::cost::{Cluster, load_cluster};
 use autopart::ir::{DType, Graph, OpId};
-use autopart::plan::{Recompute, Schedule};
+use autopart::plan::{Recompute, Schedule, ZeroStage};
 use autopart::search::model::{Config, evaluate_fixed};
 use autopart::search::sharding::{Segment, SegmentCtx, boundaries};
 use autopart::search::{Constraints, SearchInput, check_tp, search, solve_segments};
@@ -183,7 +183,7 @@ fn search_matches_brute_force() {
                             }
                         }
                         for schedule in schedules {
-                            for zero in 0..=3u8 {
+                            for zero in ZeroStage::ALL {
                                 let cfg = Config {
                                     tp,
                                     pp,
@@ -285,7 +285,7 @@ fn impossible_constraints_say_which_and_why() {
         Constraints {
             tp: Some(1),
             pp: Some(1),
-            zero: Some(0),
+            zero: Some(ZeroStage::Off),
             recompute: Some(Recompute::None),
             ..Constraints::default()
         },
@@ -324,7 +324,7 @@ fn fixed_plan_is_evaluated_as_given() {
         micro_batch: Some(1),
         schedule: Some(Schedule::OneFOneB),
         recompute: Some(Recompute::Full),
-        zero: Some(1),
+        zero: Some(ZeroStage::One),
         sequence_parallel: Some(true),
         ..Constraints::default()
     };

@@ -330,14 +330,14 @@ mod tests {
         }
         assert!(
             "4".parse::<ZeroStage>()
-                .unwrap_err()
+                .expect_err("rejected")
                 .contains("expected 0, 1, 2 or 3")
         );
         for d in [DType::Bf16, DType::Fp16, DType::Fp32] {
             assert_eq!(d.to_string().parse::<DType>(), Ok(d));
         }
         assert_eq!("f32".parse::<DType>(), Ok(DType::Fp32));
-        assert!("int8".parse::<DType>().unwrap_err().contains("int8"));
+        assert!("int8".parse::<DType>().expect_err("rejected").contains("int8"));
         assert_eq!("cuda".parse::<Device>(), Ok(Device::Cuda));
     }
 

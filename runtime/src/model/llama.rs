@@ -279,10 +279,7 @@ impl LlamaStage {
         check_divides("ffn", cfg.ffn, tp)?;
         check_divides("vocab", cfg.vocab, tp)?;
         check_divides("hidden", cfg.hidden, cfg.n_heads as usize)?;
-        let n_chunks = match plan.schedule {
-            Schedule::Interleaved { chunks } => chunks,
-            Schedule::GPipe | Schedule::OneFOneB => 1,
-        };
+        let n_chunks = plan.schedule.chunks() as usize;
         check_divides("layers", cfg.n_layers as i64, pp * n_chunks)?;
         if plan.micro_batches == 0 {
             return Err(ExecError::Plan("zero micro-batches".into()));
