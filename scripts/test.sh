@@ -8,6 +8,8 @@ bash scripts/setup.sh
 source scripts/env.sh
 echo "[test] cargo fmt --check" >&2
 cargo fmt --all -- --check
+echo "[test] cargo clippy --workspace --all-targets -- -D warnings" >&2
+cargo clippy --workspace --all-targets -- -D warnings
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
 else
