@@ -35,7 +35,7 @@ const WEIGHT_ATOL: f64 = 1e-6;
 const LLAMA_RS: &str = include_str!("../../runtime/tests/support/llama.rs");
 
 /// The hand-written plan crate's `src/main.rs`; `{plan}` is the generated
-/// crate's `PlanMeta` constant.
+/// crate's `PlanMeta` constant, `{sp}` `On` or `Off`.
 const MAIN_RS: &str = r#"//! llama-mini written by hand (the runtime's tests/support/llama.rs) as a
 //! plan binary, with the PlanMeta of a generated crate. Written by
 //! autopart-tests' tests/handwritten.rs.
@@ -53,7 +53,7 @@ use std::process::ExitCode;
 fn build(ctx: StageCtx) -> BuiltStage {
     let plan = TrainPlan {
         mesh: ctx.mesh,
-        seq_parallel: SeqParallel::Off,
+        seq_parallel: SeqParallel::{sp},
         recompute: Recompute::None,
         schedule: PLAN.schedule,
         micro_batches: PLAN.micro_batches,
@@ -85,7 +85,7 @@ fn plan_meta_item(main_rs: &str) -> &str {
 
 /// Writes and builds the hand-written plan crate for the generated crate in
 /// `gencode` into `dir`; returns the binary.
-fn build_handwritten(gencode: &Path, dir: &Path) -> PathBuf {
+fn build_handwritten(gencode: &Path, dir: &Path, sp: bool) -> PathBuf {
     let read = |f: &str| {
         std::fs::read_to_string(gencode.join(f))
             .unwrap_or_else(|e| panic!("reading {}/{f}: {e}", gencode.display()))
@@ -104,7 +104,9 @@ fn build_handwritten(gencode: &Path, dir: &Path) -> PathBuf {
         1,
     );
     std::fs::create_dir_all(dir.join("src")).expect("hand-written crate folder");
-    let main_rs = MAIN_RS.replace("{plan}", plan_meta_item(&read("src/main.rs")));
+    let main_rs = MAIN_RS
+        .replace("{plan}", plan_meta_item(&read("src/main.rs")))
+        .replace("{sp}", if sp { "On" } else { "Off" });
     for (file, text) in [
         ("Cargo.toml", cargo_toml.as_str()),
         ("build.rs", read("build.rs").as_str()),
@@ -144,29 +146,72 @@ fn tensor_diff(name: &str, got: &SavedTensor, want: &SavedTensor) -> (f64, f64) 
         })
 }
 
-/// Compiles llama-mini under `args`, trains the generated and the
-/// hand-written binary on `np` processes and compares them.
-fn generated_equals_handwritten(np: usize, args: &[&str]) {
+/// `shards` (one per tp rank, split along `dim`) as one tensor.
+fn concat(shards: &[&SavedTensor], dim: usize) -> SavedTensor {
+    let mut shape = shards[0].shape.clone();
+    shape[dim] = shards.iter().map(|s| s.shape[dim]).sum();
+    let outer: usize = shape[..dim].iter().product();
+    let mut values = Vec::with_capacity(shape.iter().product());
+    for o in 0..outer {
+        for s in shards {
+            let inner: usize = s.shape[dim..].iter().product();
+            values.extend_from_slice(&s.values[o * inner..(o + 1) * inner]);
+        }
+    }
+    SavedTensor { shape, values }
+}
+
+/// One side's tp shards of a parameter as the whole tensor of shape `full`:
+/// concatenated along the one dim where they are smaller, or the first
+/// shard when they are whole (replicated).
+fn whole(name: &str, shards: &[&SavedTensor], full: &[usize]) -> SavedTensor {
+    let split: Vec<usize> = (0..full.len())
+        .filter(|&d| shards[0].shape[d] < full[d])
+        .collect();
+    match split.as_slice() {
+        [] => shards[0].clone(),
+        [d] => concat(shards, *d),
+        _ => panic!(
+            "{name}: shards {:?} of {full:?} split more than one dim",
+            shards[0].shape
+        ),
+    }
+}
+
+/// Compiles llama-mini under `args` (without recompute; with sequence
+/// parallelism when `sp`), trains the generated and the hand-written binary
+/// on `np` processes and compares them.
+fn generated_equals_handwritten(np: usize, args: &[&str], sp: bool) {
     let dir = tempfile::tempdir().expect("temp dir");
     let out = dir.path().join("plan");
     let mut args = args.to_vec();
-    args.extend(["--recompute", "none"]);
+    args.extend([
+        "--recompute",
+        "none",
+        "--sp",
+        if sp { "true" } else { "false" },
+    ]);
     compile(&out, &args).expect("compile the plan");
-    let hand_bin = build_handwritten(&out.join("gencode"), &dir.path().join("handwritten"));
+    let hand_bin = build_handwritten(&out.join("gencode"), &dir.path().join("handwritten"), sp);
 
     let gen_params = dir.path().join("generated-params");
     let hand_params = dir.path().join("handwritten-params");
     let save = |p: &Path| p.display().to_string();
     let (gen_save, hand_save) = (save(&gen_params), save(&hand_params));
-    let generated = train_run(np, &out, STEPS, &["--save-params", &gen_save])
-        .expect("train the generated plan");
+    let generated = train_run(
+        np,
+        &out,
+        STEPS,
+        &["--save-params", &gen_save, "--adam-eps", "1e-6"],
+    )
+    .expect("train the generated plan");
     let hand = train_binary(
         np,
         &hand_bin,
         &[],
         &dir.path().join("handwritten-metrics.jsonl"),
         STEPS,
-        &["--save-params", &hand_save],
+        &["--save-params", &hand_save, "--adam-eps", "1e-6"],
     )
     .expect("train the hand-written plan");
 
@@ -193,30 +238,75 @@ fn generated_equals_handwritten(np: usize, args: &[&str]) {
     let losses: Vec<f64> = hand.metrics.iter().map(|m| m.loss).collect();
     assert!(losses.first() != losses.last(), "{losses:?}");
 
+    // Ranks are numbered tp innermost: each tp group's files side by side.
+    let tp: usize = header(&hand)
+        .split_once(": tp ")
+        .and_then(|(_, rest)| rest.split(' ').next())
+        .and_then(|t| t.parse().ok())
+        .expect("the header names tp");
+    let read = |d: &Path, rank: usize| {
+        read_safetensors(&d.join(format!("rank-{rank}.safetensors")))
+            .unwrap_or_else(|e| panic!("{args:?}: {e:#}"))
+    };
     let (mut worst_abs, mut worst_ratio, mut n_tensors, mut worst_name) =
         (0.0f64, 0.0f64, 0usize, String::new());
-    for rank in 0..np {
-        let file = |d: &Path| d.join(format!("rank-{rank}.safetensors"));
-        let got = read_safetensors(&file(&gen_params)).expect("generated parameters");
-        let want = read_safetensors(&file(&hand_params)).expect("hand-written parameters");
-        let names = |m: &std::collections::BTreeMap<String, SavedTensor>| {
-            m.keys().cloned().collect::<Vec<_>>()
-        };
-        assert_eq!(
-            names(&got),
-            names(&want),
-            "{args:?}: rank {rank} holds different parameters"
-        );
-        assert!(!want.is_empty(), "rank {rank} saved no parameters");
-        for (name, w) in &want {
-            let (abs, ratio) = tensor_diff(name, &got[name], w);
-            if ratio > worst_ratio {
-                worst_name = format!("rank {rank} {name}");
-            }
-            worst_abs = worst_abs.max(abs);
-            worst_ratio = worst_ratio.max(ratio);
-            n_tensors += 1;
+    let mut relaid = Vec::new();
+    for group in (0..np).step_by(tp) {
+        let ranks = group..group + tp;
+        let got: Vec<_> = ranks.clone().map(|r| read(&gen_params, r)).collect();
+        let want: Vec<_> = ranks.clone().map(|r| read(&hand_params, r)).collect();
+        for (rank, (g, w)) in ranks.clone().zip(got.iter().zip(&want)) {
+            assert!(!w.is_empty(), "rank {rank} saved no parameters");
+            assert_eq!(
+                g.keys().collect::<Vec<_>>(),
+                w.keys().collect::<Vec<_>>(),
+                "{args:?}: rank {rank} holds different parameters"
+            );
         }
+        for name in want[0].keys() {
+            let g: Vec<&SavedTensor> = got.iter().map(|m| &m[name]).collect();
+            let w: Vec<&SavedTensor> = want.iter().map(|m| &m[name]).collect();
+            let mut compare = |what: String, a: &SavedTensor, b: &SavedTensor| {
+                let (abs, ratio) = tensor_diff(&what, a, b);
+                if ratio > worst_ratio {
+                    worst_name = what;
+                }
+                worst_abs = worst_abs.max(abs);
+                worst_ratio = worst_ratio.max(ratio);
+                n_tensors += 1;
+            };
+            if g.iter().zip(&w).all(|(a, b)| a.shape == b.shape) {
+                // The same layout (equal shard shapes of a 1-d split): shard by shard.
+                for (rank, (a, b)) in ranks.clone().zip(g.iter().zip(&w)) {
+                    compare(format!("rank {rank} {name}"), a, b);
+                }
+            } else {
+                // Split along different dims: compare the whole tensors.
+                let full: Vec<usize> = g[0]
+                    .shape
+                    .iter()
+                    .zip(&w[0].shape)
+                    .map(|(a, b)| *a.max(b))
+                    .collect();
+                relaid.push(format!(
+                    "{name} {:?} (generated) vs {:?} (hand-written)",
+                    g[0].shape, w[0].shape
+                ));
+                compare(
+                    format!("ranks {ranks:?} {name}"),
+                    &whole(name, &g, &full),
+                    &whole(name, &w, &full),
+                );
+            }
+        }
+    }
+    relaid.sort();
+    relaid.dedup();
+    if !relaid.is_empty() {
+        eprintln!(
+            "{args:?}: shards laid out differently, compared whole: {}",
+            relaid.join(", ")
+        );
     }
     eprintln!(
         "{args:?}: losses and grad norms within {worst:.2e} relative; {n_tensors} tensors, \
@@ -231,7 +321,7 @@ fn generated_equals_handwritten(np: usize, args: &[&str]) {
 
 #[test]
 fn one_rank() {
-    generated_equals_handwritten(1, &["--plan-ngpus", "1"]);
+    generated_equals_handwritten(1, &["--plan-ngpus", "1"], false);
 }
 
 #[test]
@@ -250,24 +340,13 @@ fn dp2_zero3() {
             "--zero",
             "3",
         ],
+        false,
     );
 }
 
 #[test]
 fn tp2() {
-    generated_equals_handwritten(
-        2,
-        &[
-            "--plan-ngpus",
-            "2",
-            "--tp",
-            "2",
-            "--pp",
-            "1",
-            "--sp",
-            "false",
-        ],
-    );
+    generated_equals_handwritten(2, &["--plan-ngpus", "2", "--tp", "2", "--pp", "1"], false);
 }
 
 #[test]
@@ -284,5 +363,33 @@ fn pp2_1f1b() {
             "--schedule",
             "1f1b",
         ],
+        false,
+    );
+}
+
+#[test]
+fn tp2_sequence_parallel() {
+    generated_equals_handwritten(2, &["--plan-ngpus", "2", "--tp", "2", "--pp", "1"], true);
+}
+
+#[test]
+fn dp2_tp2_pp2_zero1() {
+    generated_equals_handwritten(
+        8,
+        &[
+            "--plan-ngpus",
+            "8",
+            "--tp",
+            "2",
+            "--pp",
+            "2",
+            "--dp",
+            "2",
+            "--schedule",
+            "1f1b",
+            "--zero",
+            "1",
+        ],
+        false,
     );
 }
