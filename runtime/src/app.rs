@@ -15,13 +15,16 @@
 //! }
 //! ```
 //!
-//! [`main`] parses the flags ([`Options`]; `--help` prints [`help`]), checks the launcher's process count
-//! against the plan before any MPI or model work, initialises MPI, builds the
-//! mesh (the plan's, with dp multiplied by the number of replicas when the
-//! run has more GPUs than the plan), builds this rank's stage through the
-//! closure, and trains: each step takes a global batch (from `--data` or
-//! synthetic), runs [`program::train_step_with`] and reports a
-//! [`StepRecord`] (a console line on rank 0, a JSON line with `--metrics`).
+//! [`main`] parses the flags ([`Options`]; `--help` prints [`help`]), checks
+//! the launcher's process count against the plan before any MPI or model
+//! work, initialises MPI, builds the mesh (the plan's, with dp multiplied by
+//! the number of replicas when the run has more GPUs than the plan), builds
+//! this rank's stage through the closure, and trains: each step takes a
+//! global batch (from `--data` or synthetic), runs
+//! [`program::train_step_with`] and reports a [`StepRecord`] (a console line
+//! on rank 0, a JSON line with `--metrics`). With `--save-params DIR`, each
+//! rank then writes its parameters to `DIR/rank-<global rank>.safetensors`
+//! ([`save_params`]).
 //!
 //! Errors never panic: they print `error: …` on stderr and exit non-zero (2
 //! for bad flags and a wrong process count, 1 otherwise). Errors every rank
@@ -41,7 +44,7 @@ use crate::optim::{AdamW, LrSchedule, OptimError};
 use crate::program::{self, PipelinePlan, StageModule};
 pub use crate::schedule::Schedule;
 pub use crate::zero::ZeroStage;
-use crate::zero::{DpOptimizer, OptimConfig};
+use crate::zero::{DEFAULT_BUCKET_BYTES, DpOptimizer, OptimConfig};
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser, value_parser};
 use std::path::{Path, PathBuf};
@@ -173,7 +176,12 @@ const AFTER_HELP: &str = "Run it under mpirun or srun: rank and world size come 
 )]
 pub struct Options {
     /// Optimizer steps.
-    #[arg(long, value_name = "N", default_value_t = 10, value_parser = value_parser!(u64).range(1..))]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 10,
+        value_parser = value_parser!(u64).range(1..)
+    )]
     pub steps: u64,
     /// Train on a token file: flat little-endian token ids, no header
     /// (nanoGPT/Megatron .bin). Default: synthetic tokens drawn from the seed.
@@ -189,7 +197,13 @@ pub struct Options {
     #[arg(long, value_name = "S", default_value_t = 0)]
     pub seed: u64,
     /// Peak learning rate.
-    #[arg(long, value_name = "LR", default_value = "3e-4", value_parser = non_negative, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        value_name = "LR",
+        default_value = "3e-4",
+        value_parser = non_negative,
+        allow_negative_numbers = true
+    )]
     pub lr: f64,
     /// Final learning rate of the cosine decay [default: lr / 10].
     #[arg(long, value_name = "LR", value_parser = non_negative, allow_negative_numbers = true)]
@@ -198,15 +212,33 @@ pub struct Options {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub warmup: u64,
     /// AdamW weight decay.
-    #[arg(long, value_name = "WD", default_value = "0.01", value_parser = non_negative, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        value_name = "WD",
+        default_value = "0.01",
+        value_parser = non_negative,
+        allow_negative_numbers = true
+    )]
     pub weight_decay: f64,
     /// Clip the global gradient norm to NORM; 0 turns clipping off.
     // Fully qualified: clap's derive would otherwise make the flag optional.
     #[allow(unused_qualifications)]
-    #[arg(long, value_name = "NORM", default_value = "1.0", value_parser = parse_clip, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        value_name = "NORM",
+        default_value = "1.0",
+        value_parser = parse_clip,
+        allow_negative_numbers = true
+    )]
     pub clip: std::option::Option<f64>,
     /// AdamW epsilon.
-    #[arg(long, value_name = "EPS", default_value = "1e-8", value_parser = non_negative, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        value_name = "EPS",
+        default_value = "1e-8",
+        value_parser = non_negative,
+        allow_negative_numbers = true
+    )]
     pub adam_eps: f64,
     /// Gradient bucket size in MiB (fractions allowed).
     #[arg(
@@ -219,7 +251,12 @@ pub struct Options {
     )]
     pub bucket_bytes: usize,
     /// Torch threads per process.
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = value_parser!(i32).range(1..))]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        value_parser = value_parser!(i32).range(1..)
+    )]
     pub threads: i32,
     /// After the last step, each rank writes its parameters as it holds them
     /// (its pipeline stage, its tp shards, under their names) to
@@ -229,8 +266,9 @@ pub struct Options {
     pub save_params: Option<PathBuf>,
 }
 
-/// `--bucket-mb`'s default: [`crate::zero::DEFAULT_BUCKET_BYTES`] in MiB.
+/// `--bucket-mb`'s default: [`DEFAULT_BUCKET_BYTES`] in MiB.
 const DEFAULT_BUCKET_MB: &str = "25";
+const _: () = assert!(DEFAULT_BUCKET_BYTES == 25 << 20, "update DEFAULT_BUCKET_MB");
 
 impl Default for Options {
     fn default() -> Self {
@@ -700,7 +738,6 @@ fn summary(meta: &PlanMeta, total_s: f64, step_times: &[f64], over: Option<u64>)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::zero::DEFAULT_BUCKET_BYTES;
 
     const META: PlanMeta = PlanMeta {
         model: "llama-mini",
