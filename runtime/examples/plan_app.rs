@@ -8,8 +8,13 @@
 //! `tests/mpi_app.rs` compiles this file into its own binary and runs that
 //! under `mpirun`.
 
+// The hand-written Llama is test support, not the runtime's API.
+#[allow(dead_code)]
+#[path = "../tests/support/llama.rs"]
+pub mod llama;
+
 use autopart_runtime::app::{self, BuiltStage, PlanMeta, Schedule, StageCtx, ZeroStage};
-use autopart_runtime::model::llama::{LlamaConfig, LlamaStage, Recompute, SeqParallel, TrainPlan};
+use llama::{LlamaConfig, LlamaStage, Recompute, SeqParallel, TrainPlan};
 use std::process::ExitCode;
 
 pub const PLAN: PlanMeta = PlanMeta {

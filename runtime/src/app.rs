@@ -15,13 +15,16 @@
 //! }
 //! ```
 //!
-//! [`main`] parses the flags ([`USAGE`]), checks the launcher's process count
-//! against the plan before any MPI or model work, initialises MPI, builds the
-//! mesh (the plan's, with dp multiplied by the number of replicas when the
-//! run has more GPUs than the plan), builds this rank's stage through the
-//! closure, and trains: each step takes a global batch (from `--data` or
-//! synthetic), runs [`program::train_step_with`] and reports a
-//! [`StepRecord`] (a console line on rank 0, a JSON line with `--metrics`).
+//! [`main`] parses the flags ([`Options`]; `--help` prints [`help`]), checks
+//! the launcher's process count against the plan before any MPI or model
+//! work, initialises MPI, builds the mesh (the plan's, with dp multiplied by
+//! the number of replicas when the run has more GPUs than the plan), builds
+//! this rank's stage through the closure, and trains: each step takes a
+//! global batch (from `--data` or synthetic), runs
+//! [`program::train_step_with`] and reports a [`StepRecord`] (a console line
+//! on rank 0, a JSON line with `--metrics`). With `--save-params DIR`, each
+//! rank then writes its parameters to `DIR/rank-<global rank>.safetensors`
+//! ([`save_params`]).
 //!
 //! Errors never panic: they print `error: …` on stderr and exit non-zero (2
 //! for bad flags and a wrong process count, 1 otherwise). Errors every rank
@@ -34,7 +37,7 @@
 
 use crate::comm::{CommError, Communicator, Groups, MeshComms, MpiComm};
 use crate::data::{Batch, DataError, TokenDtype, TokenFile};
-use crate::exec::ExecError;
+use crate::exec::{ExecError, Param};
 use crate::mesh::{Coord, Mesh};
 use crate::metrics::{self, Memory, MetricsError, MetricsLog, StepRecord};
 use crate::optim::{AdamW, LrSchedule, OptimError};
@@ -42,9 +45,12 @@ use crate::program::{self, PipelinePlan, StageModule};
 pub use crate::schedule::Schedule;
 pub use crate::zero::ZeroStage;
 use crate::zero::{DEFAULT_BUCKET_BYTES, DpOptimizer, OptimConfig};
-use std::path::PathBuf;
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser, value_parser};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
+use tch::Tensor;
 use thiserror::Error;
 
 /// What a plan binary knows about its plan, written by code generation.
@@ -155,66 +161,147 @@ pub struct StageCtx {
 /// The stage-building closure's result.
 pub type BuiltStage = Result<Box<dyn StageModule>, ExecError>;
 
-/// The flags of a plan binary.
-pub const USAGE: &str = "\
-usage: PLAN_BINARY [options]   (run it under mpirun or srun)
+/// Help text after the flags of `--help`.
+const AFTER_HELP: &str = "Run it under mpirun or srun: rank and world size come from the launcher.";
 
-options:
-  --steps N              optimizer steps (default 10)
-  --data FILE            train on a token file: flat little-endian token ids, no
-                         header (nanoGPT/Megatron .bin); default: synthetic tokens
-  --data-dtype u16|u32   width of the ids in --data (default u16)
-  --metrics FILE         write one JSON object per step to FILE (rank 0)
-  --seed S               seed of the parameters and the synthetic data (default 0)
-  --lr LR                peak learning rate (default 3e-4)
-  --min-lr LR            final learning rate of the cosine decay (default lr / 10)
-  --warmup N             linear warm-up steps (default 0)
-  --weight-decay WD      AdamW weight decay (default 0.01)
-  --clip NORM            clip the global gradient norm to NORM; 0 turns clipping
-                         off (default 1.0)
-  --adam-eps EPS         AdamW epsilon (default 1e-8)
-  --bucket-mb MB         gradient bucket size in MiB (default 25)
-  --threads N            torch threads per process (default 1)
-  --help                 print this and exit";
-
-/// The parsed flags of a run.
-#[derive(Clone, Debug, PartialEq)]
+/// The parsed flags of a run: one clap argument per flag, whose doc comment
+/// is its `--help` line. Parse them with [`parse_args`] (or clap's
+/// `Options::try_parse_from`, which takes the program name first).
+#[derive(Clone, Debug, PartialEq, Parser)]
+#[command(
+    name = "PLAN_BINARY",
+    about = "Trains the plan this binary was built from.",
+    after_help = AFTER_HELP,
+    args_override_self = true
+)]
 pub struct Options {
+    /// Optimizer steps.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 10,
+        value_parser = value_parser!(u64).range(1..)
+    )]
     pub steps: u64,
+    /// Train on a token file: flat little-endian token ids, no header
+    /// (nanoGPT/Megatron .bin). Default: synthetic tokens drawn from the seed.
+    #[arg(long, value_name = "FILE")]
     pub data: Option<PathBuf>,
+    /// Width of the token ids in --data.
+    #[arg(long, value_name = "u16|u32", default_value = "u16", value_parser = parse_dtype)]
     pub data_dtype: TokenDtype,
+    /// Write one JSON object per step to FILE (rank 0).
+    #[arg(long, value_name = "FILE")]
     pub metrics: Option<PathBuf>,
+    /// Seed of the parameters and of the synthetic data.
+    #[arg(long, value_name = "S", default_value_t = 0)]
     pub seed: u64,
+    /// Peak learning rate.
+    #[arg(
+        long,
+        value_name = "LR",
+        default_value = "3e-4",
+        value_parser = non_negative,
+        allow_negative_numbers = true
+    )]
     pub lr: f64,
-    /// `None`: a tenth of `lr`.
+    /// Final learning rate of the cosine decay [default: lr / 10].
+    #[arg(long, value_name = "LR", value_parser = non_negative, allow_negative_numbers = true)]
     pub min_lr: Option<f64>,
+    /// Linear warm-up steps.
+    #[arg(long, value_name = "N", default_value_t = 0)]
     pub warmup: u64,
+    /// AdamW weight decay.
+    #[arg(
+        long,
+        value_name = "WD",
+        default_value = "0.01",
+        value_parser = non_negative,
+        allow_negative_numbers = true
+    )]
     pub weight_decay: f64,
-    /// `None` does not clip.
-    pub clip: Option<f64>,
+    /// Clip the global gradient norm to NORM; 0 turns clipping off.
+    // Fully qualified: clap's derive would otherwise make the flag optional.
+    #[allow(unused_qualifications)]
+    #[arg(
+        long,
+        value_name = "NORM",
+        default_value = "1.0",
+        value_parser = parse_clip,
+        allow_negative_numbers = true
+    )]
+    pub clip: std::option::Option<f64>,
+    /// AdamW epsilon.
+    #[arg(
+        long,
+        value_name = "EPS",
+        default_value = "1e-8",
+        value_parser = non_negative,
+        allow_negative_numbers = true
+    )]
     pub adam_eps: f64,
+    /// Gradient bucket size in MiB (fractions allowed).
+    #[arg(
+        id = "bucket_mb",
+        long = "bucket-mb",
+        value_name = "MB",
+        default_value = DEFAULT_BUCKET_MB,
+        value_parser = parse_bucket_mb,
+        allow_negative_numbers = true
+    )]
     pub bucket_bytes: usize,
+    /// Torch threads per process.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        value_parser = value_parser!(i32).range(1..)
+    )]
     pub threads: i32,
+    /// After the last step, each rank writes its parameters as it holds them
+    /// (its pipeline stage, its tp shards, under their names) to
+    /// DIR/rank-<global rank>.safetensors; under ZeRO-3 they are gathered
+    /// over dp first. Each file is written atomically.
+    #[arg(long, value_name = "DIR")]
+    pub save_params: Option<PathBuf>,
 }
+
+/// `--bucket-mb`'s default: [`DEFAULT_BUCKET_BYTES`] in MiB.
+const DEFAULT_BUCKET_MB: &str = "25";
+const _: () = assert!(DEFAULT_BUCKET_BYTES == 25 << 20, "update DEFAULT_BUCKET_MB");
 
 impl Default for Options {
     fn default() -> Self {
-        Self {
-            steps: 10,
-            data: None,
-            data_dtype: TokenDtype::U16,
-            metrics: None,
-            seed: 0,
-            lr: 3e-4,
-            min_lr: None,
-            warmup: 0,
-            weight_decay: 0.01,
-            clip: Some(1.0),
-            adam_eps: 1e-8,
-            bucket_bytes: DEFAULT_BUCKET_BYTES,
-            threads: 1,
+        match Options::try_parse_from(["PLAN_BINARY"]) {
+            Ok(o) => o,
+            // The defaults are literals checked by the unit tests.
+            Err(e) => panic!("the default flags do not parse: {e}"),
         }
     }
+}
+
+fn parse_dtype(value: &str) -> Result<TokenDtype, DataError> {
+    value.parse()
+}
+
+fn non_negative(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err("expected a finite number >= 0".into()),
+    }
+}
+
+fn parse_clip(value: &str) -> Result<Option<f64>, String> {
+    let c = non_negative(value)?;
+    Ok((c > 0.0).then_some(c))
+}
+
+fn parse_bucket_mb(value: &str) -> Result<usize, String> {
+    let bytes = non_negative(value)? * (1u64 << 20) as f64;
+    if !(1.0..=usize::MAX as f64).contains(&bytes) {
+        return Err("expected a positive size in MiB".into());
+    }
+    Ok(bytes as usize)
 }
 
 impl Options {
@@ -239,122 +326,48 @@ impl Options {
     }
 }
 
+/// The `--help` text.
+pub fn help() -> String {
+    Options::command().render_help().to_string()
+}
+
 /// What the command line asks for.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command {
-    Help,
+    /// `--help` / `-h`: print this text and exit.
+    Help(String),
     Train(Options),
 }
 
 /// Parses the flags (without the program name). Each flag takes its value
-/// as the next argument or after `=`.
+/// as the next argument or after `=`; a flag given twice keeps the last value.
 pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, AppError> {
-    let mut o = Options::default();
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        if arg == "--help" || arg == "-h" {
-            return Ok(Command::Help);
-        }
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        let known = [
-            "--steps",
-            "--data",
-            "--data-dtype",
-            "--metrics",
-            "--seed",
-            "--lr",
-            "--min-lr",
-            "--warmup",
-            "--weight-decay",
-            "--clip",
-            "--adam-eps",
-            "--bucket-mb",
-            "--threads",
-        ];
-        if !known.contains(&flag.as_str()) {
-            return Err(usage(format!("unknown argument {arg:?}")));
-        }
-        let value = match inline.or_else(|| args.next()) {
-            Some(v) => v,
-            None => return Err(usage(format!("{flag} needs a value"))),
-        };
-        match flag.as_str() {
-            "--steps" => o.steps = positive(&flag, &value)?,
-            "--data" => o.data = Some(PathBuf::from(value)),
-            "--data-dtype" => {
-                o.data_dtype = value
-                    .parse()
-                    .map_err(|e: DataError| usage(format!("{flag}: {e}")))?
-            }
-            "--metrics" => o.metrics = Some(PathBuf::from(value)),
-            "--seed" => o.seed = number(&flag, &value, "an integer >= 0")?,
-            "--lr" => o.lr = non_negative(&flag, &value)?,
-            "--min-lr" => o.min_lr = Some(non_negative(&flag, &value)?),
-            "--warmup" => o.warmup = number(&flag, &value, "an integer >= 0")?,
-            "--weight-decay" => o.weight_decay = non_negative(&flag, &value)?,
-            "--clip" => {
-                let c = non_negative(&flag, &value)?;
-                o.clip = (c > 0.0).then_some(c);
-            }
-            "--adam-eps" => o.adam_eps = non_negative(&flag, &value)?,
-            "--bucket-mb" => {
-                let mb = non_negative(&flag, &value)?;
-                let bytes = mb * (1u64 << 20) as f64;
-                if !(1.0..=usize::MAX as f64).contains(&bytes) {
-                    return Err(usage(format!(
-                        "{flag}: expected a positive size in MiB, got {value:?}"
-                    )));
-                }
-                o.bucket_bytes = bytes as usize;
-            }
-            "--threads" => {
-                let n: u64 = positive(&flag, &value)?;
-                o.threads = i32::try_from(n)
-                    .map_err(|_| usage(format!("{flag}: {n} threads is too many")))?;
-            }
-            _ => return Err(usage(format!("unknown argument {arg:?}"))),
-        }
+    let argv = std::iter::once("PLAN_BINARY".to_string()).chain(args);
+    let o = match Options::try_parse_from(argv) {
+        Ok(o) => o,
+        Err(e) if e.kind() == ErrorKind::DisplayHelp => return Ok(Command::Help(e.to_string())),
+        Err(e) => return Err(usage(e)),
+    };
+    if let Err(e) = o.optim_config(ZeroStage::Off).validate() {
+        let e = Options::command().error(ErrorKind::ValueValidation, e);
+        return Err(usage(e));
     }
-    o.optim_config(ZeroStage::Off)
-        .validate()
-        .map_err(|e| usage(e.to_string()))?;
     Ok(Command::Train(o))
 }
 
-fn usage(msg: String) -> AppError {
-    AppError::Usage(msg)
-}
-
-fn number<T: std::str::FromStr>(flag: &str, value: &str, what: &str) -> Result<T, AppError> {
-    value
-        .parse()
-        .map_err(|_| usage(format!("{flag}: expected {what}, got {value:?}")))
-}
-
-fn positive(flag: &str, value: &str) -> Result<u64, AppError> {
-    match number(flag, value, "an integer >= 1")? {
-        0 => Err(usage(format!("{flag}: expected an integer >= 1, got 0"))),
-        n => Ok(n),
-    }
-}
-
-fn non_negative(flag: &str, value: &str) -> Result<f64, AppError> {
-    let x: f64 = number(flag, value, "a number >= 0")?;
-    if !(x.is_finite() && x >= 0.0) {
-        return Err(usage(format!(
-            "{flag}: expected a finite number >= 0, got {value:?}"
-        )));
-    }
-    Ok(x)
+/// A clap error as a usage error: its message, a usage line and the hint
+/// to `--help`, without clap's `error: ` (the report adds its own).
+fn usage(e: clap::Error) -> AppError {
+    let text = e.render().to_string();
+    let text = text.trim_end();
+    AppError::Usage(text.strip_prefix("error: ").unwrap_or(text).to_string())
 }
 
 /// What can stop a run.
 #[derive(Debug, Error)]
 pub enum AppError {
-    #[error("{0} (see --help)")]
+    /// Bad flags: clap's message with the usage line.
+    #[error("{0}")]
     Usage(String),
     #[error(
         "this plan runs on {want} processes (plan {plan} GPUs x {replicas} replica{}) but the launcher started {got}; run it with mpirun -np {want}",
@@ -378,6 +391,11 @@ pub enum AppError {
     Comm(#[from] CommError),
     #[error(transparent)]
     Optim(#[from] OptimError),
+    #[error("--save-params: {}: {source}", path.display())]
+    SaveParams {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl AppError {
@@ -440,7 +458,7 @@ pub fn run(
         Ok(Some(p)) => p,
         Ok(None) => {
             if rank == 0 {
-                say(USAGE);
+                say(help().trim_end());
             }
             return ExitCode::SUCCESS;
         }
@@ -508,7 +526,7 @@ fn prepare(
     args: impl IntoIterator<Item = String>,
 ) -> Result<Option<Prepared>, AppError> {
     let opts = match parse_args(args)? {
-        Command::Help => return Ok(None),
+        Command::Help(_) => return Ok(None),
         Command::Train(o) => o,
     };
     meta.validate()?;
@@ -524,6 +542,12 @@ fn prepare(
         )?),
         None => None,
     };
+    if let Some(dir) = &opts.save_params {
+        std::fs::create_dir_all(dir).map_err(|source| AppError::SaveParams {
+            path: dir.clone(),
+            source,
+        })?;
+    }
     let metrics = match (&opts.metrics, launcher.rank.unwrap_or(0)) {
         (Some(path), 0) => Some(MetricsLog::create(path)?),
         _ => None,
@@ -623,6 +647,10 @@ fn train(
             }
         }
     }
+    if let Some(dir) = &opts.save_params {
+        opt.gather_params(stage.params_mut(), g.dp)?;
+        save_params(dir, comms.world.rank(), stage.params())?;
+    }
     if rank0 {
         say(&summary(
             meta,
@@ -632,6 +660,31 @@ fn train(
         ));
     }
     Ok(())
+}
+
+/// The file of `--save-params` that global rank `rank` writes into `dir`.
+pub fn params_file(dir: &Path, rank: usize) -> PathBuf {
+    dir.join(format!("rank-{rank}.safetensors"))
+}
+
+/// Writes `params` (as this rank holds them, under their names) to
+/// [`params_file`]`(dir, rank)`: a temporary file in `dir`, then a rename.
+pub fn save_params(dir: &Path, rank: usize, params: &[Param]) -> Result<PathBuf, AppError> {
+    let path = params_file(dir, rank);
+    let tmp = dir.join(format!(".rank-{rank}.safetensors.tmp"));
+    let tensors: Vec<(&str, Tensor)> = params
+        .iter()
+        .map(|p| (p.spec.name.as_str(), p.tensor.detach().contiguous()))
+        .collect();
+    Tensor::write_safetensors(&tensors, &tmp).map_err(|e| AppError::SaveParams {
+        path: tmp.clone(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    std::fs::rename(&tmp, &path).map_err(|source| AppError::SaveParams {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(path)
 }
 
 /// The closing line: measured against predicted step time and memory.
@@ -691,18 +744,36 @@ mod tests {
 
     #[test]
     fn flags_parse_with_defaults_and_both_value_styles() {
+        let defaults = Options::default();
         assert_eq!(
-            parse_args(args("")).ok(),
-            Some(Command::Train(Options::default()))
+            defaults,
+            Options {
+                steps: 10,
+                data: None,
+                data_dtype: TokenDtype::U16,
+                metrics: None,
+                seed: 0,
+                lr: 3e-4,
+                min_lr: None,
+                warmup: 0,
+                weight_decay: 0.01,
+                clip: Some(1.0),
+                adam_eps: 1e-8,
+                bucket_bytes: DEFAULT_BUCKET_BYTES,
+                threads: 1,
+                save_params: None,
+            }
         );
-        assert_eq!(
-            parse_args(args("--steps 3 --help")).ok(),
-            Some(Command::Help)
-        );
+        assert_eq!(parse_args(args("")).ok(), Some(Command::Train(defaults)));
+        assert!(matches!(
+            parse_args(args("--steps 3 --help")),
+            Ok(Command::Help(_))
+        ));
+        assert!(matches!(parse_args(args("-h")), Ok(Command::Help(_))));
         let o = match parse_args(args(
             "--steps=3 --data x.bin --data-dtype u32 --metrics m.jsonl --seed 7 --lr 1e-3 \
              --min-lr=1e-4 --warmup 2 --weight-decay 0.1 --clip 0 --adam-eps 1e-6 \
-             --bucket-mb 0.5 --threads 2",
+             --bucket-mb 0.5 --threads 2 --save-params out/params",
         )) {
             Ok(Command::Train(o)) => o,
             other => panic!("{other:?}"),
@@ -723,7 +794,15 @@ mod tests {
                 adam_eps: 1e-6,
                 bucket_bytes: 512 * 1024,
                 threads: 2,
+                save_params: Some("out/params".into()),
             }
+        );
+        // The last of a repeated flag wins; clap's own entry point works too.
+        assert_eq!(
+            Options::try_parse_from(["plan", "--steps", "2", "--steps=4", "--clip", "0.5"])
+                .map(|o| (o.steps, o.clip))
+                .ok(),
+            Some((4, Some(0.5)))
         );
         let cfg = o.optim_config(ZeroStage::Three);
         assert_eq!(
@@ -735,16 +814,103 @@ mod tests {
     }
 
     #[test]
+    fn help_lists_every_flag_with_its_default() {
+        let text = help();
+        for flag in [
+            "--steps <N>",
+            "--data <FILE>",
+            "--data-dtype <u16|u32>",
+            "--metrics <FILE>",
+            "--seed <S>",
+            "--lr <LR>",
+            "--min-lr <LR>",
+            "--warmup <N>",
+            "--weight-decay <WD>",
+            "--clip <NORM>",
+            "--adam-eps <EPS>",
+            "--bucket-mb <MB>",
+            "--threads <N>",
+            "--save-params <DIR>",
+            "--help",
+        ] {
+            assert!(text.contains(flag), "{flag} missing from:\n{text}");
+        }
+        for default in [
+            "[default: 10]",
+            "[default: 3e-4]",
+            "[default: 1.0]",
+            "[default: 25]",
+        ] {
+            assert!(text.contains(default), "{default} missing from:\n{text}");
+        }
+        assert!(text.contains("mpirun"), "{text}");
+        match parse_args(args("--help")) {
+            Ok(Command::Help(h)) => assert_eq!(h.trim_end(), text.trim_end()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn bad_flags_are_usage_errors() {
-        assert!(usage_msg(parse_args(args("--stepz 3"))).contains("unknown argument \"--stepz\""));
-        assert!(usage_msg(parse_args(args("--steps"))).contains("--steps needs a value"));
-        assert!(usage_msg(parse_args(args("--steps 0"))).contains(">= 1"));
-        assert!(usage_msg(parse_args(args("--steps x"))).contains("got \"x\""));
-        assert!(usage_msg(parse_args(args("--lr nan"))).contains("--lr"));
+        let msg = usage_msg(parse_args(args("--stepz 3")));
+        assert!(msg.contains("unexpected argument '--stepz'"), "{msg}");
+        assert!(msg.contains("--help"), "{msg}");
+        assert!(!msg.starts_with("error:"), "{msg}");
+        let msg = usage_msg(parse_args(args("--steps")));
+        assert!(
+            msg.contains("'--steps <N>'") && msg.contains("value"),
+            "{msg}"
+        );
+        let msg = usage_msg(parse_args(args("--steps 0")));
+        assert!(msg.contains("'0'") && msg.contains("1.."), "{msg}");
+        assert!(usage_msg(parse_args(args("--steps x"))).contains("'x'"));
+        let msg = usage_msg(parse_args(args("--lr nan")));
+        assert!(msg.contains("--lr") && msg.contains(">= 0"), "{msg}");
+        let msg = usage_msg(parse_args(args("--lr -1")));
+        assert!(msg.contains("--lr") && msg.contains(">= 0"), "{msg}");
         assert!(usage_msg(parse_args(args("--data-dtype u8"))).contains("u8"));
         assert!(usage_msg(parse_args(args("--bucket-mb 0"))).contains("--bucket-mb"));
+        assert!(usage_msg(parse_args(args("--threads 0"))).contains("--threads"));
+        assert!(usage_msg(parse_args(args("stray"))).contains("'stray'"));
         // The optimizer's own checks: min_lr above the peak.
         assert!(usage_msg(parse_args(args("--lr 1e-3 --min-lr 1e-2"))).contains("min_lr"));
+    }
+
+    #[test]
+    fn saved_params_are_named_shards_in_one_file_per_rank() {
+        let dir = std::env::temp_dir().join(format!("autopart-save-params-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let spec = |name: &str, shape: Vec<i64>, tp_dim| crate::exec::ParamSpec {
+            name: name.into(),
+            shape,
+            init: crate::exec::Init::Normal { std: 0.02 },
+            tp_dim,
+            tp_grad: crate::exec::TpGrad::Complete,
+        };
+        let params = vec![
+            spec("a.weight", vec![4, 6], Some(1))
+                .materialise(3, 1, 2)
+                .expect("shard"),
+            spec("b.weight", vec![5], None)
+                .materialise(3, 1, 2)
+                .expect("replicated"),
+        ];
+        let path = save_params(&dir, 3, &params).expect("save");
+        assert_eq!(path, dir.join("rank-3.safetensors"));
+        let mut read = Tensor::read_safetensors(&path).expect("read back");
+        read.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(read.len(), 2);
+        for ((name, t), p) in read.iter().zip(&params) {
+            assert_eq!(name, &p.spec.name);
+            assert_eq!(t.size(), p.tensor.size());
+            assert!(t.allclose(&p.tensor.detach(), 0.0, 0.0, false), "{name}");
+        }
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .expect("list")
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("rank-3.safetensors")]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -12,14 +12,17 @@
 //! `schedule` (GPipe, 1F1B and interleaved 1F1B pipeline orders, from the
 //! `autopart-vocab` crate the compiler shares), `program`
 //! (the [`program::StageModule`] trait a stage implements and the generic
-//! pipeline driver that runs one training step of any program), `model`
-//! (hand-written programs such as llama-mini, the golden examples of generated
-//! code), `optim` (LR schedule, AdamW, global-norm gradient clipping), `zero`
-//! (the data-parallel optimizer step: bucketed gradient all-reduce, ZeRO-1 and
-//! ZeRO-3), `data` (the global batch: synthetic or from a nanoGPT-style token
+//! pipeline driver that runs one training step of any program), `optim` (LR
+//! schedule, AdamW, global-norm gradient clipping), `zero` (the data-parallel
+//! optimizer step: bucketed gradient all-reduce, ZeRO-1 and ZeRO-3), `data` (the global batch: synthetic or from a nanoGPT-style token
 //! file), `metrics` (per-step records, console line, JSON lines, resident
 //! memory) and `app` (the `main` of a plan binary: flags, launcher checks,
 //! training loop). Checkpoints are not here yet.
+//!
+//! A hand-written llama-mini against this API (tp with Megatron splits and
+//! SP, dp, pp with any schedule, recompute) lives with the tests, in
+//! `tests/support/llama.rs`: the reference the runtime's tests, examples and
+//! benches train, and the one the generated llama-mini is compared with.
 
 pub mod app;
 pub mod comm;
@@ -27,7 +30,6 @@ pub mod data;
 pub mod exec;
 pub mod mesh;
 pub mod metrics;
-pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod program;

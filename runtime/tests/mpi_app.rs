@@ -11,7 +11,13 @@
 //! - under `mpirun -np 1` and without a launcher: exit status 2 and the
 //!   `error: this plan runs on 2 processes …` line before any step;
 //! - with a `--data` file of an odd number of bytes: a non-zero exit and one
-//!   error line naming the file.
+//!   error line naming the file;
+//! - `--save-params DIR` in the synthetic run: `rank-0.safetensors` and
+//!   `rank-1.safetensors`, each with its pipeline stage's parameters by name,
+//!   together every parameter once, equal to the single-process run's final
+//!   weights (1e-5 absolute), and no temporary file left;
+//! - a bad flag under `mpirun -np 2`: exit status 2 and one error line (rank
+//!   0's) naming the flag; `--help`: exit 0 and the flag list once.
 
 mod common;
 
@@ -22,13 +28,14 @@ mod plan_app;
 use autopart_runtime::app;
 use autopart_runtime::comm::{Groups, MeshComms};
 use autopart_runtime::data::{Batch, TokenDtype, TokenFile};
-use autopart_runtime::model::llama::{LlamaConfig, LlamaStage, TrainPlan};
 use autopart_runtime::optim::{AdamW, LrSchedule};
 use autopart_runtime::zero::{DEFAULT_BUCKET_BYTES, DpOptimizer, OptimConfig, ZeroStage};
-use common::Check;
+use common::{Check, max_diff};
+use plan_app::llama::{LlamaConfig, LlamaStage, TrainPlan};
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Output};
 use std::time::Duration;
+use tch::Tensor;
 
 const CHILD_ENV: &str = "AUTOPART_APP_CHILD";
 const TIMEOUT: Duration = Duration::from_secs(180);
@@ -48,10 +55,14 @@ const FIELDS: [&str; 9] = [
 ];
 
 /// The flags of every training run here, and the optimizer they mean.
+/// AdamW's eps is 1e-6, not torch's 1e-8: its first updates are about
+/// `lr * sign(g)`, so gradient elements at rounding level (whose sign depends
+/// on the pipeline's summation order) would move saved weights by up to `lr`
+/// (7e-5 with eps 1e-8 here), as in `mpi_train.rs`.
 fn flags(steps: u64) -> Vec<String> {
     let s = format!(
         "--steps {steps} --seed {SEED} --lr 3e-3 --min-lr 3e-4 --warmup 1 --clip 1.0 \
-         --weight-decay 0.01 --adam-eps 1e-8"
+         --weight-decay 0.01 --adam-eps 1e-6"
     );
     s.split_whitespace().map(String::from).collect()
 }
@@ -61,7 +72,7 @@ fn optim(steps: u64) -> OptimConfig {
         adamw: AdamW {
             beta1: 0.9,
             beta2: 0.999,
-            eps: 1e-8,
+            eps: 1e-6,
             weight_decay: 0.01,
         },
         lr: LrSchedule {
@@ -106,9 +117,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// Per-step (loss, gradient norm, learning rate) of one process training
-/// the plan's model on the whole batch.
-fn reference(steps: u64, mut data: Option<&mut TokenFile>) -> Result<Vec<(f64, f64, f64)>, String> {
+/// What the single-process run gives: per-step (loss, gradient norm,
+/// learning rate) and the final weights by name.
+type Reference = (Vec<(f64, f64, f64)>, Vec<(String, Tensor)>);
+
+/// [`Reference`] of one process training the plan's model on the whole batch.
+fn reference(steps: u64, mut data: Option<&mut TokenFile>) -> Result<Reference, String> {
     let err = |e: &dyn std::fmt::Display| e.to_string();
     let meta = plan_app::PLAN;
     let solo = MeshComms::solo();
@@ -133,7 +147,8 @@ fn reference(steps: u64, mut data: Option<&mut TokenFile>) -> Result<Vec<(f64, f
             .map_err(|e| err(&e))?;
         out.push((loss, stats.grad_norm, stats.lr));
     }
-    Ok(out)
+    let weights = stage.full_weights(&solo.tp).map_err(|e| err(&e))?;
+    Ok((out, weights))
 }
 
 fn run(np: Option<usize>, args: &[String], check: &mut Check, what: &str) -> Option<Output> {
@@ -153,8 +168,14 @@ fn text(bytes: &[u8]) -> String {
 fn checks(dir: &Path, check: &mut Check) {
     // Synthetic data.
     let metrics = dir.join("metrics.jsonl");
+    let params = dir.join("params");
     let mut args = flags(STEPS);
-    args.extend(["--metrics".into(), metrics.display().to_string()]);
+    args.extend([
+        "--metrics".into(),
+        metrics.display().to_string(),
+        "--save-params".into(),
+        params.display().to_string(),
+    ]);
     if let Some(out) = run(Some(2), &args, check, "synthetic run") {
         let stdout = text(&out.stdout);
         check.ok("synthetic run succeeds", out.status.success(), || {
@@ -170,7 +191,10 @@ fn checks(dir: &Path, check: &mut Check) {
             || stdout.clone(),
         );
         match reference(STEPS, None) {
-            Ok(want) => compare_metrics("synthetic", &metrics, &want, check),
+            Ok((want, weights)) => {
+                compare_metrics("synthetic", &metrics, &want, check);
+                compare_saved_params(&params, &weights, check);
+            }
             Err(e) => check.ok("synthetic reference", false, || e),
         }
     }
@@ -199,10 +223,12 @@ fn checks(dir: &Path, check: &mut Check) {
             .map_err(|e| e.to_string())
             .and_then(|mut d| reference(STEPS, Some(&mut d)));
         match want {
-            Ok(want) => compare_metrics("token file", &metrics, &want, check),
+            Ok((want, _)) => compare_metrics("token file", &metrics, &want, check),
             Err(e) => check.ok("token-file reference", false, || e),
         }
     }
+
+    usage_checks(check);
 
     // The wrong number of processes, with and without a launcher.
     for np in [Some(1), None] {
@@ -255,6 +281,100 @@ fn checks(dir: &Path, check: &mut Check) {
             || text(&out.stdout),
         );
     }
+}
+
+/// A bad flag is a usage error reported once; `--help` prints the flags once.
+fn usage_checks(check: &mut Check) {
+    let args: Vec<String> = ["--steps", "0"].map(String::from).to_vec();
+    if let Some(out) = run(Some(2), &args, check, "bad flag run") {
+        let stderr = text(&out.stderr);
+        check.ok(
+            "bad flag: exit status 2",
+            out.status.code() == Some(2),
+            || format!("{}\nstderr:\n{stderr}", out.status),
+        );
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        check.ok(
+            "bad flag: one error line naming the flag and value",
+            errors.len() == 1 && errors[0].contains("'--steps <N>'") && errors[0].contains("'0'"),
+            || stderr.clone(),
+        );
+    }
+    let help = vec!["--help".to_string()];
+    if let Some(out) = run(Some(2), &help, check, "help run") {
+        let stdout = text(&out.stdout);
+        check.ok("help: exit status 0", out.status.success(), || {
+            out.status.to_string()
+        });
+        check.ok(
+            "help: the flags once",
+            stdout.matches("--save-params <DIR>").count() == 1
+                && stdout.contains("--steps <N>")
+                && stdout.contains("[default: 10]"),
+            || stdout.clone(),
+        );
+    }
+}
+
+/// The `--save-params` files of the two-stage run against the reference's
+/// final weights: each rank its stage's parameters, together all of them once.
+fn compare_saved_params(dir: &Path, want: &[(String, Tensor)], check: &mut Check) {
+    let mut seen: Vec<String> = Vec::new();
+    let mut worst = 0.0f64;
+    for rank in 0..2 {
+        let path = app::params_file(dir, rank);
+        let saved = match Tensor::read_safetensors(&path) {
+            Ok(s) => s,
+            Err(e) => {
+                return check.ok(&format!("saved params of rank {rank}"), false, || {
+                    e.to_string()
+                });
+            }
+        };
+        check.ok(
+            &format!("rank {rank} saved parameters"),
+            !saved.is_empty(),
+            || path.display().to_string(),
+        );
+        for (name, t) in saved {
+            let Some((_, w)) = want.iter().find(|(n, _)| *n == name) else {
+                check.ok(&format!("saved {name} is a parameter"), false, String::new);
+                continue;
+            };
+            let same_shape = t.size() == w.size();
+            check.ok(&format!("saved {name}: shape"), same_shape, || {
+                format!("{:?} vs {:?}", t.size(), w.size())
+            });
+            if same_shape {
+                let (diff, _) = max_diff(&t, w);
+                worst = worst.max(diff);
+                check.ok(&format!("saved {name}: values"), diff <= 1e-5, || {
+                    format!("max |diff| {diff:e} against the single-process run")
+                });
+            }
+            seen.push(name);
+        }
+    }
+    seen.sort();
+    let mut all: Vec<String> = want.iter().map(|(n, _)| n.clone()).collect();
+    all.sort();
+    check.ok("saved params: every parameter once", seen == all, || {
+        format!("saved {seen:?}\nparameters {all:?}")
+    });
+    let leftovers: Vec<_> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.ends_with(".safetensors"))
+                .collect()
+        })
+        .unwrap_or_default();
+    check.ok(
+        "saved params: no temporary file left",
+        leftovers.is_empty(),
+        || format!("{leftovers:?}"),
+    );
+    eprintln!("saved params: worst |diff| against the single-process run {worst:.2e}");
 }
 
 /// The metrics file at `path` against the reference's (loss, norm, lr) per step.

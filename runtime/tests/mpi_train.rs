@@ -14,17 +14,19 @@
 //! directly on whole parameters; the plans go through `DpOptimizer`.
 
 mod common;
+#[allow(dead_code)]
+#[path = "support/llama.rs"]
+mod llama;
 
-use autopart_runtime::comm::{Communicator, MeshComms, MpiComm, SoloComm};
+use autopart_runtime::comm::{Communicator, Groups, MeshComms, MpiComm, SoloComm};
+use autopart_runtime::data::Batch;
 use autopart_runtime::exec::{Adapter, Keep, Tape};
 use autopart_runtime::mesh::{Coord, Mesh};
-use autopart_runtime::model::llama::{
-    Batch, Groups, LlamaConfig, LlamaStage, Recompute, SeqParallel, TrainPlan,
-};
 use autopart_runtime::optim::{AdamW, AdamWState, LrSchedule, NormShare, clip_grad_norm};
 use autopart_runtime::schedule::Schedule;
 use autopart_runtime::zero::{DpOptimizer, OptimConfig, ZeroStage};
 use common::Check;
+use llama::{LlamaConfig, LlamaStage, Recompute, SeqParallel, TrainPlan};
 use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Duration;

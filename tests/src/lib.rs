@@ -128,9 +128,16 @@ pub fn read_metrics(path: &Path) -> Result<Vec<StepMetrics>> {
 /// `mpirun -np {np} autopart run {out} {args}` (without mpirun for one
 /// process), with a time limit; returns the output, whatever the status.
 pub fn launch(np: usize, out: &Path, args: &[&str], timeout: Duration) -> Result<Output> {
-    let bin = autopart_bin()?;
+    let mut all = vec!["run".to_string(), out.display().to_string()];
+    all.extend(args.iter().map(ToString::to_string));
+    launch_binary(np, &autopart_bin()?, &all, timeout)
+}
+
+/// `mpirun -np {np} {bin} {args}` (without mpirun for one process), with a
+/// time limit; returns the output, whatever the status.
+pub fn launch_binary(np: usize, bin: &Path, args: &[String], timeout: Duration) -> Result<Output> {
     let mut cmd = if np == 1 {
-        Command::new(&bin)
+        Command::new(bin)
     } else {
         let mut c = Command::new("mpirun");
         c.args([
@@ -140,12 +147,10 @@ pub fn launch(np: usize, out: &Path, args: &[&str], timeout: Duration) -> Result
             "none",
         ])
         .args(["-np", &np.to_string()])
-        .arg(&bin);
+        .arg(bin);
         c
     };
-    cmd.arg("run")
-        .arg(out)
-        .args(args)
+    cmd.args(args)
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .stdout(std::process::Stdio::piped())
@@ -159,8 +164,9 @@ pub fn launch(np: usize, out: &Path, args: &[&str], timeout: Duration) -> Result
             // Best effort: the job is stuck (a deadlock would hang CI).
             let _ = Command::new("kill").arg(pid.to_string()).status();
             bail!(
-                "autopart run {} did not finish within {timeout:?}",
-                out.display()
+                "{} {} did not finish within {timeout:?}",
+                bin.display(),
+                args.join(" ")
             );
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -174,23 +180,58 @@ pub fn launch(np: usize, out: &Path, args: &[&str], timeout: Duration) -> Result
 /// Trains the compiled plan in `out` for `steps` steps on `np` processes
 /// (with `extra` run arguments) and returns rank 0's metrics.
 pub fn train(np: usize, out: &Path, steps: u32, extra: &[&str]) -> Result<Vec<StepMetrics>> {
+    Ok(train_run(np, out, steps, extra)?.metrics)
+}
+
+/// What a training run left: rank 0's metrics and console output.
+#[derive(Clone, Debug)]
+pub struct TrainRun {
+    pub metrics: Vec<StepMetrics>,
+    pub stdout: String,
+}
+
+/// [`train`], with the console output.
+pub fn train_run(np: usize, out: &Path, steps: u32, extra: &[&str]) -> Result<TrainRun> {
+    let prefix = ["run".to_string(), out.display().to_string()];
     let metrics = out.join("metrics.jsonl");
-    let _ = std::fs::remove_file(&metrics);
-    let steps_s = steps.to_string();
-    let metrics_s = metrics.display().to_string();
-    let mut args = vec!["--steps", &steps_s, "--metrics", &metrics_s, "--seed", "7"];
-    args.extend_from_slice(extra);
-    let output = launch(np, out, &args, Duration::from_secs(300))?;
+    train_binary(np, &autopart_bin()?, &prefix, &metrics, steps, extra)
+}
+
+/// Runs `bin {prefix} --steps {steps} --metrics {metrics} --seed 7 {extra}`
+/// on `np` processes (a plan binary with no prefix, or `autopart` with
+/// `run OUT`) and returns rank 0's metrics and console output; fails unless
+/// it succeeds with one metrics line per step.
+pub fn train_binary(
+    np: usize,
+    bin: &Path,
+    prefix: &[String],
+    metrics: &Path,
+    steps: u32,
+    extra: &[&str],
+) -> Result<TrainRun> {
+    let _ = std::fs::remove_file(metrics);
+    let mut args = prefix.to_vec();
+    args.extend([
+        "--steps".to_string(),
+        steps.to_string(),
+        "--metrics".to_string(),
+        metrics.display().to_string(),
+        "--seed".to_string(),
+        "7".to_string(),
+    ]);
+    args.extend(extra.iter().map(ToString::to_string));
+    let output = launch_binary(np, bin, &args, Duration::from_secs(300))?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     if !output.status.success() {
         bail!(
-            "training {} on {np} processes failed ({}):\n{}\n{}",
-            out.display(),
+            "training {} {} on {np} processes failed ({}):\n{stdout}\n{}",
+            bin.display(),
+            args.join(" "),
             output.status,
-            String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    let m = read_metrics(&metrics)?;
+    let m = read_metrics(metrics)?;
     if m.len() != steps as usize {
         bail!(
             "{} has {} steps, expected {steps}",
@@ -198,5 +239,131 @@ pub fn train(np: usize, out: &Path, steps: u32, extra: &[&str]) -> Result<Vec<St
             m.len()
         );
     }
-    Ok(m)
+    Ok(TrainRun { metrics: m, stdout })
+}
+
+/// The autopart source tree of this test crate (the workspace root).
+pub fn autopart_home() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+/// Builds the binary crate in `dir` (package `package`, with its own
+/// `[workspace]`) exactly as `autopart compile --build-profile dev` builds a
+/// generated crate: the tree's `Cargo.lock` and `.cargo/config.toml`, the
+/// shared target folder (`$CARGO_TARGET_DIR` or the tree's `target/`), so
+/// that its dependencies are those already built for the generated plans.
+/// Fails when the build fails or warns. Returns the built binary's path.
+pub fn build_plan_crate(dir: &Path, package: &str) -> Result<PathBuf> {
+    let home = autopart_home();
+    let lock = home.join("Cargo.lock");
+    std::fs::copy(&lock, dir.join("Cargo.lock"))
+        .with_context(|| format!("copying {} into {}", lock.display(), dir.display()))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home.join("target"));
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(&cargo);
+    cmd.arg("build")
+        .arg("--manifest-path")
+        .arg(dir.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target);
+    let config = home.join(".cargo").join("config.toml");
+    if config.is_file() {
+        cmd.arg("--config").arg(&config);
+    }
+    let out = cmd.output().context("running cargo")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!(
+            "cargo could not build {} ({}):\n{stderr}",
+            dir.display(),
+            out.status
+        );
+    }
+    if stderr.contains("warning") {
+        bail!("{} builds with warnings:\n{stderr}", dir.display());
+    }
+    Ok(target.join("debug").join(package))
+}
+
+/// One tensor of a safetensors file, as f64.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SavedTensor {
+    pub shape: Vec<usize>,
+    pub values: Vec<f64>,
+}
+
+/// Reads a safetensors file (the `--save-params` output): an 8-byte
+/// little-endian header length, a JSON header naming each tensor's dtype,
+/// shape and byte range, then the data. F32 and F64 only.
+pub fn read_safetensors(path: &Path) -> Result<std::collections::BTreeMap<String, SavedTensor>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let what = || path.display().to_string();
+    let n = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .with_context(|| format!("{}: no header length", what()))? as usize;
+    let header = bytes
+        .get(8..8 + n)
+        .with_context(|| format!("{}: header of {n} bytes is cut short", what()))?;
+    let data = &bytes[8 + n..];
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header)
+        .with_context(|| format!("{}: the header is not a JSON object", what()))?;
+    let mut out = std::collections::BTreeMap::new();
+    for (name, v) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let field = |k: &str| {
+            v.get(k)
+                .with_context(|| format!("{}: {name} has no {k}", what()))
+        };
+        let dtype = field("dtype")?.as_str().unwrap_or_default().to_string();
+        let shape: Vec<usize> = field("shape")?
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|d| d.as_u64().map(|d| d as usize))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let range: Vec<usize> = field("data_offsets")?
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|d| d.as_u64().map(|d| d as usize))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let raw = match range.as_slice() {
+            [a, b] => data.get(*a..*b),
+            _ => None,
+        }
+        .with_context(|| format!("{}: {name} has bad data_offsets {range:?}", what()))?;
+        let values: Vec<f64> = match dtype.as_str() {
+            "F32" => raw
+                .chunks_exact(4)
+                .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                .collect(),
+            "F64" => raw
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .collect(),
+            other => bail!("{}: {name} has dtype {other}, not F32 or F64", what()),
+        };
+        if values.len() != shape.iter().product::<usize>() {
+            bail!(
+                "{}: {name} holds {} values for shape {shape:?}",
+                what(),
+                values.len()
+            );
+        }
+        out.insert(name, SavedTensor { shape, values });
+    }
+    Ok(out)
 }

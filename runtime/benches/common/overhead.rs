@@ -12,12 +12,16 @@
 //! [`check_same_loss`] can hold them to 1e-5 before anything is timed.
 //! Nothing here touches the runtime's internals.
 
-use autopart_runtime::comm::{MeshComms, SoloComm};
+// The hand-written Llama (test support, not the runtime's API).
+#[allow(dead_code)]
+#[path = "../../tests/support/llama.rs"]
+mod llama;
+
+use autopart_runtime::comm::{Groups, MeshComms, SoloComm};
+use autopart_runtime::data::Batch;
 use autopart_runtime::exec::ParamSpec;
-use autopart_runtime::model::llama::{
-    Batch, Groups, LlamaConfig, LlamaStage, SeqParallel, TrainPlan, param_specs,
-};
 use autopart_runtime::ops::{self, Mask, OpError};
+use llama::{LlamaConfig, LlamaStage, SeqParallel, TrainPlan, param_specs};
 use tch::{Kind, Reduction, Tensor};
 
 /// Seed of the weights, the same for both contestants.

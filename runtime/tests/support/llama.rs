@@ -21,25 +21,30 @@
 //!   holds chunks `s`, `s + pp`, …) and activations go around the pp ring.
 //!
 //! [`LlamaStage`] is a [`StageModule`]: it records one micro-batch's forward
-//! through one model chunk, and the generic driver of [`crate::program`]
+//! through one model chunk, and the generic driver of [`autopart_runtime::program`]
 //! orders micro-batches and moves activations, exactly as for generated code.
 //!
 //! The loss is the mean over every token of the global batch. The program
 //! owns no optimizer: [`LlamaStage::train_step`] leaves complete gradients in
 //! the parameters' `.grad()`, and [`LlamaStage::train_step_with`] hands them
 //! to a [`DpOptimizer`] (bucketed dp averaging, clipping, AdamW, ZeRO).
+//!
+//! Test support, not part of the runtime's API: the runtime's tests,
+//! examples and benches include this file with `#[path = "…"] mod llama;`,
+//! and `autopart-tests` builds it into the hand-written plan binary that its
+//! differential test runs against the generated llama-mini. It uses only the
+//! runtime's public API, as generated code does.
 
-use crate::comm::Communicator;
-pub use crate::comm::Groups;
-pub use crate::data::Batch;
-use crate::exec::{
+use autopart_runtime::comm::{Communicator, Groups};
+use autopart_runtime::data::Batch;
+use autopart_runtime::exec::{
     Adapter, ExecError, Init, Keep, Param, ParamSpec, Tape, TpGrad, ValueId, sync_grads,
 };
-use crate::mesh::{Coord, Mesh};
-use crate::ops::{self, Mask};
-use crate::program::{self, PipelinePlan, StageModule};
-use crate::schedule::Schedule;
-use crate::zero::{DpOptimizer, StepStats};
+use autopart_runtime::mesh::{Coord, Mesh};
+use autopart_runtime::ops::{self, Mask};
+use autopart_runtime::program::{self, PipelinePlan, StageModule};
+use autopart_runtime::schedule::Schedule;
+use autopart_runtime::zero::{DpOptimizer, StepStats};
 use std::collections::HashMap;
 use tch::Tensor;
 
@@ -551,89 +556,5 @@ impl StageModule for LlamaStage {
             Ok(vec![ops::mean(&per_token, total_tokens)?])
         })?[0];
         Ok((input_id, loss))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::comm::MeshComms;
-
-    fn plan_err<T: std::fmt::Debug>(r: Result<T, ExecError>) -> String {
-        match r {
-            Err(ExecError::Plan(msg)) => msg,
-            other => panic!("expected a plan error, got {other:?}"),
-        }
-    }
-
-    fn with_mesh(tp: usize, dp: usize, pp: usize) -> TrainPlan {
-        TrainPlan {
-            mesh: Mesh { tp, dp, pp },
-            ..TrainPlan::single()
-        }
-    }
-
-    #[test]
-    fn plans_that_do_not_fit_are_errors() {
-        let cfg = LlamaConfig::mini();
-        let origin = Coord {
-            tp: 0,
-            dp: 0,
-            pp: 0,
-        };
-        assert!(plan_err(LlamaStage::new(cfg, with_mesh(3, 1, 1), origin, 0)).contains("heads"));
-        assert!(plan_err(LlamaStage::new(cfg, with_mesh(1, 1, 3), origin, 0)).contains("layers"));
-        let outside = Coord {
-            tp: 2,
-            dp: 0,
-            pp: 0,
-        };
-        assert!(plan_err(LlamaStage::new(cfg, with_mesh(2, 1, 1), outside, 0)).contains("outside"));
-
-        let comms = MeshComms::solo();
-        let batch = Batch::synthetic(cfg.vocab, 4, 16, 0).expect("batch");
-        let mut tp2 = LlamaStage::new(cfg, with_mesh(2, 1, 1), origin, 0).expect("fits");
-        let msg = plan_err(tp2.train_step(&Groups::of(&comms), &batch));
-        assert!(msg.contains("communicators"), "{msg}");
-        let three = TrainPlan {
-            micro_batches: 3,
-            ..TrainPlan::single()
-        };
-        let mut stage = LlamaStage::new(cfg, three, origin, 0).expect("fits");
-        let msg = plan_err(stage.train_step(&Groups::of(&comms), &batch));
-        assert!(msg.contains("batch"), "{msg}");
-        // 4 layers do not split into 2 stages of 3 chunks.
-        let interleaved = |chunks| TrainPlan {
-            schedule: Schedule::Interleaved { chunks },
-            ..with_mesh(1, 1, 2)
-        };
-        assert!(plan_err(LlamaStage::new(cfg, interleaved(3), origin, 0)).contains("layers"));
-        // One stage cannot interleave chunks: a schedule error, not a panic.
-        let solo_interleaved = TrainPlan {
-            schedule: Schedule::Interleaved { chunks: 2 },
-            ..TrainPlan::single()
-        };
-        let mut stage = LlamaStage::new(cfg, solo_interleaved, origin, 0).expect("fits");
-        assert!(matches!(
-            stage.train_step(&Groups::of(&comms), &batch),
-            Err(ExecError::Schedule(_))
-        ));
-    }
-
-    #[test]
-    fn initial_loss_is_that_of_a_uniform_guess() {
-        // Weights of std 0.02 give near-uniform logits: loss ≈ ln(vocab).
-        let cfg = LlamaConfig::mini();
-        let comms = MeshComms::solo();
-        let origin = Coord {
-            tp: 0,
-            dp: 0,
-            pp: 0,
-        };
-        let mut stage = LlamaStage::new(cfg, TrainPlan::single(), origin, 1).expect("fits");
-        let batch = Batch::synthetic(cfg.vocab, 4, 16, 0).expect("batch");
-        let loss = stage.train_step(&Groups::of(&comms), &batch).expect("step");
-        assert!((loss - (cfg.vocab as f64).ln()).abs() < 0.05, "loss {loss}");
-        assert!(stage.params().iter().all(|p| p.tensor.grad().defined()));
     }
 }
