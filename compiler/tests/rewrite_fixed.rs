@@ -45,8 +45,7 @@ fn check(name: &str) {
     ron_text.push('\n');
     let back: ExecProgram = ron::from_str(&ron_text).expect("program RON parses");
     assert_eq!(back, program, "{name}: RON round trip differs");
-    expect_test::expect_file![format!("snapshots/rewrite/{name}.program.ron")]
-        .assert_eq(&ron_text);
+    expect_test::expect_file![format!("snapshots/rewrite/{name}.program.ron")].assert_eq(&ron_text);
 }
 
 #[test]

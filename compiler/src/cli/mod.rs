@@ -385,7 +385,11 @@ fn compile(args: &CompileArgs) -> Result<()> {
     }
     let gencode = args.out.join("gencode");
     let home = build::autopart_home()?;
+    // The generated files name the plan.ron just written.
+    let plan_ron =
+        std::fs::read(&plan_path).with_context(|| format!("reading {}", plan_path.display()))?;
     let options = crate::codegen::CodegenOptions {
+        plan_hash: crate::codegen::plan_hash(&plan_ron),
         runtime_path: home.join("runtime"),
         custom_ops: custom_op_impls(&registry, &program)?,
     };

@@ -9,10 +9,13 @@
 //! pipeline stage (its parameters and the chain of blocks of each model
 //! chunk). The code reads like the runtime's hand-written llama program:
 //! named values, a comment per op naming the traced op and its annotation,
-//! no unsafe. It is formatted with rustfmt when rustfmt is on PATH, and the
-//! same program always gives the same bytes.
+//! no unsafe. Every file starts with an `@generated` line naming the plan
+//! (the hash of its `plan.ron`) and the autopart version. The text is laid
+//! out by [`writer`] as rustfmt would lay it out (rustfmt is never run), so
+//! the same program and options always give the same bytes.
 
 mod emit;
+mod writer;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,6 +32,28 @@ use crate::lower::ExecProgram;
 pub enum CodegenError {
     #[error("not supported by code generation yet: {0}")]
     Unsupported(String),
+    /// The program refers to a value its block does not declare.
+    #[error(
+        "malformed program: {user} in the {block} block refers to value %{value}, which the block does not declare"
+    )]
+    UnknownValue {
+        block: String,
+        user: String,
+        value: u32,
+    },
+    /// An op has fewer inputs than its kind takes.
+    #[error("malformed program: {op} ({kind}) has {inputs} inputs; input {index} is missing")]
+    MissingInput {
+        op: String,
+        kind: String,
+        index: usize,
+        inputs: usize,
+    },
+    /// An op reads a parameter the program does not declare.
+    #[error("malformed program: {op} reads parameter {param}, which the program does not declare")]
+    UnknownParam { op: String, param: String },
+    #[error("plan hash '{0}' is not 16 hex digits (codegen::plan_hash of plan.ron)")]
+    PlanHash(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -37,9 +62,13 @@ pub enum CodegenError {
     },
 }
 
-/// Where the generated crate finds its dependencies.
-#[derive(Clone, Debug, Default)]
+/// Where the generated crate finds its dependencies, and what plan it is
+/// generated from.
+#[derive(Clone, Debug)]
 pub struct CodegenOptions {
+    /// [`plan_hash`] of the `plan.ron` the program was lowered from, for the
+    /// `@generated` header of every file.
+    pub plan_hash: String,
     /// The `autopart-runtime` crate's folder.
     pub runtime_path: PathBuf,
     /// The implementation of every custom op the program uses, by op name.
@@ -66,17 +95,33 @@ pub struct GeneratedFile {
     pub text: String,
 }
 
-/// The package name of the generated crate: model and a hash of the code,
-/// so that crates of different plans never share a binary name in a shared
-/// target folder.
-pub fn package_name(program: &ExecProgram, files: &[GeneratedFile]) -> String {
+/// FNV-1a, 64 bits.
+fn fnv1a64<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for f in files {
-        for b in f.path.bytes().chain(f.text.bytes()) {
+    for chunk in chunks {
+        for &b in chunk {
             h ^= u64::from(b);
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
     }
+    h
+}
+
+/// The hash of a plan: FNV-1a 64 of `plan.ron`'s bytes as 16 hex digits (the
+/// build stamp's hash, `cli::build`).
+pub fn plan_hash(plan_ron: &[u8]) -> String {
+    format!("{:016x}", fnv1a64([plan_ron]))
+}
+
+/// The package name of the generated crate: model and a hash of the code,
+/// so that crates of different plans never share a binary name in a shared
+/// target folder.
+pub fn package_name(program: &ExecProgram, files: &[GeneratedFile]) -> String {
+    let h = fnv1a64(
+        files
+            .iter()
+            .flat_map(|f| [f.path.as_bytes(), f.text.as_bytes()]),
+    );
     let model: String = program
         .model
         .chars()
