@@ -337,7 +337,12 @@ mod tests {
             assert_eq!(d.to_string().parse::<DType>(), Ok(d));
         }
         assert_eq!("f32".parse::<DType>(), Ok(DType::Fp32));
-        assert!("int8".parse::<DType>().expect_err("rejected").contains("int8"));
+        assert!(
+            "int8"
+                .parse::<DType>()
+                .expect_err("rejected")
+                .contains("int8")
+        );
         assert_eq!("cuda".parse::<Device>(), Ok(Device::Cuda));
     }
 

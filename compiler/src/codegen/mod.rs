@@ -9,10 +9,13 @@
 //! pipeline stage (its parameters and the chain of blocks of each model
 //! chunk). The code reads like the runtime's hand-written llama program:
 //! named values, a comment per op naming the traced op and its annotation,
-//! no unsafe. It is formatted with rustfmt when rustfmt is on PATH, and the
-//! same program always gives the same bytes.
+//! no unsafe. Every file starts with an `@generated` line naming the plan
+//! (the hash of its `plan.ron`) and the autopart version. The text is laid
+//! out by [`writer`] as rustfmt would lay it out (rustfmt is never run), so
+//! the same program and options always give the same bytes.
 
 mod emit;
+mod writer;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,6 +32,28 @@ use crate::lower::ExecProgram;
 pub enum CodegenError {
     #[error("not supported by code generation yet: {0}")]
     Unsupported(String),
+    /// The program refers to a value its block does not declare.
+    #[error(
+        "malformed program: {user} in the {block} block refers to value %{value}, which the block does not declare"
+    )]
+    UnknownValue {
+        block: String,
+        user: String,
+        value: u32,
+    },
+    /// An op has fewer inputs than its kind takes.
+    #[error("malformed program: {op} ({kind}) has {inputs} inputs; input {index} is missing")]
+    MissingInput {
+        op: String,
+        kind: String,
+        index: usize,
+        inputs: usize,
+    },
+    /// An op reads a parameter the program does not declare.
+    #[error("malformed program: {op} reads parameter {param}, which the program does not declare")]
+    UnknownParam { op: String, param: String },
+    #[error("plan hash '{0}' is not 16 hex digits (codegen::plan_hash of plan.ron)")]
+    PlanHash(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -37,16 +62,20 @@ pub enum CodegenError {
     },
 }
 
-/// Where the generated crate finds its dependencies.
-#[derive(Clone, Debug, Default)]
+/// Where the generated crate finds its dependencies, and what plan it is
+/// generated from.
+#[derive(Clone, Debug)]
 pub struct CodegenOptions {
+    /// [`plan_hash`] of the `plan.ron` the program was lowered from, for the
+    /// `@generated` header of every file.
+    pub plan_hash: String,
     /// The `autopart-runtime` crate's folder.
     pub runtime_path: PathBuf,
     /// The implementation of every custom op the program uses, by op name.
     pub custom_ops: BTreeMap<String, CustomOpImpl>,
-    /// The plan hash of the `plan.ron` the program was lowered from.
-    pub plan_hash: String,
 }
+
+pub use autopart_vocab::hash::plan_hash;
 
 /// How generated code calls a custom op: `path(inputs.., attrs..)`, each
 /// input a `&Tensor` (this rank's shard), then the op's attributes in their
