@@ -152,6 +152,28 @@ fn tied_weights_are_a_stage_resolved_per_tp() {
         assert_eq!(s.split, None, "{op}");
     }
 
+    // A user's pin on one reader decides for both.
+    let mut req = mini("gpt-mini", 2, &dir.path().join("d"));
+    req.constraints.tp = Some(2);
+    req.constraints.splits.insert("lm_head".into(), None);
+    req.stop_after = Some(Pass::Plan);
+    let done = driver::compile(&req, &mut driver::Quiet).expect("compiles");
+    let plan = done.planned.as_ref().expect("plan").best();
+    for op in ["wte", "lm_head"] {
+        let s = plan.sharding.iter().find(|s| s.op == op).expect("op");
+        assert_eq!(s.split, None, "{op}");
+    }
+    let mut req = mini("gpt-mini", 2, &dir.path().join("e"));
+    req.constraints.tp = Some(2);
+    req.constraints
+        .splits
+        .insert("lm_head".into(), Some("k".into()));
+    let err = driver::compile(&req, &mut driver::Quiet).expect_err("not the tied dim");
+    assert!(
+        format!("{err:#}").contains("must be its first dim"),
+        "{err:#}"
+    );
+
     // pp > 1 is refused by the stage itself, before any search.
     let mut req = mini("gpt-mini", 2, &dir.path().join("c"));
     req.constraints.pp = Some(2);

@@ -668,19 +668,18 @@ pub fn params_file(dir: &Path, rank: usize) -> PathBuf {
 }
 
 /// Writes `params` (as this rank holds them, under their names) to
-/// [`params_file`]`(dir, rank)`: a temporary file in `dir`, then a rename.
+/// [`params_file`]`(dir, rank)`, atomically (`autopart_vocab::fs`: a
+/// temporary sibling, fsynced, renamed; removed if the write fails).
 pub fn save_params(dir: &Path, rank: usize, params: &[Param]) -> Result<PathBuf, AppError> {
     let path = params_file(dir, rank);
-    let tmp = dir.join(format!(".rank-{rank}.safetensors.tmp"));
     let tensors: Vec<(&str, Tensor)> = params
         .iter()
         .map(|p| (p.spec.name.as_str(), p.tensor.detach().contiguous()))
         .collect();
-    Tensor::write_safetensors(&tensors, &tmp).map_err(|e| AppError::SaveParams {
-        path: tmp.clone(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    std::fs::rename(&tmp, &path).map_err(|source| AppError::SaveParams {
+    autopart_vocab::fs::write_atomic_at(&path, |tmp| {
+        Tensor::write_safetensors(&tensors, tmp).map_err(|e| std::io::Error::other(e.to_string()))
+    })
+    .map_err(|source| AppError::SaveParams {
         path: path.clone(),
         source,
     })?;

@@ -33,6 +33,8 @@ pub mod metrics;
 pub mod ops;
 pub mod optim;
 pub mod program;
+/// The plan vocabulary shared with the compiler (`autopart-vocab`).
+pub use autopart_vocab as vocab;
 /// Pipeline schedules, shared with the compiler (which draws them).
 pub use autopart_vocab::schedule;
 pub mod zero;

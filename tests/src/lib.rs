@@ -257,24 +257,8 @@ pub fn autopart_home() -> PathBuf {
 /// that its dependencies are those already built for the generated plans.
 /// Fails when the build fails or warns. Returns the built binary's path.
 pub fn build_plan_crate(dir: &Path, package: &str) -> Result<PathBuf> {
-    let home = autopart_home();
-    let lock = home.join("Cargo.lock");
-    std::fs::copy(&lock, dir.join("Cargo.lock"))
-        .with_context(|| format!("copying {} into {}", lock.display(), dir.display()))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| home.join("target"));
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(&cargo);
-    cmd.arg("build")
-        .arg("--manifest-path")
-        .arg(dir.join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(&target);
-    let config = home.join(".cargo").join("config.toml");
-    if config.is_file() {
-        cmd.arg("--config").arg(&config);
-    }
+    use autopart::driver::build::{BuildProfile, binary_path, cargo_build_command};
+    let (mut cmd, target) = cargo_build_command(&autopart_home(), dir, BuildProfile::Dev)?;
     let out = cmd.output().context("running cargo")?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
@@ -287,7 +271,7 @@ pub fn build_plan_crate(dir: &Path, package: &str) -> Result<PathBuf> {
     if stderr.contains("warning") {
         bail!("{} builds with warnings:\n{stderr}", dir.display());
     }
-    Ok(target.join("debug").join(package))
+    Ok(binary_path(&target, BuildProfile::Dev, package))
 }
 
 /// One tensor of a safetensors file, as f64.
@@ -297,72 +281,31 @@ pub struct SavedTensor {
     pub values: Vec<f64>,
 }
 
-/// Reads a safetensors file (the `--save-params` output): an 8-byte
-/// little-endian header length, a JSON header naming each tensor's dtype,
-/// shape and byte range, then the data. F32 and F64 only.
+/// Reads a safetensors file (the `--save-params` output) with the
+/// `safetensors` crate. F32 and F64 only.
 pub fn read_safetensors(path: &Path) -> Result<std::collections::BTreeMap<String, SavedTensor>> {
+    use safetensors::{Dtype, SafeTensors};
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let what = || path.display().to_string();
-    let n = bytes
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_le_bytes)
-        .with_context(|| format!("{}: no header length", what()))? as usize;
-    let header = bytes
-        .get(8..8 + n)
-        .with_context(|| format!("{}: header of {n} bytes is cut short", what()))?;
-    let data = &bytes[8 + n..];
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header)
-        .with_context(|| format!("{}: the header is not a JSON object", what()))?;
+    let file = SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a safetensors file: {e:?}", path.display()))?;
     let mut out = std::collections::BTreeMap::new();
-    for (name, v) in header {
-        if name == "__metadata__" {
-            continue;
-        }
-        let field = |k: &str| {
-            v.get(k)
-                .with_context(|| format!("{}: {name} has no {k}", what()))
-        };
-        let dtype = field("dtype")?.as_str().unwrap_or_default().to_string();
-        let shape: Vec<usize> = field("shape")?
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|d| d.as_u64().map(|d| d as usize))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let range: Vec<usize> = field("data_offsets")?
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|d| d.as_u64().map(|d| d as usize))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let raw = match range.as_slice() {
-            [a, b] => data.get(*a..*b),
-            _ => None,
-        }
-        .with_context(|| format!("{}: {name} has bad data_offsets {range:?}", what()))?;
-        let values: Vec<f64> = match dtype.as_str() {
-            "F32" => raw
+    for (name, view) in file.tensors() {
+        let raw = view.data();
+        let values: Vec<f64> = match view.dtype() {
+            Dtype::F32 => raw
                 .chunks_exact(4)
                 .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
                 .collect(),
-            "F64" => raw
+            Dtype::F64 => raw
                 .chunks_exact(8)
                 .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
                 .collect(),
-            other => bail!("{}: {name} has dtype {other}, not F32 or F64", what()),
+            other => bail!(
+                "{}: {name} has dtype {other:?}, not F32 or F64",
+                path.display()
+            ),
         };
-        if values.len() != shape.iter().product::<usize>() {
-            bail!(
-                "{}: {name} holds {} values for shape {shape:?}",
-                what(),
-                values.len()
-            );
-        }
+        let shape = view.shape().to_vec();
         out.insert(name, SavedTensor { shape, values });
     }
     Ok(out)

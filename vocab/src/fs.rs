@@ -29,6 +29,17 @@ pub fn write_atomic_with(
     finish(result, &tmp, dir)
 }
 
+/// As [`write_atomic`], for a writer that wants a path (a library that
+/// opens the file itself): `write` fills the temporary path it is given,
+/// which is then fsynced and renamed over `path`.
+pub fn write_atomic_at(path: &Path, write: impl FnOnce(&Path) -> io::Result<()>) -> io::Result<()> {
+    let (dir, tmp) = temporary_sibling(path)?;
+    let result = write(&tmp)
+        .and_then(|()| File::open(&tmp)?.sync_all())
+        .and_then(|()| fs::rename(&tmp, path));
+    finish(result, &tmp, dir)
+}
+
 /// Copies `from` to `to` atomically (the copy keeps `from`'s permissions,
 /// so an executable stays executable).
 pub fn copy_atomic(from: &Path, to: &Path) -> io::Result<()> {
@@ -112,6 +123,16 @@ mod tests {
         assert_eq!(err.to_string(), "disk full");
         assert_eq!(fs::read(&path).expect("read"), b"kept");
         assert_eq!(fs::read_dir(dir.path()).expect("list").count(), 1);
+        let err = write_atomic_at(&path, |tmp| {
+            fs::write(tmp, b"half")?;
+            Err(io::Error::other("the writer failed"))
+        })
+        .expect_err("fails");
+        assert_eq!(err.to_string(), "the writer failed");
+        assert_eq!(fs::read(&path).expect("read"), b"kept");
+        assert_eq!(fs::read_dir(dir.path()).expect("list").count(), 1);
+        write_atomic_at(&path, |tmp| fs::write(tmp, b"new")).expect("writes");
+        assert_eq!(fs::read(&path).expect("read"), b"new");
         assert!(write_atomic(&dir.path().join("missing/x"), b"").is_err());
     }
 }

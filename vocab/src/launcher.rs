@@ -3,7 +3,8 @@
 //!
 //! `mpirun` (Open MPI) sets `OMPI_COMM_WORLD_SIZE` / `_RANK` / `_LOCAL_RANK`;
 //! MPICH's Hydra and Intel MPI set `PMI_SIZE` / `PMI_RANK` (and
-//! `MPI_LOCALRANKID`); a PMIx server sets `PMIX_RANK`; Slurm's `srun` sets
+//! `MPI_LOCALRANKID`); a PMIx launch sets `PMIX_RANK` (and, by some
+//! launchers, `PMIX_SIZE`); Slurm's `srun` sets
 //! `SLURM_STEP_NUM_TASKS` (the step's tasks; `SLURM_NTASKS` is the job's, and
 //! an older name `SLURM_NPROCS`), `SLURM_PROCID` and `SLURM_LOCALID`. The
 //! first variable of each list that parses wins; [`Launcher::size_var`] says
@@ -13,6 +14,7 @@
 pub const SIZE_VARS: &[&str] = &[
     "OMPI_COMM_WORLD_SIZE",
     "PMI_SIZE",
+    "PMIX_SIZE",
     "SLURM_STEP_NUM_TASKS",
     "SLURM_NTASKS",
     "SLURM_NPROCS",

@@ -15,7 +15,7 @@
 //! stage holds several model chunks, runs them in Megatron's order, and
 //! passes activations and gradients around the pp ring in exchange rounds.
 //!
-//! [`compute_order`] is the forward/backward order alone, for any schedule:
+//! [`compute_orders`] is the forward/backward order alone, for any schedule:
 //! the compiler's report draws its pipeline timeline from it, so the picture
 //! is the schedule the runtime runs.
 //!

@@ -16,7 +16,6 @@ use crate::cost::load_cluster;
 use crate::driver::{self, BuildProfile, Observer, Pass, Request};
 use crate::plan::{DType, Recompute, Schedule, ZeroStage, render_alternatives, render_summary};
 use crate::search::Constraints;
-use crate::trace::{Summary, TraceOptions, load_model, trace_model};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -163,8 +162,8 @@ struct CompileArgs {
     /// Sequence parallelism: true or false.
     #[arg(long)]
     sp: Option<bool>,
-    /// Print the lowered program (every block, adapter and segment): the
-    /// same as --dump-after rewrite.
+    /// Print the program the crate is generated from (every block, adapter
+    /// and segment, after the rewrite), as program.txt holds it.
     #[arg(long)]
     dump_program: bool,
     /// Print the hand-off of a pass once it ran and verified (repeatable):
@@ -187,21 +186,11 @@ struct CompileArgs {
 }
 
 fn trace(args: &TraceArgs) -> Result<()> {
-    let registry = driver::registry(&args.model.annotations)?;
-    let mut model = load_model(&args.model.model)
-        .with_context(|| format!("loading model '{}'", args.model.model))?;
-    if let Some(op) = &args.model.loss {
-        model.set_loss_op(op).map_err(anyhow::Error::msg)?;
-    }
-    let options = TraceOptions {
-        batch: args.model.batch,
-        seq_len: args.model.seq_len,
-        dtype: args.model.dtype.into(),
-    };
-    let graph = trace_model(&model, &options, &registry)
-        .with_context(|| format!("tracing {}", model.name()))?;
-    let summary = Summary::new(&graph, model.family(), &registry)
-        .with_context(|| format!("summarising {}", model.name()))?;
+    let m = &args.model;
+    let registry = driver::registry(&m.annotations)?;
+    let model = driver::model(&m.model, m.loss.as_deref())?;
+    let driver::Traced { graph, summary } =
+        driver::trace_at(&model, &registry, m.batch, m.seq_len, m.dtype)?;
     if args.json {
         let mut value = serde_json::to_value(&summary)?;
         if args.dump_graph {
@@ -276,10 +265,7 @@ impl Observer for Dumps<'_> {
 }
 
 fn compile(args: &CompileArgs) -> Result<()> {
-    let mut dump = args.dump_after.clone();
-    if args.dump_program {
-        dump.push(Pass::Rewrite);
-    }
+    let dump = args.dump_after.clone();
     let stop_after = match (args.stop_after, args.no_build) {
         (Some(p), true) => Some(p.min(Pass::Codegen)),
         (Some(p), false) => Some(p),
@@ -336,7 +322,8 @@ fn compile(args: &CompileArgs) -> Result<()> {
             "capacity_gib": p.capacity_bytes as f64 / GIB,
             "search_s": searched.seconds,
             "plan": paths.plan.display().to_string(),
-            "program": done.rewritten.as_ref().map(|_| paths.program.display().to_string()),
+            "program": (done.rewritten.is_some() || done.lowered.is_some())
+                .then(|| paths.program.display().to_string()),
             "gencode": done.generated.as_ref().map(|_| paths.gencode.display().to_string()),
             "binary": binary.as_ref().map(|b| b.display().to_string()),
             "alternatives": plans.iter().skip(1).map(|q| serde_json::json!({
@@ -348,6 +335,13 @@ fn compile(args: &CompileArgs) -> Result<()> {
         });
         println!("{value}");
         return Ok(());
+    }
+    if args.dump_program {
+        if let Some(r) = &done.rewritten {
+            print!("{}", r.program);
+        } else if let Some(p) = &done.lowered {
+            print!("{p}");
+        }
     }
     print!("{}", render_summary(best));
     println!("\nalternatives (fastest first):");

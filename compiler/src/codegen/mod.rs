@@ -101,9 +101,16 @@ pub struct GeneratedFile {
 /// so that crates of different plans never share a binary name in a shared
 /// target folder.
 pub fn package_name(program: &ExecProgram, files: &[GeneratedFile]) -> String {
+    // The `@generated` header (autopart's version, the plan hash) is left
+    // out: the same code gets the same name whatever plan numbers or
+    // release produced it.
     let mut hasher = autopart_vocab::hash::Fnv1a::new();
     for f in files {
-        hasher.write(f.path.as_bytes()).write(f.text.as_bytes());
+        let body = match f.text.split_once('\n') {
+            Some((first, rest)) if first.contains("@generated") => rest,
+            _ => f.text.as_str(),
+        };
+        hasher.write(f.path.as_bytes()).write(body.as_bytes());
     }
     let h = hasher.finish();
     let model: String = program

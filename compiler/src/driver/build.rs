@@ -81,6 +81,51 @@ pub fn autopart_home() -> Result<PathBuf> {
     Ok(home)
 }
 
+/// The cargo command that builds the crate in `crate_dir` as plan crates
+/// are built: the tree's `Cargo.lock` copied in (the same dependency
+/// versions), its `.cargo/config.toml` (the same libtorch), the shared
+/// target folder (`$CARGO_TARGET_DIR` or the tree's `target/`, returned
+/// with the command), so that every plan reuses one build of libtorch's
+/// bindings.
+pub fn cargo_build_command(
+    home: &Path,
+    crate_dir: &Path,
+    profile: BuildProfile,
+) -> Result<(Command, PathBuf)> {
+    let lock = home.join("Cargo.lock");
+    if lock.is_file() {
+        copy_atomic(&lock, &crate_dir.join("Cargo.lock"))
+            .with_context(|| format!("copying {} into {}", lock.display(), crate_dir.display()))?;
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home.join("target"));
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(&cargo);
+    cmd.arg("build")
+        .arg("--manifest-path")
+        .arg(crate_dir.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target);
+    let config = home.join(".cargo").join("config.toml");
+    if config.is_file() {
+        cmd.arg("--config").arg(&config);
+    }
+    if profile == BuildProfile::Release {
+        cmd.arg("--release");
+    }
+    Ok((cmd, target))
+}
+
+/// Where cargo puts a binary of `profile` in `target`.
+pub fn binary_path(target: &Path, profile: BuildProfile, package: &str) -> PathBuf {
+    let dir = match profile {
+        BuildProfile::Release => "release",
+        BuildProfile::Dev => "debug",
+    };
+    target.join(dir).join(package)
+}
+
 /// Builds the crate in `gencode` (package `package`) with cargo and copies
 /// the binary to `out/autopart-plan` (atomically), then writes the stamp of
 /// `out/plan.ron`. Returns the binary's path.
@@ -91,46 +136,19 @@ pub fn build_plan_binary(
     out: &Path,
     profile: BuildProfile,
 ) -> Result<PathBuf> {
-    let lock = home.join("Cargo.lock");
-    if lock.is_file() {
-        std::fs::copy(&lock, gencode.join("Cargo.lock"))
-            .with_context(|| format!("copying {} into {}", lock.display(), gencode.display()))?;
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| home.join("target"));
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(&cargo);
-    cmd.arg("build")
-        .arg("--manifest-path")
-        .arg(gencode.join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(&target);
-    let config = home.join(".cargo").join("config.toml");
-    if config.is_file() {
-        cmd.arg("--config").arg(&config);
-    }
-    if profile == BuildProfile::Release {
-        cmd.arg("--release");
-    }
+    let (mut cmd, target) = cargo_build_command(home, gencode, profile)?;
     eprintln!(
         "building the plan binary ({profile}, target folder {})...",
         target.display()
     );
-    let status = cmd
-        .status()
-        .with_context(|| format!("running {}", Path::new(&cargo).display()))?;
+    let status = cmd.status().context("running cargo")?;
     if !status.success() {
         bail!(
             "cargo could not build the generated crate in {} ({status})",
             gencode.display()
         );
     }
-    let dir = match profile {
-        BuildProfile::Release => "release",
-        BuildProfile::Dev => "debug",
-    };
-    let built = target.join(dir).join(package);
+    let built = binary_path(&target, profile, package);
     let dest = out.join(PLAN_BINARY);
     copy_atomic(&built, &dest)
         .with_context(|| format!("copying {} to {}", built.display(), dest.display()))?;

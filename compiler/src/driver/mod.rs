@@ -199,14 +199,20 @@ pub fn registry(files: &[PathBuf]) -> Result<Registry> {
     Ok(registry)
 }
 
+/// The model `spec` names (a preset or a `config.json`), with its head's
+/// loss replaced by the custom op `loss`.
+pub fn model(spec: &str, loss: Option<&str>) -> Result<ModelConfig> {
+    let mut model = load_model(spec).with_context(|| format!("loading model '{spec}'"))?;
+    if let Some(op) = loss {
+        model.set_loss_op(op).map_err(anyhow::Error::msg)?;
+    }
+    Ok(model)
+}
+
 /// Loads what the request names and fills in its defaults.
 pub fn resolve(req: &Request) -> Result<Inputs> {
     let registry = registry(&req.annotations)?;
-    let mut model =
-        load_model(&req.model).with_context(|| format!("loading model '{}'", req.model))?;
-    if let Some(op) = &req.loss {
-        model.set_loss_op(op).map_err(anyhow::Error::msg)?;
-    }
+    let model = model(&req.model, req.loss.as_deref())?;
     let cluster =
         load_cluster(&req.cluster).with_context(|| format!("loading cluster '{}'", req.cluster))?;
     if req.plan_gpus == 0 {
@@ -262,16 +268,36 @@ impl fmt::Display for Traced {
 
 /// `trace`: the graph at batch 1 and the plan's sequence length.
 pub fn trace(inputs: &Inputs) -> Result<Traced> {
+    trace_at(
+        &inputs.model,
+        &inputs.registry,
+        1,
+        Some(inputs.seq_len),
+        inputs.dtype,
+    )
+}
+
+/// The training-step graph of `model` at `batch` sequences of `seq_len`
+/// tokens (default: the model's context, capped) and its summary.
+pub fn trace_at(
+    model: &ModelConfig,
+    registry: &Registry,
+    batch: u64,
+    seq_len: Option<u64>,
+    dtype: DType,
+) -> Result<Traced> {
     let options = TraceOptions {
-        batch: 1,
-        seq_len: Some(inputs.seq_len),
-        dtype: inputs.dtype.into(),
+        batch,
+        seq_len,
+        dtype: dtype.into(),
     };
-    let graph = trace_model(&inputs.model, &options, &inputs.registry)
-        .with_context(|| format!("tracing {}", inputs.model.name()))?;
-    let summary = Summary::new(&graph, inputs.model.family(), &inputs.registry)
-        .with_context(|| format!("summarising {}", inputs.model.name()))?;
-    Ok(Traced { graph, summary })
+    let graph = trace_model(model, &options, registry)
+        .with_context(|| format!("tracing {}", model.name()))?;
+    let summary = Summary::new(&graph, model.family(), registry)
+        .with_context(|| format!("summarising {}", model.name()))?;
+    let traced = Traced { graph, summary };
+    verify_traced(&traced)?;
+    Ok(traced)
 }
 
 fn verify_traced(t: &Traced) -> Result<()> {
@@ -339,8 +365,50 @@ pub fn ties(traced: &Traced, constraints: &Constraints) -> Result<Ties> {
             _ => constraints.pp = Some(1),
         }
     }
+    // A user's pin on one reader decides for them all: every reader splits
+    // its tied dim, or every reader runs replicated.
+    for tie in tied.iter().filter(|t| t.user_pinned) {
+        let mut split_dim = None;
+        for r in &tie.readers {
+            let Some(want) = constraints.splits.get(&r.op) else {
+                continue;
+            };
+            let this = match want {
+                None => false,
+                Some(id) if Some(id) == r.dim.as_ref() => true,
+                Some(id) => bail!(
+                    "{} is tied between {}; a pinned split of {} must be its first dim ('{}') or None, got '{id}'",
+                    tie.param,
+                    reader_list(tie),
+                    r.op,
+                    r.dim.as_deref().unwrap_or("-")
+                ),
+            };
+            if split_dim.is_some_and(|s| s != this) {
+                bail!(
+                    "{} is tied between {}: their pinned splits disagree (pin all of them split or all None)",
+                    tie.param,
+                    reader_list(tie)
+                );
+            }
+            split_dim = Some(this);
+        }
+        for r in &tie.readers {
+            let pin = if split_dim == Some(true) {
+                r.dim.clone()
+            } else {
+                None
+            };
+            constraints.splits.entry(r.op.clone()).or_insert(pin);
+        }
+    }
     constraints.tied = tied.clone();
     Ok(Ties { tied, constraints })
+}
+
+fn reader_list(tie: &TiedWeight) -> String {
+    let ops: Vec<&str> = tie.readers.iter().map(|r| r.op.as_str()).collect();
+    ops.join(" and ")
 }
 
 /// Parameters read by more than one op, each with its readers' plan
@@ -738,13 +806,18 @@ impl fmt::Display for Rewritten {
     }
 }
 
-/// `rewrite`: egg's collective rewrites over the lowered program.
-pub fn rewrite(
-    inputs: &Inputs,
-    plan: &Plan,
-    program: ExecProgram,
-    enabled: bool,
-) -> Result<Rewritten> {
+/// The e-graph limits of the compile's rewrite: node and iteration counts
+/// decide where it stops, so that the program does not depend on the
+/// machine's speed; the time limit is only a safety net.
+pub const REWRITE_LIMITS: Limits = Limits {
+    node_limit: 10_000,
+    iter_limit: 30,
+    time_limit: Duration::from_secs(600),
+};
+
+/// `rewrite`: egg's collective rewrites over the lowered program, its
+/// collectives priced over the program's tp group on `cluster`.
+pub fn rewrite(cluster: &Cluster, program: ExecProgram, enabled: bool) -> Result<Rewritten> {
     if !enabled {
         return Ok(Rewritten {
             program,
@@ -752,10 +825,10 @@ pub fn rewrite(
         });
     }
     let cost = AdapterCost {
-        cluster: &inputs.cluster,
-        group: Group::placed(&inputs.cluster, plan.mesh.tp, 1),
+        cluster,
+        group: Group::placed(cluster, program.tp, 1),
     };
-    let (program, report) = crate::rewrite::rewrite(&program, &cost, &Limits::default())
+    let (program, report) = crate::rewrite::rewrite(&program, &cost, &REWRITE_LIMITS)
         .context("rewriting the lowered program's collectives")?;
     Ok(Rewritten {
         program,
@@ -904,34 +977,43 @@ fn write(path: &Path, text: &str) -> Result<()> {
     write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Runs one pass: the pass, its verifier, then the observer. Errors name
-/// the pass that failed only when they come from its verifier (a pass's own
-/// errors already say what they were doing).
+/// Runs one pass: the pass, its verifier, the writing of its artifact
+/// (only once it verified), then the observer. A verifier's failure is an
+/// internal error naming the pass (a pass's own errors already say what
+/// they were doing).
 fn step<T: fmt::Display>(
     obs: &mut dyn Observer,
     pass: Pass,
     run: impl FnOnce() -> Result<T>,
     check: impl FnOnce(&T) -> Result<()>,
+    write: impl FnOnce(&T) -> Result<()>,
 ) -> Result<T> {
     let started = Instant::now();
     let out = run()?;
     check(&out).with_context(|| format!("internal error after pass {pass}"))?;
+    write(&out)?;
     let elapsed = started.elapsed();
     tracing::info!(%pass, seconds = elapsed.as_secs_f64(), "pass done");
     obs.after(pass, &out, elapsed);
     Ok(out)
 }
 
+/// Writes nothing.
+fn nothing<T>(_: &T) -> Result<()> {
+    Ok(())
+}
+
 /// Compiles `req`: every pass in order, up to `req.stop_after`. Writes
 /// `plan.ron` and `report.md` after `plan`, `program.txt` after `rewrite`
-/// (and `rewrite.txt` when it ran), `gencode/` after `codegen` and the binary
-/// with its stamp after `build`, each atomically; nothing is written before
-/// the search succeeded.
+/// (after `lower` when it stops there; `rewrite.txt` when the rewrite ran),
+/// `gencode/` after `codegen` and the binary with its stamp after `build`,
+/// each atomically and only once the pass's result verified; nothing is
+/// written before the search succeeded.
 pub fn compile(req: &Request, obs: &mut dyn Observer) -> Result<Compiled> {
     let stop = req.stop_after.unwrap_or(Pass::Build);
     let inputs = resolve(req)?;
     let paths = Paths::new(&req.out);
-    let traced = step(obs, Pass::Trace, || trace(&inputs), verify_traced)?;
+    let traced = step(obs, Pass::Trace, || trace(&inputs), verify_traced, nothing)?;
     let mut done = Compiled {
         inputs,
         traced,
@@ -954,6 +1036,7 @@ pub fn compile(req: &Request, obs: &mut dyn Observer) -> Result<Compiled> {
         Pass::Ties,
         || ties(&c.traced, &req.constraints),
         |t| verify_ties(t, &c.traced.graph),
+        nothing,
     )?;
     c.ties = Some(ties);
     if stop == Pass::Ties {
@@ -964,6 +1047,7 @@ pub fn compile(req: &Request, obs: &mut dyn Observer) -> Result<Compiled> {
         Pass::CustomOps,
         || custom_ops(&c.traced, &c.inputs.registry),
         |x| verify_custom_ops(x, &c.traced.graph),
+        nothing,
     )?;
     c.custom_ops = Some(custom);
     if stop == Pass::CustomOps {
@@ -975,24 +1059,25 @@ pub fn compile(req: &Request, obs: &mut dyn Observer) -> Result<Compiled> {
         Pass::Search,
         || search_plans(&c.inputs, &c.traced, ties, req.top_k),
         |s| verify_searched(s, &c.traced, ties),
+        nothing,
     )?;
     c.searched = Some(searched);
     if stop == Pass::Search {
         return Ok(done);
     }
     let searched = c.searched.as_ref().context("search")?;
+    let paths = &c.paths;
     let planned = step(
         obs,
         Pass::Plan,
-        || {
-            let p = plan(&c.inputs, &c.traced, searched)?;
-            std::fs::create_dir_all(&c.paths.out)
-                .with_context(|| format!("creating {}", c.paths.out.display()))?;
-            write(&c.paths.plan, &p.ron)?;
-            write(&c.paths.report, &p.report())?;
-            Ok(p)
-        },
+        || plan(&c.inputs, &c.traced, searched),
         |p| verify_planned(p, &c.traced),
+        |p| {
+            std::fs::create_dir_all(&paths.out)
+                .with_context(|| format!("creating {}", paths.out.display()))?;
+            write(&paths.plan, &p.ron)?;
+            write(&paths.report, &p.report())
+        },
     )?;
     c.planned = Some(planned);
     if stop == Pass::Plan {
@@ -1004,24 +1089,28 @@ pub fn compile(req: &Request, obs: &mut dyn Observer) -> Result<Compiled> {
         Pass::Lower,
         || lower(&c.inputs, planned.best()),
         |p| verify_program(p, "lowered"),
+        |p| {
+            if stop == Pass::Lower {
+                write(&paths.program, &p.to_string())?;
+            }
+            Ok(())
+        },
     )?;
     if stop == Pass::Lower {
-        write(&c.paths.program, &lowered.to_string())?;
         c.lowered = Some(lowered);
         return Ok(done);
     }
     let rewritten = step(
         obs,
         Pass::Rewrite,
-        || {
-            let r = rewrite(&c.inputs, planned.best(), lowered.clone(), req.rewrite)?;
-            if let Some(report) = &r.report {
-                write(&c.paths.rewrite, &report.to_string())?;
-            }
-            write(&c.paths.program, &r.program.to_string())?;
-            Ok(r)
-        },
+        || rewrite(&c.inputs.cluster, lowered.clone(), req.rewrite),
         |r| verify_program(&r.program, "rewritten"),
+        |r| {
+            if let Some(report) = &r.report {
+                write(&paths.rewrite, &report.to_string())?;
+            }
+            write(&paths.program, &r.program.to_string())
+        },
     )?;
     c.lowered = Some(lowered);
     c.rewritten = Some(rewritten);
@@ -1034,33 +1123,33 @@ pub fn compile(req: &Request, obs: &mut dyn Observer) -> Result<Compiled> {
     let generated = step(
         obs,
         Pass::Codegen,
-        || {
-            let g = codegen(program, custom, &planned.hash, home.join("runtime"))?;
-            crate::codegen::write_files(&g.files, &c.paths.gencode)
-                .context("writing the plan's code")?;
-            Ok(g)
-        },
+        || codegen(program, custom, &planned.hash, home.join("runtime")),
         |g| verify_generated(g, program),
+        |g| {
+            crate::codegen::write_files(&g.files, &paths.gencode).context("writing the plan's code")
+        },
     )?;
     c.generated = Some(generated);
     if stop == Pass::Codegen {
         return Ok(done);
     }
     let generated = c.generated.as_ref().context("codegen")?;
+    // cargo writes the binary; the stamp is written once it is in place.
     let built = step(
         obs,
         Pass::Build,
         || {
             let binary = build::build_plan_binary(
                 &home,
-                &c.paths.gencode,
+                &paths.gencode,
                 &generated.package,
-                &c.paths.out,
+                &paths.out,
                 req.build_profile,
             )?;
             Ok(Built { binary })
         },
-        |b| verify_built(b, &c.paths.out, &planned.hash),
+        |b| verify_built(b, &paths.out, &planned.hash),
+        nothing,
     )?;
     c.built = Some(built);
     Ok(done)

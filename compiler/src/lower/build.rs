@@ -13,7 +13,7 @@ use super::{
 use crate::anno::{Layout, partition};
 use crate::cost::{Cluster, Group};
 use crate::ir::{AttrValue, Graph, Op, OpId, OpKind, Role, TensorId};
-use crate::plan::{Plan, Recompute, Schedule, layer_pattern};
+use crate::plan::{Plan, Recompute, layer_pattern};
 
 /// Why a plan cannot be lowered for a graph.
 #[derive(Debug, Error)]
@@ -686,10 +686,7 @@ pub fn lower(graph: &Graph, plan: &Plan, cluster: &Cluster) -> Result<ExecProgra
     }
 
     let pp = plan.mesh.pp;
-    let chunks = match plan.schedule {
-        Schedule::Interleaved { chunks } => chunks,
-        Schedule::GPipe | Schedule::OneFOneB => 1,
-    };
+    let chunks = plan.schedule.chunks();
     let stages = plan
         .stages
         .iter()

@@ -49,7 +49,7 @@ pub struct ModelRef {
 #[serde(deny_unknown_fields)]
 pub struct TraceSpec {
     pub seq_len: u64,
-    /// `bf16`, `fp16` or `fp32` (written as its name).
+    /// Written as its name: `bf16`, `f16` or `f32`.
     pub dtype: DType,
 }
 

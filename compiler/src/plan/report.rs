@@ -444,10 +444,7 @@ fn timeline_section(p: &Plan) -> String {
             "Not drawn: {pp} stages are more than the {TIMELINE_MAX_STAGES} a drawing can show.\n"
         );
     }
-    let chunks = match p.schedule {
-        Schedule::Interleaved { chunks } => chunks,
-        _ => 1,
-    };
+    let chunks = p.schedule.chunks();
     let drawn = match p.schedule {
         Schedule::GPipe | Schedule::OneFOneB => m.min(TIMELINE_MICRO_BATCHES),
         Schedule::Interleaved { .. } => {
@@ -793,10 +790,7 @@ mod tests {
     use super::*;
 
     fn timeline(schedule: Schedule, pp: u32, m: u32) -> String {
-        let chunks = match schedule {
-            Schedule::Interleaved { chunks } => chunks,
-            _ => 1,
-        };
+        let chunks = schedule.chunks();
         let grid = simulate(&device_orders(schedule, pp, m), pp, chunks, m).expect("no deadlock");
         draw(&grid, chunks)
     }

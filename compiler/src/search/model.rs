@@ -55,10 +55,7 @@ impl Config {
     }
 
     fn chunks(&self) -> u32 {
-        match self.schedule {
-            Schedule::Interleaved { chunks } => chunks,
-            _ => 1,
-        }
+        self.schedule.chunks()
     }
 
     /// Micro-batches whose activations stage `s` holds at its peak, in

@@ -88,15 +88,10 @@ pub enum SeqParallel {
     On,
 }
 
-/// Which segments are rerun in backward instead of keeping activations.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Recompute {
-    None,
-    /// The core attention only (Megatron's selective recompute).
-    Selective,
-    /// Every segment of every layer.
-    Full,
-}
+/// Which segments are rerun in backward instead of keeping activations:
+/// the plan's own `Recompute` (`Selective`: the core attention only, as
+/// Megatron; `Full`: every segment of every layer).
+pub use autopart_runtime::vocab::Recompute;
 
 /// How one training step is partitioned and ordered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
