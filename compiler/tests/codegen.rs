@@ -230,6 +230,31 @@ fn a_missing_op_input_is_an_error() {
 }
 
 #[test]
+fn a_missing_attribute_is_an_error_not_a_default() {
+    for (suffix, attr) in [
+        ("rope_q", "theta"),
+        ("input_layernorm", "eps"),
+        ("attn", "causal"),
+    ] {
+        let err = malformed(|p| {
+            for step in &mut p.layer.steps {
+                if let Step::Segment(seg) = step
+                    && let Some(op) = seg.ops.iter_mut().find(|op| op.traced.ends_with(suffix))
+                {
+                    assert!(op.attrs.remove(attr).is_some(), "{suffix} has {attr}");
+                    return;
+                }
+            }
+            panic!("no {suffix} in the layer block");
+        });
+        assert!(
+            err.to_string().contains(&format!("attribute '{attr}'")),
+            "{suffix}: {err}"
+        );
+    }
+}
+
+#[test]
 fn an_undeclared_parameter_is_an_error() {
     let err = malformed(|p| {
         for step in &mut p.head.steps {

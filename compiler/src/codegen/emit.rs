@@ -318,13 +318,21 @@ impl<'a> BlockGen<'a> {
                     .map_or_else(|| "0".to_string(), |u| format!("tp_rank * {u}")),
             )
         };
-        let attr_f = |name: &str, default: f64| {
-            Expr::atom(f64_lit(
-                op.attrs
-                    .get(name)
-                    .and_then(AttrValue::as_float)
-                    .unwrap_or(default),
+        // The traced op carries every attribute its implementation takes;
+        // codegen never fills one in.
+        let missing = |name: &str, what: &str| {
+            CodegenError::Unsupported(format!(
+                "{}: {} has no {what} attribute '{name}'",
+                op.traced,
+                op.kind.name()
             ))
+        };
+        let attr_f = |name: &str| -> Result<Expr, CodegenError> {
+            op.attrs
+                .get(name)
+                .and_then(AttrValue::as_float)
+                .map(|v| Expr::atom(f64_lit(v)))
+                .ok_or_else(|| missing(name, "float"))
         };
         let attr_i = |name: &str| op.attrs.get(name).and_then(AttrValue::as_int);
         let ops = |name: &str, args: Vec<Expr>| Expr::call(format!("ops::{name}"), args).try_();
@@ -347,8 +355,8 @@ impl<'a> BlockGen<'a> {
             }
             OpKind::Linear => ops("linear", vec![a(0)?, a(1)?]),
             OpKind::LinearBias => ops("linear_bias", vec![a(0)?, a(1)?, a(2)?]),
-            OpKind::RmsNorm => ops("rms_norm", vec![a(0)?, a(1)?, attr_f("eps", 1e-5)]),
-            OpKind::LayerNorm => ops("layer_norm", vec![a(0)?, a(1)?, a(2)?, attr_f("eps", 1e-5)]),
+            OpKind::RmsNorm => ops("rms_norm", vec![a(0)?, a(1)?, attr_f("eps")?]),
+            OpKind::LayerNorm => ops("layer_norm", vec![a(0)?, a(1)?, a(2)?, attr_f("eps")?]),
             OpKind::SplitHeads => {
                 let h = attr_i("h").ok_or_else(|| {
                     CodegenError::Unsupported(format!("{}: split_heads without h", op.traced))
@@ -356,13 +364,13 @@ impl<'a> BlockGen<'a> {
                 ops("split_heads", vec![a(0)?, Expr::atom(h.to_string())])
             }
             OpKind::MergeHeads => ops("merge_heads", vec![a(0)?]),
-            OpKind::Rope => ops("rope", vec![a(0)?, attr_f("theta", 10000.0), offset()]),
+            OpKind::Rope => ops("rope", vec![a(0)?, attr_f("theta")?, offset()]),
             OpKind::Attention => {
                 let causal = op
                     .attrs
                     .get("causal")
                     .and_then(AttrValue::as_bool)
-                    .unwrap_or(true);
+                    .ok_or_else(|| missing("causal", "bool"))?;
                 let mask = if causal { "Mask::Causal" } else { "Mask::Full" };
                 ops("attention", vec![a(0)?, a(1)?, a(2)?, Expr::atom(mask)])
             }
