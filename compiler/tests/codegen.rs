@@ -6,21 +6,15 @@
 //! one CLI run that `autopart compile --no-build` still writes the crate.
 //! Re-bless with UPDATE_EXPECT=1.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use autopart::codegen::{CodegenError, CodegenOptions, GeneratedFile, generate_files, plan_hash};
 use autopart::lower::{ExecProgram, Operand, Step};
 
-fn tests_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests")
-}
+mod common;
 
-fn read_program(rel: &str) -> ExecProgram {
-    let path = tests_dir().join(rel);
-    let text = std::fs::read_to_string(&path).expect("program RON");
-    ron::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
+use common::{read_program, tests_dir};
 
 /// Options as the CLI makes them for plan `plan` (a fixed runtime path, so
 /// that Cargo.toml can be snapshotted).

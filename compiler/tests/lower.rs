@@ -4,8 +4,6 @@
 //! which reads back to the same program. The RON files are the fixed inputs
 //! of the rewrite and codegen snapshot tests. Re-bless with UPDATE_EXPECT=1.
 
-use std::path::{Path, PathBuf};
-
 use autopart::anno::builtin_registry;
 use autopart::cost::load_cluster;
 use autopart::driver::lower_plan;
@@ -13,9 +11,9 @@ use autopart::lower::{ExecProgram, verify};
 use autopart::plan::read_plan;
 use autopart::trace::load_model;
 
-fn tests_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests")
-}
+mod common;
+
+use common::{check_ron, tests_dir};
 
 /// Lowers the fixed plan `name` as `autopart compile` does (the driver's
 /// `lower` pass): the graph traced at the plan's micro-batch and sequence
@@ -28,23 +26,13 @@ fn lower_fixed(name: &str) -> ExecProgram {
     lower_plan(&plan, &model, &builtin_registry(), &cluster).expect("lower")
 }
 
-fn to_ron(program: &ExecProgram) -> String {
-    let mut text = ron::ser::to_string_pretty(program, ron::ser::PrettyConfig::default())
-        .expect("program serialises");
-    text.push('\n');
-    text
-}
-
 fn check(name: &str) {
     let program = lower_fixed(name);
     verify(&program).expect("lowered program verifies");
     expect_test::expect_file![format!("snapshots/lower/{name}.program.txt")]
         .assert_eq(&program.to_string());
     // Read back: the RON parses to the same program.
-    let ron_text = to_ron(&program);
-    let back: ExecProgram = ron::from_str(&ron_text).expect("program RON parses");
-    assert_eq!(back, program, "{name}: RON round trip differs");
-    expect_test::expect_file![format!("snapshots/lower/{name}.program.ron")].assert_eq(&ron_text);
+    check_ron("lower", name, &program);
 }
 
 #[test]
