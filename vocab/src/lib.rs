@@ -14,7 +14,10 @@
 //!   MPICH/PMI, PMIx, Slurm) put in the environment.
 //! - [`hash`]: FNV-1a, the plan hash that stamps binaries and generated code.
 //! - [`fs`]: atomic file writes (temporary sibling, fsync, rename).
+//! - [`ckpt`]: the checkpoint format (pieces as regions of global tensors,
+//!   manifests, completion, listing, resume resolution, region reads).
 
+pub mod ckpt;
 pub mod fs;
 pub mod hash;
 pub mod launcher;
