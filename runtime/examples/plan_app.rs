@@ -19,6 +19,7 @@ use std::process::ExitCode;
 
 pub const PLAN: PlanMeta = PlanMeta {
     model: "llama-mini",
+    plan_hash: "",
     vocab: 256,
     seq_len: 16,
     global_batch: 4,

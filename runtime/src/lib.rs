@@ -25,6 +25,7 @@
 //! benches train, and the one the generated llama-mini is compared with.
 
 pub mod app;
+pub mod checkpoint;
 pub mod comm;
 pub mod data;
 pub mod exec;

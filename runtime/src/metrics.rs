@@ -45,6 +45,12 @@ pub struct StepRecord {
     /// (empty when some rank cannot read its memory). Pipeline stages hold
     /// different layers, so their peaks differ.
     pub rank_peaks_over_baseline_bytes: Vec<u64>,
+    /// Seconds checkpointing held training up after this step (copying the
+    /// state, writing it when synchronous, waiting for the previous save);
+    /// `None` when the run saves no checkpoints.
+    pub checkpoint_block_s: Option<f64>,
+    /// The checkpoint that became complete at this step's boundary.
+    pub checkpoint_saved: Option<crate::checkpoint::Saved>,
 }
 
 impl StepRecord {
@@ -82,8 +88,22 @@ impl StepRecord {
             .iter()
             .map(u64::to_string)
             .collect();
+        let saved = self.checkpoint_saved.map_or_else(
+            || "null".to_string(),
+            |s| {
+                format!(
+                    "{{\"step\":{},\"bytes\":{},\"seconds\":{}}}",
+                    s.step,
+                    s.bytes,
+                    num(s.seconds)
+                )
+            },
+        );
+        let block = self
+            .checkpoint_block_s
+            .map_or_else(|| "null".to_string(), num);
         format!(
-            "{{\"step\":{},\"loss\":{},\"grad_norm\":{},\"lr\":{},\"step_s\":{},\"tokens_per_s\":{},\"peak_rss_bytes\":{},\"rss_over_baseline_bytes\":{},\"rank_peaks_over_baseline_bytes\":[{}]}}",
+            "{{\"step\":{},\"loss\":{},\"grad_norm\":{},\"lr\":{},\"step_s\":{},\"tokens_per_s\":{},\"peak_rss_bytes\":{},\"rss_over_baseline_bytes\":{},\"rank_peaks_over_baseline_bytes\":[{}],\"checkpoint_block_s\":{block},\"checkpoint_saved\":{saved}}}",
             self.step,
             num(self.loss),
             num(self.grad_norm),
@@ -128,6 +148,45 @@ impl MetricsLog {
             what: "create it",
             source,
         })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            out: BufWriter::new(file),
+        })
+    }
+
+    /// Opens `path` for a run resumed after step `step`: keeps its lines of
+    /// steps up to `step` (those of an earlier run that went further, before
+    /// a crash, are dropped, so the file reads as one run) and appends. A
+    /// missing file is created.
+    pub fn resume(path: &Path, step: u64) -> Result<Self, MetricsError> {
+        let io = |what: &'static str| {
+            move |source| MetricsError::Io {
+                path: path.to_path_buf(),
+                what,
+                source,
+            }
+        };
+        let old = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io("read it")(e)),
+        };
+        let mut kept = String::new();
+        for line in old.lines() {
+            let line_step = line
+                .strip_prefix("{\"step\":")
+                .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse::<u64>().ok());
+            if line_step.is_some_and(|s| s <= step) {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+        autopart_vocab::fs::write_atomic(path, kept.as_bytes()).map_err(io("rewrite it"))?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(io("open it"))?;
         Ok(Self {
             path: path.to_path_buf(),
             out: BufWriter::new(file),
@@ -241,6 +300,8 @@ mod tests {
             peak_rss_bytes: Some(900 << 20),
             rss_over_baseline_bytes: Some(120 << 20),
             rank_peaks_over_baseline_bytes: vec![120 << 20, 100 << 20],
+            checkpoint_block_s: None,
+            checkpoint_saved: None,
         }
     }
 
@@ -256,8 +317,21 @@ mod tests {
             "{\"step\":3,\"loss\":5.40123,\"grad_norm\":2.314,\"lr\":0.003,\"step_s\":0.4134,\
              \"tokens_per_s\":1250.2,\"peak_rss_bytes\":943718400,\
              \"rss_over_baseline_bytes\":125829120,\
-             \"rank_peaks_over_baseline_bytes\":[125829120,104857600]}"
+             \"rank_peaks_over_baseline_bytes\":[125829120,104857600],\
+             \"checkpoint_block_s\":null,\"checkpoint_saved\":null}"
         );
+        let saving = StepRecord {
+            checkpoint_block_s: Some(0.25),
+            checkpoint_saved: Some(crate::checkpoint::Saved {
+                step: 3,
+                bytes: 4096,
+                seconds: 1.5,
+            }),
+            ..r.clone()
+        };
+        assert!(saving.json().ends_with(
+            "\"checkpoint_block_s\":0.25,\"checkpoint_saved\":{\"step\":3,\"bytes\":4096,\"seconds\":1.5}}"
+        ));
         let unknown = StepRecord {
             loss: f64::NAN,
             peak_rss_bytes: None,
@@ -266,11 +340,10 @@ mod tests {
             ..r.clone()
         };
         assert!(unknown.json().contains("\"loss\":null"));
-        assert!(
-            unknown.json().ends_with(
-                "\"rss_over_baseline_bytes\":null,\"rank_peaks_over_baseline_bytes\":[]}"
-            )
-        );
+        assert!(unknown.json().ends_with(
+            "\"rss_over_baseline_bytes\":null,\"rank_peaks_over_baseline_bytes\":[],\
+                 \"checkpoint_block_s\":null,\"checkpoint_saved\":null}"
+        ));
         assert!(!unknown.console_line().contains("rss"));
     }
 

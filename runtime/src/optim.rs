@@ -44,6 +44,10 @@ pub enum OptimError {
     Comm(#[from] CommError),
     #[error(transparent)]
     Torch(#[from] tch::TchError),
+    #[error("checkpoint: {0}")]
+    Checkpoint(#[from] autopart_vocab::ckpt::CkptError),
+    #[error("checkpoint: {0}")]
+    Restore(String),
 }
 
 fn invalid(msg: String) -> OptimError {

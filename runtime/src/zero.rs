@@ -49,6 +49,8 @@ use crate::optim::{
 };
 use tch::{Device, Kind, Tensor};
 
+mod state;
+
 /// 25 MiB, the default bucket size (PyTorch DDP's).
 pub const DEFAULT_BUCKET_BYTES: usize = 25 * 1024 * 1024;
 
@@ -170,6 +172,8 @@ pub struct DpOptimizer {
     n_params: usize,
     dp_rank: usize,
     dp_size: usize,
+    tp_rank: usize,
+    tp_size: usize,
     /// Replicated: one moment per parameter. Sharded: one per bucket slice.
     state: AdamWState,
     /// Sharded stages: this rank's f32 slice of each bucket's weights.
@@ -253,6 +257,8 @@ impl DpOptimizer {
             n_params: params.len(),
             dp_rank,
             dp_size,
+            tp_rank: g.tp.rank(),
+            tp_size: g.tp.size(),
             state,
             master,
         };

@@ -1234,6 +1234,7 @@ fn main_rs(program: &ExecProgram, options: &CodegenOptions) -> String {
     let atom = |s: String| Expr::Atom(s);
     let fields = [
         ("model", atom(format!("{:?}", program.model))),
+        ("plan_hash", atom(format!("{:?}", options.plan_hash))),
         ("vocab", atom(program.vocab.to_string())),
         ("seq_len", atom(program.seq_len.to_string())),
         (
