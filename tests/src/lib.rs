@@ -136,6 +136,18 @@ pub fn launch(np: usize, out: &Path, args: &[&str], timeout: Duration) -> Result
 /// `mpirun -np {np} {bin} {args}` (without mpirun for one process), with a
 /// time limit; returns the output, whatever the status.
 pub fn launch_binary(np: usize, bin: &Path, args: &[String], timeout: Duration) -> Result<Output> {
+    launch_binary_env(np, bin, args, &[], timeout)
+}
+
+/// [`launch_binary`] with extra environment variables (every rank sees them:
+/// Open MPI's local ranks inherit mpirun's environment).
+pub fn launch_binary_env(
+    np: usize,
+    bin: &Path,
+    args: &[String],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<Output> {
     let mut cmd = if np == 1 {
         Command::new(bin)
     } else {
@@ -151,6 +163,7 @@ pub fn launch_binary(np: usize, bin: &Path, args: &[String], timeout: Duration) 
         c
     };
     cmd.args(args)
+        .envs(env.iter().copied())
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .stdout(std::process::Stdio::piped())
