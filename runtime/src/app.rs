@@ -1159,7 +1159,10 @@ mod tests {
                 exit_at_step: None,
             }
         );
-        assert_eq!(parse_args(args("")).ok(), Some(Command::Train(Box::new(defaults))));
+        assert_eq!(
+            parse_args(args("")).ok(),
+            Some(Command::Train(Box::new(defaults)))
+        );
         assert!(matches!(
             parse_args(args("--steps 3 --help")),
             Ok(Command::Help(_))
@@ -1233,6 +1236,13 @@ mod tests {
             "--bucket-mb <MB>",
             "--threads <N>",
             "--save-params <DIR>",
+            "--checkpoint-dir <DIR>",
+            "--checkpoint-every <N>",
+            "--keep <K>",
+            "--async-checkpoint",
+            "--resume <latest|auto|STEP|PATH>",
+            "--override-optim-settings",
+            "--exit-at-step <N>",
             "--help",
         ] {
             assert!(text.contains(flag), "{flag} missing from:\n{text}");
@@ -1274,6 +1284,24 @@ mod tests {
         assert!(usage_msg(parse_args(args("--bucket-mb 0"))).contains("--bucket-mb"));
         assert!(usage_msg(parse_args(args("--threads 0"))).contains("--threads"));
         assert!(usage_msg(parse_args(args("stray"))).contains("'stray'"));
+        // Checkpoint flags: what needs --checkpoint-dir, and the resume forms.
+        for f in ["--checkpoint-every 5", "--keep 2", "--async-checkpoint"] {
+            let msg = usage_msg(parse_args(args(f)));
+            assert!(msg.contains("--checkpoint-dir"), "{f}: {msg}");
+        }
+        assert!(usage_msg(parse_args(args("--override-optim-settings"))).contains("--resume"));
+        assert!(usage_msg(parse_args(args("--checkpoint-dir c --keep 0"))).contains("--keep"));
+        let resume = |a: &str| match parse_args(args(a)) {
+            Ok(Command::Train(o)) => o.resume,
+            other => panic!("{a}: {other:?}"),
+        };
+        assert_eq!(resume("--resume auto"), Some(Resume::Auto));
+        assert_eq!(resume("--resume latest"), Some(Resume::Latest));
+        assert_eq!(resume("--resume 40"), Some(Resume::Step(40)));
+        assert_eq!(
+            resume("--resume ck/step_40"),
+            Some(Resume::Path("ck/step_40".into()))
+        );
         // The optimizer's own checks: min_lr above the peak.
         assert!(usage_msg(parse_args(args("--lr 1e-3 --min-lr 1e-2"))).contains("min_lr"));
     }

@@ -22,6 +22,7 @@
 
 use crate::comm::Communicator;
 use autopart_vocab::ckpt::{self, CkptError, Manifest, Piece, RankIndex};
+
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -46,8 +47,11 @@ pub struct Saved {
     pub step: u64,
     /// Bytes of every rank's files.
     pub bytes: u64,
-    /// Seconds from the copy at the step boundary to completion.
+    /// Seconds from the copy at the step boundary to completion (an async
+    /// save completes at the first step boundary after every rank wrote).
     pub seconds: f64,
+    /// Seconds rank 0 spent writing its files.
+    pub write_s: f64,
 }
 
 /// What a save or a step boundary did.
@@ -83,7 +87,7 @@ pub enum SaveError {
 }
 
 /// The result of one rank's write.
-type WriteResult = Result<RankIndex, CkptError>;
+type WriteResult = Result<(RankIndex, f64), CkptError>;
 
 #[derive(Debug)]
 struct Pending {
@@ -163,11 +167,12 @@ impl Saver {
         let partial = ckpt::partial_dir(&dir, step);
         let (rank, fault) = (self.rank, self.fault);
         let write = move || -> WriteResult {
+            let t = Instant::now();
             let index = ckpt::write_rank(&partial, rank, &pieces)?;
             if fault == Some((rank, step)) {
                 kill_self();
             }
-            Ok(index)
+            Ok((index, t.elapsed().as_secs_f64()))
         };
         let mut pending = Pending {
             step,
@@ -230,15 +235,12 @@ impl Saver {
                     msg: "the background writer panicked".into(),
                 })
             }),
-            (None, None) => Ok(RankIndex {
-                format: ckpt::FORMAT,
-                rank: self.rank,
-                file: String::new(),
-                bytes: 0,
-                crc32: 0,
-                entries: vec![],
+            (None, None) => Err(CkptError::Format {
+                path: ckpt::partial_dir(&self.opts.dir, step),
+                msg: "the save was never written".into(),
             }),
         };
+        let write_s = written.as_ref().map_or(0.0, |(_, s)| *s);
         self.agree(
             world,
             step,
@@ -269,6 +271,7 @@ impl Saver {
             step,
             bytes,
             seconds: p.started.elapsed().as_secs_f64(),
+            write_s,
         }))
     }
 

@@ -92,10 +92,11 @@ impl StepRecord {
             || "null".to_string(),
             |s| {
                 format!(
-                    "{{\"step\":{},\"bytes\":{},\"seconds\":{}}}",
+                    "{{\"step\":{},\"bytes\":{},\"seconds\":{},\"write_s\":{}}}",
                     s.step,
                     s.bytes,
-                    num(s.seconds)
+                    num(s.seconds),
+                    num(s.write_s)
                 )
             },
         );
@@ -326,11 +327,12 @@ mod tests {
                 step: 3,
                 bytes: 4096,
                 seconds: 1.5,
+                write_s: 0.5,
             }),
             ..r.clone()
         };
         assert!(saving.json().ends_with(
-            "\"checkpoint_block_s\":0.25,\"checkpoint_saved\":{\"step\":3,\"bytes\":4096,\"seconds\":1.5}}"
+            "\"checkpoint_block_s\":0.25,\"checkpoint_saved\":{\"step\":3,\"bytes\":4096,\"seconds\":1.5,\"write_s\":0.5}}"
         ));
         let unknown = StepRecord {
             loss: f64::NAN,

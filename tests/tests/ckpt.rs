@@ -37,7 +37,16 @@ const TIMEOUT: Duration = Duration::from_secs(300);
 const SINGLE: &[&str] = &["--plan-ngpus", "1"];
 const DP2_ZERO1: &[&str] = &["--plan-ngpus", "2", "--tp", "1", "--dp", "2", "--zero", "1"];
 const DP2_ZERO3: &[&str] = &["--plan-ngpus", "2", "--tp", "1", "--dp", "2", "--zero", "3"];
-const TP2: &[&str] = &["--plan-ngpus", "2", "--tp", "2", "--pp", "1", "--sp", "true"];
+const TP2: &[&str] = &[
+    "--plan-ngpus",
+    "2",
+    "--tp",
+    "2",
+    "--pp",
+    "1",
+    "--sp",
+    "true",
+];
 const PP2_1F1B: &[&str] = &[
     "--plan-ngpus",
     "2",
@@ -94,8 +103,7 @@ fn run(p: &Plan, metrics: &Path, args: &[&str], env: &[(&str, &str)]) -> Output 
         metrics.display().to_string(),
     ];
     all.extend(args.iter().map(ToString::to_string));
-    launch_binary_env(p.np, &autopart_bin().expect("autopart"), &all, env, TIMEOUT)
-        .expect("launch")
+    launch_binary_env(p.np, &autopart_bin().expect("autopart"), &all, env, TIMEOUT).expect("launch")
 }
 
 fn text(out: &Output) -> String {
@@ -110,7 +118,11 @@ fn text(out: &Output) -> String {
 fn train(p: &Plan, metrics: &Path, args: &[&str]) -> (Vec<StepMetrics>, String) {
     let out = run(p, metrics, args, &[]);
     let t = text(&out);
-    assert!(out.status.success(), "{} {args:?} failed:\n{t}", p.out.display());
+    assert!(
+        out.status.success(),
+        "{} {args:?} failed:\n{t}",
+        p.out.display()
+    );
     (read_metrics(metrics).expect("metrics"), t)
 }
 
@@ -145,13 +157,22 @@ fn resume_under_the_same_plan_is_exact() {
         &p,
         &whole,
         &[
-            "--steps", "10", "--checkpoint-dir", &s(&ck), "--checkpoint-every", "5",
-            "--save-params", &s(&params),
+            "--steps",
+            "10",
+            "--checkpoint-dir",
+            &s(&ck),
+            "--checkpoint-every",
+            "5",
+            "--save-params",
+            &s(&params),
         ],
     );
     let lines = std::fs::read_to_string(&whole).expect("metrics");
     assert!(
-        lines.lines().nth(4).is_some_and(|l| l.contains("\"checkpoint_saved\":{\"step\":5")),
+        lines
+            .lines()
+            .nth(4)
+            .is_some_and(|l| l.contains("\"checkpoint_saved\":{\"step\":5")),
         "{lines}"
     );
     let (resumed, params_b) = (dir.path().join("resumed.jsonl"), dir.path().join("pb"));
@@ -159,12 +180,25 @@ fn resume_under_the_same_plan_is_exact() {
         &p,
         &resumed,
         &[
-            "--steps", "10", "--checkpoint-dir", &s(&ck), "--resume", "5", "--async-checkpoint",
-            "--save-params", &s(&params_b),
+            "--steps",
+            "10",
+            "--checkpoint-dir",
+            &s(&ck),
+            "--resume",
+            "5",
+            "--async-checkpoint",
+            "--save-params",
+            &s(&params_b),
         ],
     );
-    assert!(out.contains("resumed from") && out.contains("step_5"), "{out}");
-    assert_eq!(m.iter().map(|m| m.step).collect::<Vec<_>>(), (6..=10).collect::<Vec<_>>());
+    assert!(
+        out.contains("resumed from") && out.contains("step_5"),
+        "{out}"
+    );
+    assert_eq!(
+        m.iter().map(|m| m.step).collect::<Vec<_>>(),
+        (6..=10).collect::<Vec<_>>()
+    );
     assert_eq!(loss_text(&resumed), loss_text(&whole)[5..].to_vec());
     for rank in 0..2 {
         let f = format!("rank-{rank}.safetensors");
@@ -187,7 +221,14 @@ fn reshard(a: &[&str], b: &[&str]) {
     let (want, _) = train(
         &pa,
         &dir.path().join("a.jsonl"),
-        &["--steps", "10", "--checkpoint-dir", &s(&ck), "--checkpoint-every", "5"],
+        &[
+            "--steps",
+            "10",
+            "--checkpoint-dir",
+            &s(&ck),
+            "--checkpoint-every",
+            "5",
+        ],
     );
     let (got, out) = train(
         &pb,
@@ -260,17 +301,26 @@ fn a_rank_killed_in_a_save_resumes_from_the_previous_checkpoint() {
     assert!(!killed.status.success(), "{}", text(&killed));
     assert_eq!(listing(&ck), vec!["step_2", "step_4.partial"]);
     assert!(!ck.join("step_4.partial/COMPLETE").exists());
-    assert!(ck.join("step_4.partial/rank-1.json").is_file(), "rank 1 wrote before dying");
+    assert!(
+        ck.join("step_4.partial/rank-1.json").is_file(),
+        "rank 1 wrote before dying"
+    );
 
     let inspect = autopart(&["ckpt", "inspect", &ck_s]).expect("inspect");
     let table = String::from_utf8_lossy(&inspect.stdout);
-    assert!(table.contains("step_4.partial") || table.contains("interrupted"), "{table}");
+    assert!(
+        table.contains("step_4.partial") || table.contains("interrupted"),
+        "{table}"
+    );
 
     let resumed = dir.path().join("resumed.jsonl");
     let mut args = every.to_vec();
     args.extend(["--checkpoint-dir", &ck_s, "--resume", "auto"]);
     let (m, out) = train(&p, &resumed, &args);
-    assert!(out.contains("step_4.partial") && out.contains("ignoring"), "{out}");
+    assert!(
+        out.contains("step_4.partial") && out.contains("ignoring"),
+        "{out}"
+    );
     assert!(out.contains("step_2"), "{out}");
     assert_eq!(m.first().map(|m| m.step), Some(3));
     assert_eq!(loss_text(&resumed), loss_text(&reference)[2..].to_vec());
@@ -287,11 +337,22 @@ fn a_rank_killed_in_a_save_resumes_from_the_previous_checkpoint() {
     let latest = run(
         &p,
         &dir.path().join("x.jsonl"),
-        &["--steps", "1", "--resume", "latest", "--checkpoint-dir", &s(&dir.path().join("none"))],
+        &[
+            "--steps",
+            "1",
+            "--resume",
+            "latest",
+            "--checkpoint-dir",
+            &s(&dir.path().join("none")),
+        ],
         &[],
     );
     assert!(!latest.status.success());
-    assert!(text(&latest).contains("no complete checkpoint"), "{}", text(&latest));
+    assert!(
+        text(&latest).contains("no complete checkpoint"),
+        "{}",
+        text(&latest)
+    );
 }
 
 /// The checkpoint folders of `dir`, sorted.
@@ -335,9 +396,18 @@ fn bad_checkpoints_and_settings_are_clear_errors() {
     train(
         &p,
         &m,
-        &["--steps", "4", "--resume", &step2, "--override-optim-settings"],
+        &[
+            "--steps",
+            "4",
+            "--resume",
+            &step2,
+            "--override-optim-settings",
+        ],
     );
-    fails(&["--steps", "2", "--resume", "7", "--checkpoint-dir", &ck_s], &["step_7"]);
+    fails(
+        &["--steps", "2", "--resume", "7", "--checkpoint-dir", &ck_s],
+        &["step_7"],
+    );
 
     // Another model's checkpoint: the tensor is named.
     let gpt = dir.path().join("gpt");
@@ -366,9 +436,15 @@ fn bad_checkpoints_and_settings_are_clear_errors() {
         &["rank-0.safetensors", "checksum"],
     );
     // A truncated one.
-    let f = std::fs::OpenOptions::new().write(true).open(&file).expect("open");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .expect("open");
     f.set_len(100).expect("truncate");
-    fails(&["--steps", "2", "--resume", &s(&bad)], &["rank-0.safetensors", "truncated"]);
+    fails(
+        &["--steps", "2", "--resume", &s(&bad)],
+        &["rank-0.safetensors", "truncated"],
+    );
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -409,7 +485,11 @@ fn a_full_disk_stops_the_run_and_keeps_the_previous_checkpoint() {
     let p = plan(dir.path(), "single", SINGLE);
     // One checkpoint's size, measured.
     let probe = dir.path().join("probe");
-    train(&p, &dir.path().join("p.jsonl"), &["--steps", "1", "--checkpoint-dir", &s(&probe)]);
+    train(
+        &p,
+        &dir.path().join("p.jsonl"),
+        &["--steps", "1", "--checkpoint-dir", &s(&probe)],
+    );
     let size: u64 = std::fs::read_dir(probe.join("step_1"))
         .expect("list")
         .map(|e| e.expect("entry").metadata().expect("meta").len())
@@ -429,7 +509,14 @@ fn a_full_disk_stops_the_run_and_keeps_the_previous_checkpoint() {
     let out = run(
         &p,
         &dir.path().join("full.jsonl"),
-        &["--steps", "4", "--checkpoint-dir", &s(&ck), "--checkpoint-every", "2"],
+        &[
+            "--steps",
+            "4",
+            "--checkpoint-dir",
+            &s(&ck),
+            "--checkpoint-every",
+            "2",
+        ],
         &[],
     );
     let t = text(&out);
@@ -437,7 +524,11 @@ fn a_full_disk_stops_the_run_and_keeps_the_previous_checkpoint() {
     assert!(t.contains("No space left on device"), "{t}");
     assert!(t.contains("step_4") && t.contains("still step_2"), "{t}");
     assert!(!t.contains("panicked"), "{t}");
-    assert_eq!(listing(&ck), vec!["step_2"], "the failed save is cleaned up");
+    assert_eq!(
+        listing(&ck),
+        vec!["step_2"],
+        "the failed save is cleaned up"
+    );
     let verify = autopart(&["ckpt", "inspect", &s(&ck.join("step_2")), "--verify"])
         .expect("the previous checkpoint verifies");
     assert!(!verify.stdout.is_empty());
@@ -447,4 +538,72 @@ fn a_full_disk_stops_the_run_and_keeps_the_previous_checkpoint() {
         &["--steps", "4", "--resume", &s(&ck.join("step_2"))],
     );
     assert_eq!(m.iter().map(|m| m.step).collect::<Vec<_>>(), vec![3, 4]);
+}
+
+#[test]
+fn merge_of_a_sharded_checkpoint_is_the_single_process_model() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (sharded, single) = (
+        plan(dir.path(), "tp2", TP2),
+        plan(dir.path(), "single", SINGLE),
+    );
+    let ck = dir.path().join("ck");
+    train(
+        &sharded,
+        &dir.path().join("tp2.jsonl"),
+        &[
+            "--steps",
+            "10",
+            "--checkpoint-dir",
+            &s(&ck),
+            "--checkpoint-every",
+            "5",
+        ],
+    );
+    // The single process stops at step 5 of the same 10-step schedule.
+    let params = dir.path().join("params");
+    train(
+        &single,
+        &dir.path().join("single.jsonl"),
+        &[
+            "--steps",
+            "10",
+            "--exit-at-step",
+            "5",
+            "--save-params",
+            &s(&params),
+        ],
+    );
+    let merged = dir.path().join("merged.safetensors");
+    autopart(&[
+        "ckpt",
+        "merge",
+        &s(&ck.join("step_5")),
+        "--out",
+        &s(&merged),
+        "--with-optimizer",
+    ])
+    .expect("merge");
+    let got = read_safetensors(&merged).expect("merged file");
+    let want = read_safetensors(&params.join("rank-0.safetensors")).expect("single-process");
+    let mut worst = 0.0f64;
+    for (name, w) in &want {
+        let g = got.get(name).unwrap_or_else(|| panic!("{name} not merged"));
+        assert_eq!(g.shape, w.shape, "{name}");
+        for (a, b) in g.values.iter().zip(&w.values) {
+            let d = (a - b).abs();
+            assert!(d <= 1e-6 + 1e-5 * b.abs(), "{name}: {a} vs {b}");
+            worst = worst.max(d);
+        }
+        for state in ["exp_avg", "exp_avg_sq"] {
+            let key = format!("optimizer/{state}/{name}");
+            assert_eq!(got.get(&key).map(|t| &t.shape), Some(&w.shape), "{key}");
+        }
+    }
+    assert_eq!(
+        got.len(),
+        3 * want.len(),
+        "params and two moments (f32: no master copy)"
+    );
+    eprintln!("merge vs single process: worst absolute weight difference {worst:.2e}");
 }
