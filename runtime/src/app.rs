@@ -663,10 +663,10 @@ fn prepare(
         }
     };
     if let Some(dir) = &opts.checkpoint_dir {
-        std::fs::create_dir_all(dir).map_err(|source| {
+        std::fs::create_dir_all(dir).map_err(|error| {
             AppError::Resume(CkptError::Io {
                 path: dir.clone(),
-                source,
+                error,
             })
         })?;
     }

@@ -260,8 +260,10 @@ pub struct TensorInfo {
 /// What can go wrong with a checkpoint; each names the file.
 #[derive(Debug, Error)]
 pub enum CkptError {
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
+    /// (The I/O error is in the message, not a `source`, so that chained
+    /// printers do not repeat it.)
+    #[error("{}: {error}", path.display())]
+    Io { path: PathBuf, error: io::Error },
     #[error("{}: {msg}", path.display())]
     Format { path: PathBuf, msg: String },
     #[error("{}: checksum mismatch in {what} (CRC-32 {got:08x}, the index says {want:08x}): the file is corrupt", path.display())]
@@ -302,9 +304,9 @@ pub enum CkptError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CkptError + '_ {
-    move |source| CkptError::Io {
+    move |error| CkptError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -330,7 +332,8 @@ pub fn rank_file(rank: usize) -> String {
     format!("rank-{rank}.safetensors")
 }
 
-fn rank_index_file(rank: usize) -> String {
+/// The index file of global rank `rank`.
+pub fn rank_index_file(rank: usize) -> String {
     format!("rank-{rank}.json")
 }
 
@@ -450,6 +453,7 @@ pub fn complete(dir: &Path, mut manifest: Manifest, world: usize) -> Result<Path
     let partial = partial_dir(dir, step);
     let mut files = Vec::new();
     let mut coverage: BTreeMap<(String, State), u64> = BTreeMap::new();
+    let mut regions: BTreeMap<(String, State), Vec<Region>> = BTreeMap::new();
     let mut tensors: BTreeMap<String, TensorInfo> = BTreeMap::new();
     for rank in 0..world {
         let index_path = partial.join(rank_index_file(rank));
@@ -476,6 +480,10 @@ pub fn complete(dir: &Path, mut manifest: Manifest, world: usize) -> Result<Path
         });
         for e in &index.entries {
             *coverage.entry((e.tensor.clone(), e.state)).or_default() += e.region.numel();
+            regions
+                .entry((e.tensor.clone(), e.state))
+                .or_default()
+                .push(e.region.clone());
             let info = tensors
                 .entry(e.tensor.clone())
                 .or_insert_with(|| TensorInfo {
@@ -499,6 +507,17 @@ pub fn complete(dir: &Path, mut manifest: Manifest, world: usize) -> Result<Path
                 info.states.push(e.state);
                 info.states.sort();
             }
+        }
+    }
+    for ((tensor, state), rs) in &regions {
+        if let Some((a, b)) = overlap(&rs.iter().collect::<Vec<_>>()) {
+            return Err(format_err(
+                &partial,
+                format!(
+                    "two pieces of {tensor}'s {} state overlap ({a} and {b})",
+                    state.name()
+                ),
+            ));
         }
     }
     for ((tensor, state), n) in &coverage {
@@ -526,6 +545,18 @@ pub fn complete(dir: &Path, mut manifest: Manifest, world: usize) -> Result<Path
     fs::rename(&partial, &done).map_err(io_err(&done))?;
     sync_dir(dir);
     Ok(done)
+}
+
+/// The first two regions of `regions` that overlap, if any.
+fn overlap(regions: &[&Region]) -> Option<(Region, Region)> {
+    for (i, a) in regions.iter().enumerate() {
+        for b in &regions[i + 1..] {
+            if a.intersect(b).is_some() {
+                return Some(((*a).clone(), (*b).clone()));
+            }
+        }
+    }
+    None
 }
 
 /// Removes a checkpoint folder: renamed to `.deleting` first (so it stops
@@ -733,13 +764,20 @@ fn check_complete(path: &Path) -> Result<(), CkptError> {
             why: "no such folder".into(),
         });
     }
-    if path
+    let name = path
         .file_name()
-        .is_some_and(|n| n.to_string_lossy().ends_with(PARTIAL))
-    {
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if name.ends_with(PARTIAL) {
         return Err(CkptError::Incomplete {
             path: path.to_path_buf(),
             why: "its save was interrupted".into(),
+        });
+    }
+    if name.ends_with(DELETING) {
+        return Err(CkptError::Incomplete {
+            path: path.to_path_buf(),
+            why: "it is being deleted (--keep)".into(),
         });
     }
     if !path.join(MARKER).is_file() {
@@ -821,7 +859,7 @@ struct Loc {
 pub struct Checkpoint {
     pub path: PathBuf,
     pub manifest: Manifest,
-    files: Vec<PathBuf>,
+    files: Vec<(PathBuf, File)>,
     pieces: HashMap<(String, State), Vec<Loc>>,
 }
 
@@ -830,22 +868,29 @@ impl Checkpoint {
     /// every safetensors header; checks every file's size.
     pub fn open(path: &Path) -> Result<Self, CkptError> {
         let manifest = read_manifest(path)?;
-        let sizes: HashMap<&str, u64> = manifest
-            .files
-            .iter()
-            .map(|f| (f.file.as_str(), f.bytes))
-            .collect();
+        let sums: HashMap<&str, &FileSum> =
+            manifest.files.iter().map(|f| (f.file.as_str(), f)).collect();
         let mut files = Vec::new();
         let mut pieces: HashMap<(String, State), Vec<Loc>> = HashMap::new();
         for rank in 0..manifest.world_size {
-            let index_path = path.join(rank_index_file(rank));
+            let index_name = rank_index_file(rank);
+            let index_path = path.join(&index_name);
+            let json = fs::read(&index_path).map_err(io_err(&index_path))?;
+            if let Some(sum) = sums.get(index_name.as_str()) {
+                let got = crc32fast::hash(&json);
+                if got != sum.crc32 {
+                    return Err(CkptError::Checksum {
+                        path: index_path,
+                        what: "the index".into(),
+                        want: sum.crc32,
+                        got,
+                    });
+                }
+            }
             let index = read_index(&index_path)?;
             let data = path.join(&index.file);
             let got = fs::metadata(&data).map_err(io_err(&data))?.len();
-            let want = sizes
-                .get(index.file.as_str())
-                .copied()
-                .unwrap_or(index.bytes);
+            let want = sums.get(index.file.as_str()).map_or(index.bytes, |f| f.bytes);
             if got != want {
                 return Err(CkptError::Size {
                     path: data,
@@ -855,7 +900,8 @@ impl Checkpoint {
             }
             let offsets = header_offsets(&data)?;
             let file = files.len();
-            files.push(data.clone());
+            let handle = File::open(&data).map_err(io_err(&data))?;
+            files.push((data.clone(), handle));
             for e in index.entries {
                 let Some(&(start, len)) = offsets.get(&e.key) else {
                     return Err(format_err(&data, format!("has no piece {}", e.key)));
@@ -877,12 +923,44 @@ impl Checkpoint {
                 });
             }
         }
+        for ((tensor, state), locs) in &pieces {
+            let rs: Vec<&Region> = locs.iter().map(|l| &l.region).collect();
+            if let Some((a, b)) = overlap(&rs) {
+                return Err(format_err(
+                    path,
+                    format!(
+                        "two pieces of {tensor}'s {} state overlap ({a} and {b})",
+                        state.name()
+                    ),
+                ));
+            }
+            let shape = manifest.tensors.get(tensor).map(|t| &t.shape);
+            let n: u64 = rs.iter().map(|r| r.numel()).sum();
+            let want = shape.map(|s| s.iter().product::<u64>());
+            if want != Some(n) || !rs.iter().all(|r| shape.is_some_and(|s| r.fits(s))) {
+                return Err(format_err(
+                    path,
+                    format!(
+                        "the pieces of {tensor}'s {} state cover {n} elements, the manifest's shape {shape:?}",
+                        state.name()
+                    ),
+                ));
+            }
+        }
         Ok(Self {
             path: path.to_path_buf(),
             manifest,
             files,
             pieces,
         })
+    }
+
+    /// The dtype of `state` of `tensor`, if it was saved.
+    pub fn dtype(&self, tensor: &str, state: State) -> Option<Dtype> {
+        self.pieces
+            .get(&(tensor.to_string(), state))
+            .and_then(|l| l.first())
+            .map(|l| l.dtype)
     }
 
     /// The global shape of `tensor`, or an error naming it.
@@ -957,7 +1035,7 @@ impl Checkpoint {
             let Some(part) = loc.region.intersect(region) else {
                 continue;
             };
-            let path = &self.files[loc.file];
+            let (path, f) = &self.files[loc.file];
             if loc.dtype != dtype {
                 return Err(format_err(
                     path,
@@ -965,7 +1043,6 @@ impl Checkpoint {
                 ));
             }
             let mut buf = vec![0u8; loc.len as usize];
-            let f = File::open(path).map_err(io_err(path))?;
             f.read_exact_at(&mut buf, loc.start).map_err(io_err(path))?;
             let got = crc32fast::hash(&buf);
             if got != loc.crc32 {

@@ -232,6 +232,8 @@ fn only_marked_folders_load_and_keep_removes_the_oldest() {
     assert!(err.to_string().contains("elements"), "{err}");
     // A removal cut short after its rename leaves nothing that loads.
     fs::rename(step_dir(dir, 2), dir.join("step_2.deleting")).expect("rename");
+    let err = resolve(&Resume::Path(dir.join("step_2.deleting")), None).expect_err("deleting");
+    assert!(err.to_string().contains("being deleted"), "{err}");
     assert_eq!(prune(dir, 1).expect("prune"), vec![4]);
     let left: Vec<(u64, Status)> = list(dir)
         .expect("list")
@@ -252,4 +254,21 @@ fn only_marked_folders_load_and_keep_removes_the_oldest() {
     assert_eq!("auto".parse(), Ok(Resume::Auto));
     assert_eq!("12".parse(), Ok(Resume::Step(12)));
     assert_eq!("ck/step_3".parse(), Ok(Resume::Path("ck/step_3".into())));
+}
+
+#[test]
+fn overlapping_pieces_are_refused_even_when_the_counts_add_up() {
+    let tmp = tempfile::tempdir().expect("temp");
+    let dir = tmp.path();
+    let partial = begin(dir, 1).expect("begin");
+    let rows = |from: u64, n: u64| Region {
+        offset: vec![from, 0],
+        shape: vec![n, 4],
+    };
+    // Rows 0..3 twice (a shard-offset bug) and never rows 3..6: 24 elements.
+    write_rank(&partial, 0, &[piece("w", State::Param, &SHAPE, rows(0, 3))]).expect("rank 0");
+    write_rank(&partial, 1, &[piece("w", State::Param, &SHAPE, rows(0, 3))]).expect("rank 1");
+    let err = complete(dir, manifest(1, 2), 2).expect_err("overlap");
+    assert!(err.to_string().contains("overlap"), "{err}");
+    assert!(!step_dir(dir, 1).exists());
 }
