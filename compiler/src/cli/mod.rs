@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+mod ckpt;
 mod run;
 
 use crate::cost::load_cluster;
@@ -39,6 +40,9 @@ enum Command {
     /// Run a compiled plan: `mpirun -np N autopart run OUT [--steps N] [--data FILE] ...`
     /// (the flags after OUT go to the plan binary; `autopart run OUT --help` lists them).
     Run(RunArgs),
+    /// Inspect or merge checkpoints: `autopart ckpt inspect PATH`, `autopart ckpt merge
+    /// DIR/step_N --out FILE.safetensors`.
+    Ckpt(ckpt::CkptArgs),
 }
 
 #[derive(Debug, Args)]
@@ -462,6 +466,7 @@ pub fn main() -> ExitCode {
         Command::Compile(args) => compile(args),
         Command::Validate(args) => validate(args),
         Command::Run(args) => run::run(&args.out, &args.args),
+        Command::Ckpt(args) => ckpt::ckpt(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
