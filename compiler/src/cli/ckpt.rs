@@ -5,7 +5,7 @@
 //! `merge` streams a checkpoint's tensors, whole, into one safetensors file
 //! (one tensor in memory at a time), written atomically.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use autopart_vocab::ckpt::{
     self, Checkpoint, CkptError, DataPosition, Dtype, Listed, MARKER, Manifest, PlanIdentity,
-    RankIndex, Region, Resume, State, Status,
+    Region, Resume, State, Status,
 };
 use autopart_vocab::fs::write_atomic_with;
 use clap::{Args, Subcommand};
@@ -588,12 +588,11 @@ fn print_step(path: &Path, m: &Manifest, verify: Option<&Result<(), String>>) {
     }
 }
 
-/// `--verify`: every file's size and CRC-32 against the manifest, and the
-/// pieces of every tensor's state covering it exactly once.
+/// `--verify`: every file's size and CRC-32 against the manifest (opening
+/// checks that the pieces of every tensor's state cover it exactly once).
 fn verify_all(path: &Path) -> Result<()> {
     let c = ck(Checkpoint::open(path))?;
-    ck(c.verify())?;
-    check_coverage(&c, &read_indexes(&c)?)
+    ck(c.verify())
 }
 
 // ----- merge ----------------------------------------------------------------
@@ -623,90 +622,7 @@ fn open_step(path: &Path) -> Result<Checkpoint> {
     ck(Checkpoint::open(path))
 }
 
-/// Every rank's index (`rank-R.json`), with its path.
-fn read_indexes(ck: &Checkpoint) -> Result<Vec<(PathBuf, RankIndex)>> {
-    (0..ck.manifest.world_size)
-        .map(|rank| {
-            let path = ck.path.join(format!("rank-{rank}.json"));
-            let bytes = fs::read(&path).with_context(|| format!("{}", path.display()))?;
-            let index = serde_json::from_slice(&bytes)
-                .with_context(|| format!("{}: bad index", path.display()))?;
-            Ok((path, index))
-        })
-        .collect()
-}
-
-/// The dtype of every saved state (the manifest records only the
-/// parameter's).
-fn state_dtypes(indexes: &[(PathBuf, RankIndex)]) -> HashMap<(String, State), Dtype> {
-    indexes
-        .iter()
-        .flat_map(|(_, index)| &index.entries)
-        .map(|e| ((e.tensor.clone(), e.state), e.dtype))
-        .collect()
-}
-
-/// Checks that the pieces of every tensor's state cover it exactly once:
-/// their sizes add up to the tensor's (as `ckpt::complete` checks) and no
-/// two overlap (which it does not: overlapping pieces that leave a gap of
-/// the same size would otherwise merge with zeros in the gap).
-fn check_coverage(ck: &Checkpoint, indexes: &[(PathBuf, RankIndex)]) -> Result<()> {
-    let mut by_state: BTreeMap<(&str, State), Vec<(&Path, &Region)>> = BTreeMap::new();
-    for (path, index) in indexes {
-        for e in &index.entries {
-            by_state
-                .entry((e.tensor.as_str(), e.state))
-                .or_default()
-                .push((path.as_path(), &e.region));
-        }
-    }
-    for ((tensor, state), mut pieces) in by_state {
-        let Some(info) = ck.manifest.tensors.get(tensor) else {
-            bail!(
-                "{}: holds pieces of {tensor}, which the manifest does not list",
-                pieces[0].0.display()
-            );
-        };
-        let want: u64 = info.shape.iter().product();
-        let got: u64 = pieces.iter().map(|(_, r)| r.numel()).sum();
-        if got != want {
-            bail!(
-                "{}: the pieces of {tensor}'s {} state hold {got} elements, the tensor {want}",
-                ck.path.display(),
-                state.name()
-            );
-        }
-        // By offset: a piece meets only the later ones that start (on the
-        // first dim) before it ends.
-        pieces.sort_by(|a, b| a.1.offset.cmp(&b.1.offset));
-        for (i, &(pa, a)) in pieces.iter().enumerate() {
-            let end = a.offset.first().map(|o| o + a.shape[0]);
-            for &(pb, b) in &pieces[i + 1..] {
-                if end
-                    .zip(b.offset.first())
-                    .is_some_and(|(end, &b0)| b0 >= end)
-                {
-                    break;
-                }
-                if a.intersect(b).is_some() {
-                    bail!(
-                        "{}: the pieces of {tensor}'s {} state overlap ({a} in {}, {b} in {}), so some of its elements were saved twice and others not at all",
-                        ck.path.display(),
-                        state.name(),
-                        pa.display(),
-                        pb.display()
-                    );
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
 fn outputs(ck: &Checkpoint, with_optimizer: bool) -> Result<Vec<Output>> {
-    let indexes = read_indexes(ck)?;
-    check_coverage(ck, &indexes)?;
-    let dtypes = state_dtypes(&indexes);
     let m = &ck.manifest;
     let mut states = vec![(State::Param, "")];
     if with_optimizer {
@@ -729,11 +645,7 @@ fn outputs(ck: &Checkpoint, with_optimizer: bool) -> Result<Vec<Output>> {
                 }
                 continue;
             }
-            let dtype = match dtypes.get(&(tensor.clone(), state)) {
-                Some(d) => *d,
-                None if state == State::Param => info.dtype,
-                None => Dtype::F32,
-            };
+            let dtype = ck.dtype(tensor, state).unwrap_or(info.dtype);
             let numel: u64 = info.shape.iter().product();
             out.push(Output {
                 name: format!("{prefix}{tensor}"),

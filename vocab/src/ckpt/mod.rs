@@ -868,8 +868,11 @@ impl Checkpoint {
     /// every safetensors header; checks every file's size.
     pub fn open(path: &Path) -> Result<Self, CkptError> {
         let manifest = read_manifest(path)?;
-        let sums: HashMap<&str, &FileSum> =
-            manifest.files.iter().map(|f| (f.file.as_str(), f)).collect();
+        let sums: HashMap<&str, &FileSum> = manifest
+            .files
+            .iter()
+            .map(|f| (f.file.as_str(), f))
+            .collect();
         let mut files = Vec::new();
         let mut pieces: HashMap<(String, State), Vec<Loc>> = HashMap::new();
         for rank in 0..manifest.world_size {
@@ -890,7 +893,9 @@ impl Checkpoint {
             let index = read_index(&index_path)?;
             let data = path.join(&index.file);
             let got = fs::metadata(&data).map_err(io_err(&data))?.len();
-            let want = sums.get(index.file.as_str()).map_or(index.bytes, |f| f.bytes);
+            let want = sums
+                .get(index.file.as_str())
+                .map_or(index.bytes, |f| f.bytes);
             if got != want {
                 return Err(CkptError::Size {
                     path: data,

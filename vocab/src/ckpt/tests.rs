@@ -271,4 +271,18 @@ fn overlapping_pieces_are_refused_even_when_the_counts_add_up() {
     let err = complete(dir, manifest(1, 2), 2).expect_err("overlap");
     assert!(err.to_string().contains("overlap"), "{err}");
     assert!(!step_dir(dir, 1).exists());
+    // Marked by hand anyway: opening refuses it too.
+    let mut m = manifest(1, 2);
+    m.tensors.insert(
+        "w".into(),
+        TensorInfo {
+            shape: SHAPE.to_vec(),
+            dtype: Dtype::F32,
+            states: vec![State::Param],
+        },
+    );
+    fs::write(partial.join(MARKER), serde_json::to_vec(&m).expect("json")).expect("marker");
+    fs::rename(&partial, step_dir(dir, 1)).expect("rename");
+    let err = Checkpoint::open(&step_dir(dir, 1)).expect_err("overlap");
+    assert!(err.to_string().contains("overlap"), "{err}");
 }
