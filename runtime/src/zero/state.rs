@@ -142,17 +142,17 @@ impl DpOptimizer {
                     let regions = flat_range_regions(&shard.shape, a as u64, (a + n) as u64);
                     for (state, t) in states {
                         let dtype = dtype_of(t.kind())?;
-                        let bytes = bytes_of(&t)?;
-                        let mut at = 0usize;
+                        // One copy per region, straight out of the tensor.
+                        let mut at = 0i64;
                         for r in &regions {
-                            let len = r.numel() as usize * dtype.size();
+                            let len = r.numel() as i64;
                             pieces.push(Piece {
                                 tensor: p.spec.name.clone(),
                                 state,
                                 global_shape: to_u64(&p.spec.shape),
                                 region: r.shifted(&shard.offset),
                                 dtype,
-                                data: bytes[at..at + len].to_vec(),
+                                data: bytes_of(&t.f_narrow(0, at, len)?)?,
                             });
                             at += len;
                         }
