@@ -454,6 +454,9 @@ pub enum AppError {
     Resume(#[from] CkptError),
     #[error("resume: {0}")]
     ResumeMismatch(String),
+    /// A checkpoint that one rank could not read (not alike on every rank).
+    #[error("resume: {0}")]
+    Restore(CkptError),
     #[error(transparent)]
     Save(#[from] SaveError),
     #[error("--save-params: {}: {source}", path.display())]
@@ -670,11 +673,9 @@ fn prepare(
             })
         })?;
     }
-    let metrics = match (&opts.metrics, launcher.rank.unwrap_or(0)) {
-        (Some(path), 0) => Some(match &resume {
-            Some(r) => MetricsLog::resume(path, r.manifest.step)?,
-            None => MetricsLog::create(path)?,
-        }),
+    // A resumed run's metrics file is opened once the state is loaded.
+    let metrics = match (&opts.metrics, launcher.rank.unwrap_or(0), &resume) {
+        (Some(path), 0, None) => Some(MetricsLog::create(path)?),
         _ => None,
     };
     Ok(Some(Prepared {
@@ -906,11 +907,37 @@ fn train(
         }
     }
     let mut start = 0;
+    // Every rank must have found the same checkpoint (a shared filesystem).
+    let mine = resume.as_ref().map_or(-1.0, |r| r.manifest.step as f64);
+    let seen = comms.world.all_gather(&Tensor::from_slice(&[mine]), 0)?;
+    let seen = Vec::<f64>::try_from(&seen).map_err(ExecError::from)?;
+    if seen.iter().any(|&x| x != mine) {
+        return Err(AppError::ResumeMismatch(format!(
+            "the ranks found different checkpoints to resume from (steps by rank, -1 for none: {seen:?}): --checkpoint-dir must be on a filesystem every rank sees alike"
+        )));
+    }
     if let Some(r) = &resume {
         let t0 = Instant::now();
-        let ck = ckpt::Checkpoint::open(&r.path)?;
+        let ck = ckpt::Checkpoint::open(&r.path).map_err(AppError::Restore)?;
         opt.restore(stage.params_mut(), &ck)?;
-        comms.world.barrier()?;
+        // The checkpoint must not hold tensors this model lacks: each tensor
+        // is counted once (tp rank 0, dp rank 0 of its stage).
+        let mine = if comms.coord.tp == 0 && comms.coord.dp == 0 {
+            stage.params().len() as f64
+        } else {
+            0.0
+        };
+        let total = comms.world.all_reduce(&Tensor::from_slice(&[mine]))?;
+        let total = total.f_double_value(&[0]).map_err(ExecError::from)? as usize;
+        if total != ck.manifest.tensors.len() {
+            return Err(AppError::ResumeMismatch(format!(
+                "{}: it holds {} tensors of model {}, this model ({}) has {total}: it is another model's checkpoint",
+                r.path.display(),
+                ck.manifest.tensors.len(),
+                ck.manifest.model,
+                meta.model
+            )));
+        }
         start = r.manifest.step;
         if rank0 {
             let p = &r.manifest.plan;
@@ -928,6 +955,23 @@ fn train(
             ));
         }
     }
+    // The metrics file continues the resumed run's (opened only now that the
+    // state is loaded, so a failed resume leaves it as it was).
+    if rank0 && let (Some(path), Some(r)) = (&opts.metrics, &resume) {
+        metrics = Some(MetricsLog::resume(path, r.manifest.step)?);
+    }
+    // Later checkpoints in the folder belong to another timeline (a run
+    // that went further before this one resumed from an earlier step, or an
+    // older run): moved aside, so that --resume auto and --keep never mix
+    // them with this run's.
+    if let (true, Some(dir)) = (rank0, &opts.checkpoint_dir) {
+        for (step, to) in ckpt::supersede(dir, start)? {
+            say(&format!(
+                "checkpoint step_{step} is later than this run's start (step {start}): moved aside to {}",
+                to.display()
+            ));
+        }
+    }
     let mut saver = opts.checkpoint_dir.as_ref().map(|dir| {
         Saver::new(
             SaveOptions {
@@ -941,6 +985,7 @@ fn train(
         )
     });
     let stop = opts.exit_at_step.map_or(opts.steps, |e| e.min(opts.steps));
+    let kill_at = crate::checkpoint::fault_hook(crate::checkpoint::FAULT_STEP_ENV);
     if start >= stop && rank0 {
         say(&format!(
             "the checkpoint is at step {start}: nothing to train (--steps {}{})",
@@ -970,6 +1015,9 @@ fn train(
         let step_s = t0.elapsed().as_secs_f64();
         step_times.push(step_s);
         let done = step + 1;
+        if kill_at == Some((comms.world.rank(), done)) {
+            crate::checkpoint::kill_self();
+        }
         let mut saved = SaveReport::default();
         if let Some(saver) = saver.as_mut() {
             saved = saver.poll(&comms.world)?;
@@ -987,6 +1035,13 @@ fn train(
                 let r = saver.save(&comms.world, done, pieces, m, copied)?;
                 saved.blocked_s += r.blocked_s;
                 saved.saved.extend(r.saved);
+                if done == stop {
+                    // The run ends here: wait for the last save, so that its
+                    // record says it is complete.
+                    let r = saver.finish(&comms.world)?;
+                    saved.blocked_s += r.blocked_s;
+                    saved.saved.extend(r.saved);
+                }
             }
         }
         let peak = metrics::peak_over_world(baseline, &comms.world)?;

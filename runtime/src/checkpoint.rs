@@ -114,13 +114,31 @@ pub struct Saver {
 
 /// The testing hook: `AUTOPART_FAULT_KILL_IN_SAVE=RANK:STEP`.
 pub const FAULT_ENV: &str = "AUTOPART_FAULT_KILL_IN_SAVE";
+/// The testing hook `AUTOPART_FAULT_KILL_AT_STEP=RANK:STEP`: that rank kills
+/// itself with SIGKILL right after training step STEP (before its save).
+pub const FAULT_STEP_ENV: &str = "AUTOPART_FAULT_KILL_AT_STEP";
+/// The attempt number `autopart launch` gives each attempt (0 first).
+pub const RESTART_COUNT_ENV: &str = "AUTOPART_RESTART_COUNT";
+
+/// A fault-injection hook `VAR=RANK:STEP`, armed only in the first attempt
+/// of a job (`AUTOPART_RESTART_COUNT` unset or 0), so that a job restarted
+/// by `autopart launch` runs clean.
+pub fn fault_hook(var: &str) -> Option<(usize, u64)> {
+    let attempt = std::env::var(RESTART_COUNT_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    if attempt > 0 {
+        return None;
+    }
+    let v = std::env::var(var).ok()?;
+    let (r, s) = v.split_once(':')?;
+    Some((r.parse().ok()?, s.parse().ok()?))
+}
 
 impl Saver {
     pub fn new(opts: SaveOptions, rank: usize, world_size: usize) -> Self {
-        let fault = std::env::var(FAULT_ENV).ok().and_then(|v| {
-            let (r, s) = v.split_once(':')?;
-            Some((r.parse().ok()?, s.parse().ok()?))
-        });
+        let fault = fault_hook(FAULT_ENV);
         Self {
             opts,
             rank,
@@ -251,8 +269,11 @@ impl Saver {
         let done = if self.rank == 0 {
             ckpt::complete(&self.opts.dir, p.manifest, self.world_size).and_then(|path| {
                 let bytes = ckpt::read_manifest(&path)?.bytes();
-                if let Some(keep) = self.opts.keep {
-                    ckpt::prune(&self.opts.dir, keep)?;
+                // The save is complete: a failed clean-up is a warning.
+                if let Some(keep) = self.opts.keep
+                    && let Err(e) = ckpt::prune(&self.opts.dir, keep)
+                {
+                    eprintln!("warning: --keep {keep}: {e}");
                 }
                 Ok(bytes)
             })
@@ -321,8 +342,8 @@ fn sum(world: &dyn Communicator, x: f64) -> Result<usize, SaveError> {
     Ok(t.f_double_value(&[0])? as usize)
 }
 
-/// Ends this process with SIGKILL (the fault tests' crash in a save).
-fn kill_self() -> ! {
+/// Ends this process with SIGKILL (the fault tests' crashes).
+pub fn kill_self() -> ! {
     let pid = std::process::id().to_string();
     let _ = std::process::Command::new("kill")
         .args(["-KILL", &pid])

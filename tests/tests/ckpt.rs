@@ -208,7 +208,13 @@ fn resume_under_the_same_plan_is_exact() {
             "{f}"
         );
     }
-    // The resumed run wrote step 10 again, complete.
+    // The first run's step 10 (a later step than the resumed run's start)
+    // was moved aside, and the resumed run wrote its own, complete.
+    assert!(out.contains("moved aside"), "{out}");
+    let names = listing(&ck);
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert!(names[1].starts_with("step_10.superseded-"), "{names:?}");
+    assert_eq!([&names[0], &names[2]], ["step_10", "step_5"]);
     assert!(ck.join("step_10/COMPLETE").is_file());
 }
 
@@ -606,4 +612,109 @@ fn merge_of_a_sharded_checkpoint_is_the_single_process_model() {
         "params and two moments (f32: no master copy)"
     );
     eprintln!("merge vs single process: worst absolute weight difference {worst:.2e}");
+}
+
+#[test]
+fn launch_restarts_a_killed_job_from_its_checkpoint_until_it_finishes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let p = plan(dir.path(), "dp2", DP2_ZERO1);
+    let every = ["--steps", "8", "--checkpoint-every", "2"];
+    let (reference, params_ref) = (dir.path().join("ref.jsonl"), dir.path().join("pref"));
+    let mut args = every.to_vec();
+    let (ck_ref, pref) = (s(&dir.path().join("ck-ref")), s(&params_ref));
+    args.extend(["--checkpoint-dir", &ck_ref, "--save-params", &pref]);
+    train(&p, &reference, &args);
+
+    // Rank 1 dies with SIGKILL after step 5 in the first attempt; the
+    // restart resumes from step 4 (`--resume auto`) and finishes.
+    let (metrics, params) = (dir.path().join("launched.jsonl"), dir.path().join("p"));
+    let ck = s(&dir.path().join("ck"));
+    let mut job: Vec<String> = [
+        "launch",
+        "--max-restarts",
+        "2",
+        "--backoff",
+        "0",
+        "--",
+        "mpirun",
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+        "-np",
+        "2",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    job.push(s(&autopart_bin().expect("autopart")));
+    job.extend(["run".into(), s(&p.out)]);
+    for a in [
+        "--seed",
+        "7",
+        "--adam-eps",
+        "1e-6",
+        "--metrics",
+        &s(&metrics),
+        "--checkpoint-dir",
+        &ck,
+        "--resume",
+        "auto",
+        "--save-params",
+        &s(&params),
+    ]
+    .iter()
+    .chain(every.iter())
+    {
+        job.push(a.to_string());
+    }
+    let bin = autopart_bin().expect("autopart");
+    let out = launch_binary_env(
+        1,
+        &bin,
+        &job,
+        &[("AUTOPART_FAULT_KILL_AT_STEP", "1:5")],
+        TIMEOUT,
+    )
+    .expect("launch");
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains("attempt 1 failed") && t.contains("restarting"),
+        "{t}"
+    );
+    assert!(t.contains("attempt 2 succeeded"), "{t}");
+    assert!(t.contains("resumed from") && t.contains("step_4"), "{t}");
+    // One run's curve: steps 1-8 once each, equal to the uninterrupted run.
+    assert_eq!(loss_text(&metrics), loss_text(&reference));
+    for rank in 0..2 {
+        let f = format!("rank-{rank}.safetensors");
+        assert_eq!(
+            read_safetensors(&params.join(&f)).expect("launched"),
+            read_safetensors(&params_ref.join(&f)).expect("reference"),
+            "{f}"
+        );
+    }
+
+    // A job that always fails is given up after its restarts; a usage
+    // error (exit status 2) is not retried.
+    let fails = |cmd: &[&str]| {
+        let mut a = vec!["launch", "--max-restarts", "1", "--backoff", "0", "--"];
+        a.extend(cmd);
+        let a: Vec<String> = a.iter().map(ToString::to_string).collect();
+        let out = launch_binary_env(1, &bin, &a, &[], TIMEOUT).expect("launch");
+        assert!(!out.status.success());
+        text(&out)
+    };
+    let t = fails(&["sh", "-c", "exit 3"]);
+    assert!(
+        t.contains("attempt 2 of 2") && t.contains("failed 2 times"),
+        "{t}"
+    );
+    assert!(t.contains("exit status 3"), "{t}");
+    let t = fails(&["sh", "-c", "exit 2"]);
+    assert!(
+        !t.contains("attempt 2") && t.contains("not restarting"),
+        "{t}"
+    );
 }

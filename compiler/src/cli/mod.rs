@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 mod ckpt;
+mod launch;
 mod run;
 
 use crate::cost::load_cluster;
@@ -43,6 +44,9 @@ enum Command {
     /// Inspect or merge checkpoints: `autopart ckpt inspect PATH`, `autopart ckpt merge
     /// DIR/step_N --out FILE.safetensors`.
     Ckpt(ckpt::CkptArgs),
+    /// Run a job and restart it when it fails: `autopart launch --max-restarts 3 --
+    /// mpirun -np 8 autopart run OUT --checkpoint-dir ck --checkpoint-every 50 --resume auto`.
+    Launch(launch::LaunchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -467,6 +471,7 @@ pub fn main() -> ExitCode {
         Command::Validate(args) => validate(args),
         Command::Run(args) => run::run(&args.out, &args.args),
         Command::Ckpt(args) => ckpt::ckpt(args),
+        Command::Launch(args) => launch::launch(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

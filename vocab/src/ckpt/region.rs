@@ -38,14 +38,16 @@ impl Region {
 
     /// The common part of two regions of the same tensor, if any.
     pub fn intersect(&self, other: &Region) -> Option<Region> {
-        if self.offset.len() != other.offset.len() {
+        let n = self.offset.len();
+        if other.offset.len() != n || self.shape.len() != n || other.shape.len() != n {
             return None;
         }
         let mut offset = Vec::with_capacity(self.offset.len());
         let mut shape = Vec::with_capacity(self.offset.len());
         for d in 0..self.offset.len() {
             let lo = self.offset[d].max(other.offset[d]);
-            let hi = (self.offset[d] + self.shape[d]).min(other.offset[d] + other.shape[d]);
+            let hi = (self.offset[d].saturating_add(self.shape[d]))
+                .min(other.offset[d].saturating_add(other.shape[d]));
             if hi <= lo {
                 return None;
             }

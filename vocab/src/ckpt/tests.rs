@@ -250,6 +250,20 @@ fn only_marked_folders_load_and_keep_removes_the_oldest() {
     );
     // A new save of step 6 replaces the old one; the parse of --resume.
     save(dir, 6);
+    assert!(!dir.join("step_6.deleting").exists());
+    // A run restarting at step 5 moves the later ones aside.
+    let moved = supersede(dir, 5).expect("supersede");
+    assert_eq!(moved.iter().map(|m| m.0).collect::<Vec<_>>(), vec![6, 9]);
+    assert!(moved.iter().all(|(_, p)| p.is_dir()));
+    assert_eq!(
+        list(dir)
+            .expect("list")
+            .iter()
+            .map(|l| l.step)
+            .collect::<Vec<_>>(),
+        vec![8]
+    );
+    save(dir, 6);
     assert!(Checkpoint::open(&step_dir(dir, 6)).is_ok());
     assert_eq!("auto".parse(), Ok(Resume::Auto));
     assert_eq!("12".parse(), Ok(Resume::Step(12)));
@@ -285,4 +299,44 @@ fn overlapping_pieces_are_refused_even_when_the_counts_add_up() {
     fs::rename(&partial, step_dir(dir, 1)).expect("rename");
     let err = Checkpoint::open(&step_dir(dir, 1)).expect_err("overlap");
     assert!(err.to_string().contains("overlap"), "{err}");
+}
+
+#[test]
+fn hostile_indexes_are_errors_not_panics() {
+    let tmp = tempfile::tempdir().expect("temp");
+    let path = save(tmp.path(), 3);
+    let index = path.join(rank_index_file(1));
+    let good = fs::read_to_string(&index).expect("index");
+    for (from, to) in [
+        // A region with fewer dims than its offset.
+        (
+            "\"shape\": [\n          3,\n          4\n        ]",
+            "\"shape\": [\n          3\n        ]",
+        ),
+        // A region past the end of the tensor, by overflow.
+        (
+            "\"offset\": [\n          3,",
+            "\"offset\": [\n          18446744073709551615,",
+        ),
+        // Another rank's file.
+        (
+            "\"file\": \"rank-1.safetensors\"",
+            "\"file\": \"../../etc/passwd\"",
+        ),
+        ("\"rank\": 1", "\"rank\": 0"),
+    ] {
+        assert!(good.contains(from), "{from} not in\n{good}");
+        fs::write(&index, good.replace(from, to)).expect("write");
+        // The manifest's CRC of the index catches any edit at open; the
+        // index's own checks catch these without it.
+        assert!(matches!(
+            Checkpoint::open(&path),
+            Err(CkptError::Checksum { .. })
+        ));
+        match read_index(&index) {
+            Err(CkptError::Format { msg, .. }) => assert!(!msg.is_empty()),
+            Ok(i) => assert_ne!(i.rank, 1, "{from}: accepted"),
+            Err(e) => panic!("{from}: {e}"),
+        }
+    }
 }
