@@ -322,7 +322,12 @@ pub struct Options {
         value_parser = value_parser!(u64).range(1..),
         help_heading = "Checkpoints"
     )]
-    pub exit_at_step: Option<u64>,
+    pub exit_at_step: Option<u64>,    /// When a step's loss or gradient norm is not finite (NaN or Inf), skip
+    /// its update (counted in the metrics' skipped_steps) instead of
+    /// stopping the run. Either way no update and no checkpoint is made from
+    /// non-finite values.
+    #[arg(long)]
+    pub skip_nonfinite_steps: bool,
 }
 
 /// `--bucket-mb`'s default: [`DEFAULT_BUCKET_BYTES`] in MiB.
@@ -454,6 +459,16 @@ pub enum AppError {
     Resume(#[from] CkptError),
     #[error("resume: {0}")]
     ResumeMismatch(String),
+    #[error(
+        "step {step}: the loss is {loss} and the gradient norm {grad_norm}: not finite, so the run stops before the update; {}; pass --skip-nonfinite-steps to skip such steps instead",
+        match latest { Some(s) => format!("the latest complete checkpoint, step_{s}, holds finite state"), None => "no checkpoint was written from it".into() }
+    )]
+    NonFinite {
+        step: u64,
+        loss: f64,
+        grad_norm: f64,
+        latest: Option<u64>,
+    },
     /// A checkpoint that one rank could not read (not alike on every rank).
     #[error("resume: {0}")]
     Restore(CkptError),
@@ -486,6 +501,7 @@ impl AppError {
                 | AppError::Resume(_)
                 | AppError::ResumeMismatch(_)
                 | AppError::Save(SaveError::Failed { .. })
+                | AppError::NonFinite { .. }
         )
     }
 }
@@ -986,6 +1002,8 @@ fn train(
     });
     let stop = opts.exit_at_step.map_or(opts.steps, |e| e.min(opts.steps));
     let kill_at = crate::checkpoint::fault_hook(crate::checkpoint::FAULT_STEP_ENV);
+    let nan_at = crate::checkpoint::fault_hook(crate::checkpoint::FAULT_NAN_ENV);
+    let mut skipped = 0u64;
     if start >= stop && rank0 {
         say(&format!(
             "the checkpoint is at step {start}: nothing to train (--steps {}{})",
@@ -1011,7 +1029,46 @@ fn train(
                 (opts.seed as i64).wrapping_add(step as i64),
             )?,
         };
-        let (loss, stats) = program::train_step_with(stage.as_mut(), &plan, &g, &batch, &mut opt)?;
+        opt.gather_params(stage.params_mut(), g.dp)?;
+        let loss = program::forward_backward(stage.as_mut(), &plan, &g, &batch)?;
+        if nan_at == Some((comms.world.rank(), step + 1)) {
+            poison_a_gradient(stage.params_mut())?;
+        }
+        // The loss is the same on every rank, so all skip alike.
+        let stats = if loss.is_finite() {
+            opt.step(stage.params_mut(), &g)?
+        } else {
+            opt.skip(stage.params_mut())?
+        };
+        if stats.skipped {
+            if !opts.skip_nonfinite_steps {
+                // The pending save holds an earlier, finite state: finish it.
+                if let Some(saver) = saver.as_mut() {
+                    for s in saver.finish(&comms.world)?.saved {
+                        if rank0 {
+                            say(&saved_line(&s, &opts));
+                        }
+                    }
+                }
+                return Err(AppError::NonFinite {
+                    step: step + 1,
+                    loss,
+                    grad_norm: stats.grad_norm,
+                    latest: opts
+                        .checkpoint_dir
+                        .as_deref()
+                        .and_then(crate::checkpoint::latest_complete),
+                });
+            }
+            skipped += 1;
+            if rank0 {
+                say(&format!(
+                    "step {}: loss {loss}, gradient norm {}: not finite, update skipped ({skipped} so far)",
+                    step + 1,
+                    stats.grad_norm
+                ));
+            }
+        }
         let step_s = t0.elapsed().as_secs_f64();
         step_times.push(step_s);
         let done = step + 1;
@@ -1059,6 +1116,7 @@ fn train(
             rank_peaks_over_baseline_bytes: peak.ranks_over_baseline,
             checkpoint_block_s: saver.as_ref().map(|_| saved.blocked_s),
             checkpoint_saved: saved.saved.last().copied(),
+            skipped_steps: skipped,
         };
         if rank0 {
             say(&record.console_line());
@@ -1089,6 +1147,22 @@ fn train(
             &step_times,
             last_over,
         ));
+    }
+    Ok(())
+}
+
+/// The test hook of `AUTOPART_FAULT_NAN_AT_STEP`: a NaN in the first
+/// element of the first parameter's gradient.
+fn poison_a_gradient(params: &mut [Param]) -> Result<(), AppError> {
+    if let Some(p) = params.first() {
+        let g = p.tensor.grad();
+        if g.defined() && g.numel() > 0 {
+            tch::no_grad(|| -> Result<(), tch::TchError> {
+                let _ = g.f_view([-1])?.f_narrow(0, 0, 1)?.f_fill_(f64::NAN)?;
+                Ok(())
+            })
+            .map_err(ExecError::from)?;
+        }
     }
     Ok(())
 }
@@ -1212,6 +1286,7 @@ mod tests {
                 resume: None,
                 override_optim_settings: false,
                 exit_at_step: None,
+                skip_nonfinite_steps: false,
             }
         );
         assert_eq!(
@@ -1255,6 +1330,7 @@ mod tests {
                 resume: None,
                 override_optim_settings: false,
                 exit_at_step: None,
+                skip_nonfinite_steps: false,
             }
         );
         // The last of a repeated flag wins; clap's own entry point works too.
@@ -1298,6 +1374,7 @@ mod tests {
             "--resume <latest|auto|STEP|PATH>",
             "--override-optim-settings",
             "--exit-at-step <N>",
+            "--skip-nonfinite-steps",
             "--help",
         ] {
             assert!(text.contains(flag), "{flag} missing from:\n{text}");

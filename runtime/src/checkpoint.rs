@@ -117,6 +117,9 @@ pub const FAULT_ENV: &str = "AUTOPART_FAULT_KILL_IN_SAVE";
 /// The testing hook `AUTOPART_FAULT_KILL_AT_STEP=RANK:STEP`: that rank kills
 /// itself with SIGKILL right after training step STEP (before its save).
 pub const FAULT_STEP_ENV: &str = "AUTOPART_FAULT_KILL_AT_STEP";
+/// The testing hook `AUTOPART_FAULT_NAN_AT_STEP=RANK:STEP`: that rank puts a
+/// NaN into a gradient of step STEP, after backward and before the update.
+pub const FAULT_NAN_ENV: &str = "AUTOPART_FAULT_NAN_AT_STEP";
 /// The attempt number `autopart launch` gives each attempt (0 first).
 pub const RESTART_COUNT_ENV: &str = "AUTOPART_RESTART_COUNT";
 

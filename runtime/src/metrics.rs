@@ -51,6 +51,9 @@ pub struct StepRecord {
     pub checkpoint_block_s: Option<f64>,
     /// The checkpoint that became complete at this step's boundary.
     pub checkpoint_saved: Option<crate::checkpoint::Saved>,
+    /// Steps of this run so far whose update was skipped (a non-finite loss
+    /// or gradient norm under `--skip-nonfinite-steps`).
+    pub skipped_steps: u64,
 }
 
 impl StepRecord {
@@ -104,7 +107,7 @@ impl StepRecord {
             .checkpoint_block_s
             .map_or_else(|| "null".to_string(), num);
         format!(
-            "{{\"step\":{},\"loss\":{},\"grad_norm\":{},\"lr\":{},\"step_s\":{},\"tokens_per_s\":{},\"peak_rss_bytes\":{},\"rss_over_baseline_bytes\":{},\"rank_peaks_over_baseline_bytes\":[{}],\"checkpoint_block_s\":{block},\"checkpoint_saved\":{saved}}}",
+            "{{\"step\":{},\"loss\":{},\"grad_norm\":{},\"lr\":{},\"step_s\":{},\"tokens_per_s\":{},\"peak_rss_bytes\":{},\"rss_over_baseline_bytes\":{},\"rank_peaks_over_baseline_bytes\":[{}],\"checkpoint_block_s\":{block},\"checkpoint_saved\":{saved},\"skipped_steps\":{}}}",
             self.step,
             num(self.loss),
             num(self.grad_norm),
@@ -114,6 +117,7 @@ impl StepRecord {
             bytes(self.peak_rss_bytes),
             bytes(self.rss_over_baseline_bytes),
             ranks.join(","),
+            self.skipped_steps,
         )
     }
 }
@@ -303,6 +307,7 @@ mod tests {
             rank_peaks_over_baseline_bytes: vec![120 << 20, 100 << 20],
             checkpoint_block_s: None,
             checkpoint_saved: None,
+            skipped_steps: 0,
         }
     }
 
@@ -319,7 +324,7 @@ mod tests {
              \"tokens_per_s\":1250.2,\"peak_rss_bytes\":943718400,\
              \"rss_over_baseline_bytes\":125829120,\
              \"rank_peaks_over_baseline_bytes\":[125829120,104857600],\
-             \"checkpoint_block_s\":null,\"checkpoint_saved\":null}"
+             \"checkpoint_block_s\":null,\"checkpoint_saved\":null,\"skipped_steps\":0}"
         );
         let saving = StepRecord {
             checkpoint_block_s: Some(0.25),
@@ -332,7 +337,7 @@ mod tests {
             ..r.clone()
         };
         assert!(saving.json().ends_with(
-            "\"checkpoint_block_s\":0.25,\"checkpoint_saved\":{\"step\":3,\"bytes\":4096,\"seconds\":1.5,\"write_s\":0.5}}"
+            "\"checkpoint_block_s\":0.25,\"checkpoint_saved\":{\"step\":3,\"bytes\":4096,\"seconds\":1.5,\"write_s\":0.5},\"skipped_steps\":0}"
         ));
         let unknown = StepRecord {
             loss: f64::NAN,

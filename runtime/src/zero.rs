@@ -45,7 +45,7 @@
 use crate::comm::{Communicator, Groups};
 use crate::exec::Param;
 use crate::optim::{
-    self, AdamW, AdamWState, LrSchedule, NormShare, OptimError, clip_grad_norm_over,
+    self, AdamW, AdamWState, LrSchedule, NormShare, OptimError,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -161,6 +161,10 @@ pub struct StepStats {
     /// The global gradient norm before clipping (computed whether or not
     /// clipping is on).
     pub grad_norm: f64,
+    /// The update was not applied: the gradient norm (or the loss, see
+    /// [`DpOptimizer::skip`]) was not finite. Parameters and optimizer
+    /// state are as before the step.
+    pub skipped: bool,
 }
 
 /// AdamW over one rank's parameters with data-parallel gradient averaging
@@ -370,12 +374,35 @@ impl DpOptimizer {
     pub fn step(&mut self, params: &mut [Param], g: &Groups<'_>) -> Result<StepStats, OptimError> {
         let lr = self.cfg.lr.lr(self.state.steps);
         let grads = self.grads(params)?;
-        let grad_norm = match self.cfg.zero {
+        let (grad_norm, applied) = match self.cfg.zero {
             ZeroStage::Off => self.step_replicated(params, grads, g, lr)?,
             ZeroStage::One | ZeroStage::Two | ZeroStage::Three => {
                 self.step_sharded(params, grads, g, lr)?
             }
         };
+        self.clear(params)?;
+        Ok(StepStats {
+            lr,
+            grad_norm,
+            skipped: !applied,
+        })
+    }
+
+    /// Ends a step without an update (a non-finite loss): clears the
+    /// gradients (under ZeRO-3, releases the parameters); parameters and
+    /// optimizer state stay as they were. Not collective.
+    pub fn skip(&mut self, params: &mut [Param]) -> Result<StepStats, OptimError> {
+        self.check_len(params)?;
+        let lr = self.cfg.lr.lr(self.state.steps);
+        self.clear(params)?;
+        Ok(StepStats {
+            lr,
+            grad_norm: f64::NAN,
+            skipped: true,
+        })
+    }
+
+    fn clear(&self, params: &mut [Param]) -> Result<(), OptimError> {
         if self.cfg.zero == ZeroStage::Three {
             self.release_params(params)?;
         } else {
@@ -383,7 +410,7 @@ impl DpOptimizer {
                 p.zero_grad();
             }
         }
-        Ok(StepStats { lr, grad_norm })
+        Ok(())
     }
 
     fn step_replicated(
@@ -392,7 +419,7 @@ impl DpOptimizer {
         grads: Vec<Vec<Tensor>>,
         g: &Groups<'_>,
         lr: f64,
-    ) -> Result<f64, OptimError> {
+    ) -> Result<(f64, bool), OptimError> {
         if self.dp_size > 1 {
             for (b, gs) in self.buckets.iter().zip(&grads) {
                 let sum = g.dp.all_reduce(&b.flatten(gs)?)?;
@@ -409,21 +436,22 @@ impl DpOptimizer {
         }
         let (mut grads, shares): (Vec<Tensor>, Vec<NormShare>) =
             by_param.into_iter().flatten().unzip();
-        let norm = match self.cfg.max_norm {
-            Some(max) => clip_grad_norm_over(&mut grads, &shares, max, &[g.tp, g.pp])?,
-            None => {
-                let mut local = 0.0;
-                for (gr, share) in grads.iter().zip(&shares) {
-                    if *share == NormShare::Counted {
-                        local += optim::sum_of_squares(gr)?;
-                    }
-                }
-                optim::sum_over(local, &[g.tp, g.pp])?.sqrt()
+        let mut local = 0.0;
+        for (gr, share) in grads.iter().zip(&shares) {
+            if *share == NormShare::Counted {
+                local += optim::sum_of_squares(gr)?;
             }
-        };
+        }
+        let norm = optim::sum_over(local, &[g.tp, g.pp])?.sqrt();
+        if !norm.is_finite() {
+            return Ok((norm, false));
+        }
+        if let Some(max) = self.cfg.max_norm {
+            optim::scale_to_norm(&mut grads, norm, max)?;
+        }
         let mut tensors: Vec<Tensor> = params.iter().map(|p| p.tensor.shallow_clone()).collect();
         self.state.step(&self.cfg.adamw, &mut tensors, &grads, lr)?;
-        Ok(norm)
+        Ok((norm, true))
     }
 
     fn step_sharded(
@@ -432,7 +460,7 @@ impl DpOptimizer {
         grads: Vec<Vec<Tensor>>,
         g: &Groups<'_>,
         lr: f64,
-    ) -> Result<f64, OptimError> {
+    ) -> Result<(f64, bool), OptimError> {
         let mut shards = Vec::with_capacity(self.buckets.len());
         for (b, gs) in self.buckets.iter().zip(&grads) {
             let flat = b.flatten(gs)?;
@@ -453,6 +481,9 @@ impl DpOptimizer {
             }
         }
         let norm = optim::sum_over(local, &[g.dp, g.tp, g.pp])?.sqrt();
+        if !norm.is_finite() {
+            return Ok((norm, false));
+        }
         if let Some(max) = self.cfg.max_norm {
             optim::scale_to_norm(&mut shards, norm, max)?;
         }
@@ -473,7 +504,7 @@ impl DpOptimizer {
                 b.unflatten_into(&full, &targets)?;
             }
         }
-        Ok(norm)
+        Ok((norm, true))
     }
 }
 
@@ -580,6 +611,52 @@ mod tests {
             ..OptimConfig::new(AdamW::default(), lr)
         };
         assert!(DpOptimizer::new(bad, &mut params(&shapes), &g).is_err());
+    }
+
+    #[test]
+    fn a_non_finite_gradient_skips_the_update_under_every_stage() {
+        let solo = MeshComms::solo();
+        let g = Groups::of(&solo);
+        let lr = LrSchedule {
+            peak_lr: 0.1,
+            warmup_steps: 0,
+            total_steps: 2,
+            min_lr: 0.1,
+        };
+        for zero in [ZeroStage::Off, ZeroStage::One, ZeroStage::Three] {
+            for clip in [None, Some(1.0)] {
+                let mut ps = params(&[&[5, 3], &[7]]);
+                let before: Vec<Tensor> = ps.iter().map(|p| p.tensor.detach().copy()).collect();
+                let cfg = OptimConfig {
+                    zero,
+                    max_norm: clip,
+                    ..OptimConfig::new(AdamW::default(), lr)
+                };
+                let mut opt = DpOptimizer::new(cfg, &mut ps, &g).expect("optimizer");
+                opt.gather_params(&mut ps, g.dp).expect("gather");
+                for p in &ps {
+                    p.tensor.square().sum(Kind::Float).backward();
+                }
+                tch::no_grad(|| {
+                    let _ = ps[1].tensor.grad().view([-1]).narrow(0, 2, 1).fill_(f64::NAN);
+                });
+                let stats = opt.step(&mut ps, &g).expect("step");
+                assert!(stats.skipped && stats.grad_norm.is_nan(), "{zero:?} {clip:?}");
+                assert_eq!(opt.steps(), 0, "no AdamW step counted");
+                opt.gather_params(&mut ps, g.dp).expect("gather");
+                for (p, b) in ps.iter().zip(&before) {
+                    assert!(p.tensor.detach().equal(b), "{zero:?} {clip:?}: changed");
+                }
+                // A finite step afterwards trains.
+                for p in &ps {
+                    p.tensor.square().sum(Kind::Float).backward();
+                }
+                let stats = opt.step(&mut ps, &g).expect("step");
+                assert!(!stats.skipped && opt.steps() == 1);
+                let skipped = opt.skip(&mut ps).expect("skip");
+                assert!(skipped.skipped && opt.steps() == 1);
+            }
+        }
     }
 
     #[test]

@@ -718,3 +718,51 @@ fn launch_restarts_a_killed_job_from_its_checkpoint_until_it_finishes() {
         "{t}"
     );
 }
+
+#[test]
+fn a_nan_gradient_stops_the_run_or_is_skipped_and_no_checkpoint_holds_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let p = plan(dir.path(), "dp2", DP2_ZERO1);
+    let nan = [("AUTOPART_FAULT_NAN_AT_STEP", "1:3")];
+    let ck = dir.path().join("ck");
+    let args = ["--steps", "6", "--checkpoint-every", "2", "--checkpoint-dir"];
+    let mut a = args.to_vec();
+    let ck_s = s(&ck);
+    a.push(&ck_s);
+    let out = run(&p, &dir.path().join("stop.jsonl"), &a, &nan);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(!t.contains("panicked"), "{t}");
+    assert!(t.contains("step 3") && t.contains("not finite"), "{t}");
+    assert!(t.contains("step_2, holds finite state"), "{t}");
+    assert!(t.contains("--skip-nonfinite-steps"), "{t}");
+    assert_eq!(listing(&ck), vec!["step_2"], "nothing saved after the NaN");
+    // The clean checkpoint resumes.
+    let (m, _) = train(&p, &dir.path().join("again.jsonl"), &["--steps", "6", "--resume", &s(&ck.join("step_2"))]);
+    assert!(m.iter().all(|m| m.loss.is_finite() && m.grad_norm.is_finite()));
+
+    // --skip-nonfinite-steps: step 3's update is skipped and counted.
+    let ck2 = dir.path().join("ck2");
+    let mut a = args.to_vec();
+    let ck2_s = s(&ck2);
+    a.extend([ck2_s.as_str(), "--skip-nonfinite-steps"]);
+    let metrics = dir.path().join("skip.jsonl");
+    let out = run(&p, &metrics, &a, &nan);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("update skipped (1 so far)"), "{t}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
+        .expect("metrics")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let skipped: Vec<u64> = lines.iter().map(|l| l["skipped_steps"].as_u64().expect("count")).collect();
+    assert_eq!(skipped, vec![0, 0, 1, 1, 1, 1]);
+    assert!(lines[2]["grad_norm"].is_null(), "{}", lines[2]);
+    assert!(lines.iter().all(|l| l["loss"].as_f64().is_some_and(f64::is_finite)));
+    let merged = dir.path().join("merged.safetensors");
+    autopart(&["ckpt", "merge", &s(&ck2.join("step_6")), "--out", &s(&merged), "--with-optimizer"])
+        .expect("merge");
+    let weights = read_safetensors(&merged).expect("merged");
+    assert!(weights.values().all(|t| t.values.iter().all(|v| v.is_finite())));
+}
