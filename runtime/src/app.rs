@@ -322,7 +322,8 @@ pub struct Options {
         value_parser = value_parser!(u64).range(1..),
         help_heading = "Checkpoints"
     )]
-    pub exit_at_step: Option<u64>,    /// When a step's loss or gradient norm is not finite (NaN or Inf), skip
+    pub exit_at_step: Option<u64>,
+    /// When a step's loss or gradient norm is not finite (NaN or Inf), skip
     /// its update (counted in the metrics' skipped_steps) instead of
     /// stopping the run. Either way no update and no checkpoint is made from
     /// non-finite values.

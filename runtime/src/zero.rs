@@ -44,9 +44,7 @@
 
 use crate::comm::{Communicator, Groups};
 use crate::exec::Param;
-use crate::optim::{
-    self, AdamW, AdamWState, LrSchedule, NormShare, OptimError,
-};
+use crate::optim::{self, AdamW, AdamWState, LrSchedule, NormShare, OptimError};
 use tch::{Device, Kind, Tensor};
 
 mod state;
@@ -638,10 +636,18 @@ mod tests {
                     p.tensor.square().sum(Kind::Float).backward();
                 }
                 tch::no_grad(|| {
-                    let _ = ps[1].tensor.grad().view([-1]).narrow(0, 2, 1).fill_(f64::NAN);
+                    let _ = ps[1]
+                        .tensor
+                        .grad()
+                        .view([-1])
+                        .narrow(0, 2, 1)
+                        .fill_(f64::NAN);
                 });
                 let stats = opt.step(&mut ps, &g).expect("step");
-                assert!(stats.skipped && stats.grad_norm.is_nan(), "{zero:?} {clip:?}");
+                assert!(
+                    stats.skipped && stats.grad_norm.is_nan(),
+                    "{zero:?} {clip:?}"
+                );
                 assert_eq!(opt.steps(), 0, "no AdamW step counted");
                 opt.gather_params(&mut ps, g.dp).expect("gather");
                 for (p, b) in ps.iter().zip(&before) {

@@ -725,7 +725,13 @@ fn a_nan_gradient_stops_the_run_or_is_skipped_and_no_checkpoint_holds_it() {
     let p = plan(dir.path(), "dp2", DP2_ZERO1);
     let nan = [("AUTOPART_FAULT_NAN_AT_STEP", "1:3")];
     let ck = dir.path().join("ck");
-    let args = ["--steps", "6", "--checkpoint-every", "2", "--checkpoint-dir"];
+    let args = [
+        "--steps",
+        "6",
+        "--checkpoint-every",
+        "2",
+        "--checkpoint-dir",
+    ];
     let mut a = args.to_vec();
     let ck_s = s(&ck);
     a.push(&ck_s);
@@ -738,8 +744,15 @@ fn a_nan_gradient_stops_the_run_or_is_skipped_and_no_checkpoint_holds_it() {
     assert!(t.contains("--skip-nonfinite-steps"), "{t}");
     assert_eq!(listing(&ck), vec!["step_2"], "nothing saved after the NaN");
     // The clean checkpoint resumes.
-    let (m, _) = train(&p, &dir.path().join("again.jsonl"), &["--steps", "6", "--resume", &s(&ck.join("step_2"))]);
-    assert!(m.iter().all(|m| m.loss.is_finite() && m.grad_norm.is_finite()));
+    let (m, _) = train(
+        &p,
+        &dir.path().join("again.jsonl"),
+        &["--steps", "6", "--resume", &s(&ck.join("step_2"))],
+    );
+    assert!(
+        m.iter()
+            .all(|m| m.loss.is_finite() && m.grad_norm.is_finite())
+    );
 
     // --skip-nonfinite-steps: step 3's update is skipped and counted.
     let ck2 = dir.path().join("ck2");
@@ -756,13 +769,31 @@ fn a_nan_gradient_stops_the_run_or_is_skipped_and_no_checkpoint_holds_it() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("json"))
         .collect();
-    let skipped: Vec<u64> = lines.iter().map(|l| l["skipped_steps"].as_u64().expect("count")).collect();
+    let skipped: Vec<u64> = lines
+        .iter()
+        .map(|l| l["skipped_steps"].as_u64().expect("count"))
+        .collect();
     assert_eq!(skipped, vec![0, 0, 1, 1, 1, 1]);
     assert!(lines[2]["grad_norm"].is_null(), "{}", lines[2]);
-    assert!(lines.iter().all(|l| l["loss"].as_f64().is_some_and(f64::is_finite)));
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["loss"].as_f64().is_some_and(f64::is_finite))
+    );
     let merged = dir.path().join("merged.safetensors");
-    autopart(&["ckpt", "merge", &s(&ck2.join("step_6")), "--out", &s(&merged), "--with-optimizer"])
-        .expect("merge");
+    autopart(&[
+        "ckpt",
+        "merge",
+        &s(&ck2.join("step_6")),
+        "--out",
+        &s(&merged),
+        "--with-optimizer",
+    ])
+    .expect("merge");
     let weights = read_safetensors(&merged).expect("merged");
-    assert!(weights.values().all(|t| t.values.iter().all(|v| v.is_finite())));
+    assert!(
+        weights
+            .values()
+            .all(|t| t.values.iter().all(|v| v.is_finite()))
+    );
 }
