@@ -349,7 +349,7 @@ mod tests {
         assert!(unknown.json().contains("\"loss\":null"));
         assert!(unknown.json().ends_with(
             "\"rss_over_baseline_bytes\":null,\"rank_peaks_over_baseline_bytes\":[],\
-                 \"checkpoint_block_s\":null,\"checkpoint_saved\":null}"
+                 \"checkpoint_block_s\":null,\"checkpoint_saved\":null,\"skipped_steps\":0}"
         ));
         assert!(!unknown.console_line().contains("rss"));
     }
