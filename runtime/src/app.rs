@@ -329,6 +329,17 @@ pub struct Options {
     /// non-finite values.
     #[arg(long)]
     pub skip_nonfinite_steps: bool,
+    /// End the job when a collective or point-to-point transfer has not
+    /// completed after SECONDS (a rank stopped or hung), with a message
+    /// naming the rank, the operation and the step; 0 waits forever.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value = "600",
+        value_parser = non_negative,
+        allow_negative_numbers = true
+    )]
+    pub collective_timeout: f64,
 }
 
 /// `--bucket-mb`'s default: [`DEFAULT_BUCKET_BYTES`] in MiB.
@@ -885,6 +896,12 @@ fn train(
         notes,
     } = prepared;
     tch::set_num_threads(opts.threads);
+    if opts.collective_timeout > 0.0 {
+        crate::watchdog::start(
+            comms.world.rank(),
+            std::time::Duration::from_secs_f64(opts.collective_timeout),
+        );
+    }
     let g = Groups::of(comms);
     let rank0 = comms.world.rank() == 0;
     let mesh = comms.mesh;
@@ -1004,6 +1021,7 @@ fn train(
     let stop = opts.exit_at_step.map_or(opts.steps, |e| e.min(opts.steps));
     let kill_at = crate::checkpoint::fault_hook(crate::checkpoint::FAULT_STEP_ENV);
     let nan_at = crate::checkpoint::fault_hook(crate::checkpoint::FAULT_NAN_ENV);
+    let stop_at = crate::checkpoint::fault_hook(crate::checkpoint::FAULT_STOP_ENV);
     let mut skipped = 0u64;
     if start >= stop && rank0 {
         say(&format!(
@@ -1020,6 +1038,7 @@ fn train(
     let mut step_times = Vec::with_capacity(opts.steps as usize);
     let mut last_over = None;
     for step in start..stop {
+        crate::watchdog::set_step(step + 1);
         let t0 = Instant::now();
         let batch = match data.as_mut() {
             Some(d) => d.batch(step, batch_rows)?,
@@ -1075,6 +1094,9 @@ fn train(
         let done = step + 1;
         if kill_at == Some((comms.world.rank(), done)) {
             crate::checkpoint::kill_self();
+        }
+        if stop_at == Some((comms.world.rank(), done)) {
+            crate::checkpoint::stop_self();
         }
         let mut saved = SaveReport::default();
         if let Some(saver) = saver.as_mut() {
@@ -1288,6 +1310,7 @@ mod tests {
                 override_optim_settings: false,
                 exit_at_step: None,
                 skip_nonfinite_steps: false,
+                collective_timeout: 600.0,
             }
         );
         assert_eq!(
@@ -1332,6 +1355,7 @@ mod tests {
                 override_optim_settings: false,
                 exit_at_step: None,
                 skip_nonfinite_steps: false,
+                collective_timeout: 600.0,
             }
         );
         // The last of a repeated flag wins; clap's own entry point works too.
@@ -1376,6 +1400,7 @@ mod tests {
             "--override-optim-settings",
             "--exit-at-step <N>",
             "--skip-nonfinite-steps",
+            "--collective-timeout <SECONDS>",
             "--help",
         ] {
             assert!(text.contains(flag), "{flag} missing from:\n{text}");

@@ -120,6 +120,10 @@ pub const FAULT_STEP_ENV: &str = "AUTOPART_FAULT_KILL_AT_STEP";
 /// The testing hook `AUTOPART_FAULT_NAN_AT_STEP=RANK:STEP`: that rank puts a
 /// NaN into a gradient of step STEP, after backward and before the update.
 pub const FAULT_NAN_ENV: &str = "AUTOPART_FAULT_NAN_AT_STEP";
+/// The testing hook `AUTOPART_FAULT_STOP_AT_STEP=RANK:STEP`: that rank
+/// stops itself with SIGSTOP right after training step STEP (alive but
+/// silent: what the collective watchdog is for).
+pub const FAULT_STOP_ENV: &str = "AUTOPART_FAULT_STOP_AT_STEP";
 /// The attempt number `autopart launch` gives each attempt (0 first).
 pub const RESTART_COUNT_ENV: &str = "AUTOPART_RESTART_COUNT";
 
@@ -343,6 +347,15 @@ fn sum(world: &dyn Communicator, x: f64) -> Result<usize, SaveError> {
     }
     let t = world.all_reduce(&Tensor::from_slice(&[x]))?;
     Ok(t.f_double_value(&[0])? as usize)
+}
+
+/// Stops this process with SIGSTOP (the watchdog test's hung rank); it goes
+/// on if it gets SIGCONT.
+pub fn stop_self() {
+    let pid = std::process::id().to_string();
+    let _ = std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status();
 }
 
 /// Ends this process with SIGKILL (the fault tests' crashes).

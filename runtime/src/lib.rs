@@ -38,4 +38,5 @@ pub mod program;
 pub use autopart_vocab as vocab;
 /// Pipeline schedules, shared with the compiler (which draws them).
 pub use autopart_vocab::schedule;
+pub mod watchdog;
 pub mod zero;

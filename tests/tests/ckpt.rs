@@ -797,3 +797,85 @@ fn a_nan_gradient_stops_the_run_or_is_skipped_and_no_checkpoint_holds_it() {
             .all(|t| t.values.iter().all(|v| v.is_finite()))
     );
 }
+
+#[test]
+fn a_stopped_rank_is_caught_by_the_watchdog_and_the_job_restarts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let p = plan(dir.path(), "dp2", DP2_ZERO1);
+    let every = ["--steps", "6", "--checkpoint-every", "2"];
+    let reference = dir.path().join("ref.jsonl");
+    let mut args = every.to_vec();
+    let ck_ref = s(&dir.path().join("ck-ref"));
+    args.extend(["--checkpoint-dir", &ck_ref]);
+    train(&p, &reference, &args);
+
+    // Rank 1 stops (SIGSTOP) after step 3 in the first attempt: rank 0's
+    // watchdog ends the job after 3 s, and launch restarts it from step 2.
+    let metrics = dir.path().join("launched.jsonl");
+    let bin = autopart_bin().expect("autopart");
+    let mut job: Vec<String> = [
+        "launch",
+        "--max-restarts",
+        "1",
+        "--backoff",
+        "0",
+        "--",
+        "mpirun",
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+        "-np",
+        "2",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    job.extend([s(&bin), "run".into(), s(&p.out)]);
+    let ck = s(&dir.path().join("ck"));
+    for a in [
+        "--seed",
+        "7",
+        "--adam-eps",
+        "1e-6",
+        "--metrics",
+        &s(&metrics),
+        "--checkpoint-dir",
+        &ck,
+        "--resume",
+        "auto",
+        "--collective-timeout",
+        "3",
+    ]
+    .iter()
+    .chain(every.iter())
+    {
+        job.push(a.to_string());
+    }
+    let out = launch_binary_env(
+        1,
+        &bin,
+        &job,
+        &[("AUTOPART_FAULT_STOP_AT_STEP", "1:3")],
+        TIMEOUT,
+    )
+    .expect("launch");
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains("rank 0:") && t.contains("in step 3 has not completed within 3 s"),
+        "{t}"
+    );
+    let took: f64 = t
+        .split("attempt 1 failed after ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or_else(|| panic!("no first failure in:\n{t}"));
+    assert!(took < 60.0, "the first attempt took {took} s to end");
+    assert!(
+        t.contains("attempt 2 succeeded") && t.contains("step_2"),
+        "{t}"
+    );
+    assert_eq!(loss_text(&metrics), loss_text(&reference));
+}

@@ -97,6 +97,8 @@ pub struct MpiComm {
     comm: SimpleCommunicator,
     rank: usize,
     size: usize,
+    /// The group's name in watchdog messages (`world`, `tp`, `dp`, `pp`).
+    label: &'static str,
     /// MPI is finalised when the last communicator is dropped.
     universe: Arc<Universe>,
 }
@@ -141,6 +143,7 @@ impl MpiComm {
             comm,
             rank,
             size,
+            label: "world",
             universe,
         }
     }
@@ -148,7 +151,9 @@ impl MpiComm {
     /// Collective: a new communicator over the same ranks, with its own
     /// message space (so that its traffic never matches this one's).
     pub fn duplicate(&self) -> MpiComm {
-        Self::wrap(self.comm.duplicate(), Arc::clone(&self.universe))
+        let mut d = Self::wrap(self.comm.duplicate(), Arc::clone(&self.universe));
+        d.label = self.label;
+        d
     }
 
     /// Collective: ranks passing the same `color` form a new communicator,
@@ -175,7 +180,12 @@ impl MpiComm {
         };
         // The group's first world rank names it uniquely.
         let color = group[0] as u32;
-        let sub = self.split(color, pos as i32)?;
+        let mut sub = self.split(color, pos as i32)?;
+        sub.label = match axis {
+            Axis::Tp => "tp",
+            Axis::Dp => "dp",
+            Axis::Pp => "pp",
+        };
         tracing::debug!(
             world_rank = self.rank,
             ?axis,
@@ -235,6 +245,7 @@ impl Communicator for MpiComm {
     }
 
     fn all_reduce(&self, t: &Tensor) -> Result<Tensor, CommError> {
+        let _watch = crate::watchdog::enter("all_reduce", self.label, self.size);
         const OP: &str = "all_reduce";
         let t = self.cpu_contiguous(OP, t)?;
         let kind = t.kind();
@@ -253,6 +264,7 @@ impl Communicator for MpiComm {
     }
 
     fn all_gather(&self, t: &Tensor, dim: i64) -> Result<Tensor, CommError> {
+        let _watch = crate::watchdog::enter("all_gather", self.label, self.size);
         const OP: &str = "all_gather";
         let t = self.cpu_contiguous(OP, t)?;
         let shape = t.size();
@@ -271,6 +283,7 @@ impl Communicator for MpiComm {
     }
 
     fn reduce_scatter(&self, t: &Tensor, dim: i64) -> Result<Tensor, CommError> {
+        let _watch = crate::watchdog::enter("reduce_scatter", self.label, self.size);
         const OP: &str = "reduce_scatter";
         let t = self.cpu_contiguous(OP, t)?;
         let kind = t.kind();
@@ -290,6 +303,7 @@ impl Communicator for MpiComm {
     }
 
     fn all_to_all(&self, t: &Tensor, split_dim: i64, concat_dim: i64) -> Result<Tensor, CommError> {
+        let _watch = crate::watchdog::enter("all_to_all", self.label, self.size);
         const OP: &str = "all_to_all";
         let t = self.cpu_contiguous(OP, t)?;
         super::layout::normalize_dim(OP, concat_dim, t.dim())?;
@@ -305,6 +319,7 @@ impl Communicator for MpiComm {
     }
 
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor, CommError> {
+        let _watch = crate::watchdog::enter("broadcast", self.label, self.size);
         const OP: &str = "broadcast";
         self.check_root(root)?;
         let t = self.cpu_contiguous(OP, t)?;
@@ -323,6 +338,7 @@ impl Communicator for MpiComm {
     }
 
     fn send(&self, t: &Tensor, dst: usize) -> Result<(), CommError> {
+        let _watch = crate::watchdog::enter("send", self.label, self.size);
         const OP: &str = "send";
         check_peer(OP, dst, self.rank, self.size)?;
         let t = self.cpu_contiguous(OP, t)?;
@@ -335,6 +351,7 @@ impl Communicator for MpiComm {
     }
 
     fn recv(&self, shape: &[i64], kind: Kind, src: usize) -> Result<Tensor, CommError> {
+        let _watch = crate::watchdog::enter("recv", self.label, self.size);
         const OP: &str = "recv";
         check_peer(OP, src, self.rank, self.size)?;
         let mut out = Fresh::empty(shape, kind)?;
@@ -367,6 +384,7 @@ impl Communicator for MpiComm {
         kind: Kind,
         src: usize,
     ) -> Result<Tensor, CommError> {
+        let _watch = crate::watchdog::enter("send_recv", self.label, self.size);
         const OP: &str = "send_recv";
         check_peer(OP, dst, self.rank, self.size)?;
         check_peer(OP, src, self.rank, self.size)?;
@@ -407,6 +425,7 @@ impl Communicator for MpiComm {
     }
 
     fn barrier(&self) -> Result<(), CommError> {
+        let _watch = crate::watchdog::enter("barrier", self.label, self.size);
         self.comm.barrier();
         Ok(())
     }
