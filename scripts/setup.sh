@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything autopart needs on a fresh Debian machine, idempotently:
-#   - Debian packages: OpenMPI (runtime collectives), clang/libclang (rsmpi bindgen)
+#   - Debian packages: OpenMPI (runtime collectives), clang/libclang (rsmpi bindgen),
+#     Slurm (slurmctld, slurmd, slurm-client) and munge for the single-node Slurm of
+#     the tests (scripts/slurm.sh)
 #   - a project-local Python venv (.venv) with PyTorch 2.11.0 (libtorch for `tch`)
 #     and z3-solver (libz3 for the plan search)
 # Re-running it when everything is present takes about a second.
@@ -20,7 +22,7 @@ sudo_cmd=""
 
 need_pkgs=()
 pkgs=(python3-venv)
-[ $compiler_only -eq 0 ] && pkgs+=(libopenmpi-dev openmpi-bin libclang-dev clang)
+[ $compiler_only -eq 0 ] && pkgs+=(libopenmpi-dev openmpi-bin libclang-dev clang slurmctld slurmd slurm-client munge)
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done

@@ -6,6 +6,11 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh
 source scripts/env.sh
+# tests/tests/slurm.rs starts a single-node Slurm (scripts/slurm.sh); stop it
+# afterwards unless it was already running.
+if ! pgrep -x slurmctld >/dev/null 2>&1; then
+  trap 'bash scripts/slurm.sh stop >/dev/null 2>&1 || true' EXIT
+fi
 echo "[test] cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "[test] cargo clippy --workspace --all-targets -- -D warnings" >&2

@@ -457,6 +457,9 @@ pub enum AppError {
     },
     #[error("plan metadata: {0}")]
     Meta(String),
+    /// Started by a launcher MPI cannot use (srun without PMI).
+    #[error("{0}")]
+    Launch(String),
     #[error(transparent)]
     Data(#[from] DataError),
     #[error("metrics: {0}")]
@@ -497,7 +500,7 @@ impl AppError {
     /// The process's exit status for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            AppError::Usage(_) | AppError::World { .. } => 2,
+            AppError::Usage(_) | AppError::World { .. } | AppError::Launch(_) => 2,
             _ => 1,
         }
     }
@@ -508,6 +511,7 @@ impl AppError {
             self,
             AppError::Usage(_)
                 | AppError::World { .. }
+                | AppError::Launch(_)
                 | AppError::Meta(_)
                 | AppError::Data(_)
                 | AppError::Resume(_)
@@ -644,6 +648,9 @@ fn prepare(
         Command::Train(o) => *o,
     };
     meta.validate()?;
+    if let Some(hint) = launcher.missing_pmi("autopart run OUT") {
+        return Err(AppError::Launch(hint));
+    }
     if let Some(size) = launcher.size {
         check_world(meta, size)?;
     }

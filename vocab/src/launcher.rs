@@ -35,6 +35,17 @@ pub const LOCAL_RANK_VARS: &[&str] = &[
     "SLURM_LOCALID",
 ];
 
+/// Variables a process-management interface sets (Open MPI's own launch,
+/// PMI-1/2 of Hydra and `srun --mpi=pmi2`, PMIx of `srun --mpi=pmix`):
+/// without one of them MPI cannot connect processes a launcher started.
+pub const PMI_VARS: &[&str] = &[
+    "OMPI_COMM_WORLD_SIZE",
+    "PMIX_RANK",
+    "PMIX_NAMESPACE",
+    "PMI_RANK",
+    "PMI_FD",
+];
+
 /// The launcher's view of this process; `None` where nothing said.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Launcher {
@@ -43,6 +54,8 @@ pub struct Launcher {
     pub size_var: Option<&'static str>,
     pub rank: Option<usize>,
     pub local_rank: Option<usize>,
+    /// Whether a PMI variable ([`PMI_VARS`]) is set.
+    pub pmi: bool,
 }
 
 impl Launcher {
@@ -59,7 +72,25 @@ impl Launcher {
             size_var: size.map(|(n, _)| n),
             rank: first(RANK_VARS).map(|(_, v)| v),
             local_rank: first(LOCAL_RANK_VARS).map(|(_, v)| v),
+            pmi: PMI_VARS.iter().any(|&n| var(n).is_some()),
         }
+    }
+
+    /// When Slurm started several processes without PMI (`srun` with
+    /// `MpiDefault=none`, or a batch script running the command itself),
+    /// MPI would start each as a world of one, or abort in `MPI_Init`: what
+    /// to do instead, for an error message. `command` is how the user runs
+    /// the job (`autopart run OUT`).
+    pub fn missing_pmi(&self, command: &str) -> Option<String> {
+        let n = self.size.filter(|&n| n > 1)?;
+        let var = self.size_var.filter(|v| v.starts_with("SLURM_"))?;
+        if self.pmi {
+            return None;
+        }
+        Some(format!(
+            "Slurm started {n} processes ({var}={n}) without PMI (no {}), so MPI cannot connect them: run `srun --mpi=pmix -n {n} {command}` (or set MpiDefault=pmix in slurm.conf), or `mpirun -np {n} {command}` inside the allocation",
+            PMI_VARS.join(", ")
+        ))
     }
 
     /// Reads the process environment.
@@ -98,7 +129,8 @@ mod tests {
                 size: Some(4),
                 size_var: Some("OMPI_COMM_WORLD_SIZE"),
                 rank: Some(2),
-                local_rank: Some(0)
+                local_rank: Some(0),
+                pmi: true,
             }
         );
         let hydra = read(&[("PMI_SIZE", "8"), ("PMI_RANK", "7")]);
@@ -117,6 +149,18 @@ mod tests {
         // mpirun inside a Slurm allocation: Open MPI's own variables win.
         let nested = read(&[("SLURM_NTASKS", "16"), ("OMPI_COMM_WORLD_SIZE", "4")]);
         assert_eq!(nested.size, Some(4));
+        assert_eq!(srun.missing_pmi("autopart run out"), None);
+        // srun without --mpi=pmix: Slurm's variables and no PMI.
+        let bare = read(&[("SLURM_STEP_NUM_TASKS", "2"), ("SLURM_PROCID", "1")]);
+        let hint = bare.missing_pmi("autopart run out").expect("a hint");
+        assert!(
+            hint.contains("srun --mpi=pmix -n 2 autopart run out")
+                && hint.contains("SLURM_STEP_NUM_TASKS=2")
+                && hint.contains("MpiDefault=pmix"),
+            "{hint}"
+        );
+        assert_eq!(read(&[("SLURM_NTASKS", "1")]).missing_pmi("x"), None);
+        assert_eq!(hydra.missing_pmi("x"), None);
         let none = read(&[("SLURM_NTASKS", "x")]);
         assert!(!none.launched());
         assert_eq!(none, Launcher::default());

@@ -39,6 +39,11 @@ pub fn run(out: &Path, args: &[String]) -> Result<()> {
     let wanted = plan.runtime_gpus;
     let asks_help = args.iter().any(|a| a == "--help" || a == "-h");
     let launcher = Launcher::from_env();
+    if let Some(hint) = launcher.missing_pmi(&format!("autopart run {}", out.display()))
+        && !asks_help
+    {
+        bail!("{hint}");
+    }
     match (launcher.size, launcher.size_var) {
         (Some(n), _) if n == wanted as usize || asks_help => {}
         (Some(n), var) => bail!(
