@@ -323,3 +323,49 @@ pub fn read_safetensors(path: &Path) -> Result<std::collections::BTreeMap<String
     }
     Ok(out)
 }
+
+/// The `"step":…,"loss":…,"grad_norm":…` text of each line of a metrics
+/// file, for bitwise comparisons of runs.
+pub fn loss_text(metrics: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(metrics)
+        .with_context(|| format!("reading {}", metrics.display()))?;
+    text.lines()
+        .map(|l| {
+            let at = l.find("\"loss\"").context("no loss")?;
+            let end = l.find(",\"lr\"").context("no lr")?;
+            Ok(l[..at].to_string() + &l[at..end])
+        })
+        .collect()
+}
+
+/// Starts the single-node test Slurm (`scripts/slurm.sh start`, idempotent)
+/// and returns its `SLURM_CONF`; `None` (saying so) when it cannot start and
+/// `AUTOPART_TEST_NO_SLURM` is set, an error otherwise.
+pub fn test_slurm() -> Result<Option<String>> {
+    let script = autopart_home().join("scripts/slurm.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("start")
+        .output()
+        .context("running scripts/slurm.sh")?;
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr).into_owned();
+        if std::env::var_os("AUTOPART_TEST_NO_SLURM").is_some() {
+            eprintln!("skipped: Slurm did not start ({why}) and AUTOPART_TEST_NO_SLURM is set");
+            return Ok(None);
+        }
+        bail!("scripts/slurm.sh start failed (root needed; AUTOPART_TEST_NO_SLURM=1 skips): {why}");
+    }
+    let env = Command::new("bash")
+        .arg(&script)
+        .arg("env")
+        .output()
+        .context("scripts/slurm.sh env")?;
+    let line = String::from_utf8_lossy(&env.stdout).into_owned();
+    Ok(Some(
+        line.trim()
+            .strip_prefix("export SLURM_CONF=")
+            .context("no SLURM_CONF line")?
+            .to_string(),
+    ))
+}

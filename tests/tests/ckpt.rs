@@ -126,17 +126,8 @@ fn train(p: &Plan, metrics: &Path, args: &[&str]) -> (Vec<StepMetrics>, String) 
     (read_metrics(metrics).expect("metrics"), t)
 }
 
-/// The `"loss":…,"grad_norm":…` text of each metrics line, for bitwise checks.
 fn loss_text(metrics: &Path) -> Vec<String> {
-    std::fs::read_to_string(metrics)
-        .expect("metrics")
-        .lines()
-        .map(|l| {
-            let at = l.find("\"loss\"").expect("loss");
-            let end = l.find(",\"lr\"").expect("lr");
-            l[..at].to_string() + &l[at..end]
-        })
-        .collect()
+    autopart_tests::loss_text(metrics).expect("metrics")
 }
 
 fn s(p: &Path) -> String {

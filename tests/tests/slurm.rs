@@ -14,43 +14,15 @@
 //! (saying so) where it cannot run.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
-use autopart_tests::{autopart_bin, autopart_home, compile, launch_binary_env};
+use autopart_tests::{autopart_bin, compile, launch_binary_env, test_slurm};
 
 const DP2: &[&str] = &["--plan-ngpus", "2", "--tp", "1", "--dp", "2", "--zero", "1"];
 
-/// `SLURM_CONF` of the running test Slurm, or `None` when skipped.
 fn slurm() -> Option<String> {
-    let script = autopart_home().join("scripts/slurm.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg("start")
-        .output()
-        .expect("running scripts/slurm.sh");
-    if !out.status.success() {
-        let why = String::from_utf8_lossy(&out.stderr).into_owned();
-        if std::env::var_os("AUTOPART_TEST_NO_SLURM").is_some() {
-            eprintln!("skipped: Slurm did not start ({why}) and AUTOPART_TEST_NO_SLURM is set");
-            return None;
-        }
-        panic!(
-            "scripts/slurm.sh start failed (root needed; AUTOPART_TEST_NO_SLURM=1 skips): {why}"
-        );
-    }
-    let env = Command::new("bash")
-        .arg(&script)
-        .arg("env")
-        .output()
-        .expect("slurm env");
-    let line = String::from_utf8_lossy(&env.stdout).into_owned();
-    Some(
-        line.trim()
-            .strip_prefix("export SLURM_CONF=")
-            .expect("SLURM_CONF line")
-            .to_string(),
-    )
+    test_slurm().expect("the test Slurm")
 }
 
 fn s(p: &Path) -> String {
@@ -76,17 +48,8 @@ fn slurm_cmd(conf: &str, cmd: &str, args: &[String], env: &[(&str, &str)]) -> Ou
     launch_binary_env(1, &sh, &all, &envs, Duration::from_secs(300)).expect("slurm command")
 }
 
-/// The `"loss":…,"grad_norm":…` text of each metrics line.
 fn loss_text(metrics: &Path) -> Vec<String> {
-    std::fs::read_to_string(metrics)
-        .expect("metrics")
-        .lines()
-        .map(|l| {
-            let at = l.find("\"loss\"").expect("loss");
-            let end = l.find(",\"lr\"").expect("lr");
-            l[..at].to_string() + &l[at..end]
-        })
-        .collect()
+    autopart_tests::loss_text(metrics).expect("metrics")
 }
 
 fn run_args(out: &Path, metrics: &Path, extra: &[&str]) -> Vec<String> {
