@@ -369,3 +369,64 @@ pub fn test_slurm() -> Result<Option<String>> {
             .to_string(),
     ))
 }
+
+/// The llama-mini plans the checkpoint and fault tests compile (the same
+/// flags as `e2e.rs`'s, so that their binaries are shared).
+pub mod plans {
+    pub const SINGLE: &[&str] = &["--plan-ngpus", "1"];
+    pub const DP2_ZERO1: &[&str] = &["--plan-ngpus", "2", "--tp", "1", "--dp", "2", "--zero", "1"];
+    pub const DP2_ZERO3: &[&str] = &["--plan-ngpus", "2", "--tp", "1", "--dp", "2", "--zero", "3"];
+    pub const TP2: &[&str] = &[
+        "--plan-ngpus",
+        "2",
+        "--tp",
+        "2",
+        "--pp",
+        "1",
+        "--sp",
+        "true",
+    ];
+}
+
+/// `mpirun` with the flags every test run uses and `-np np`.
+pub fn mpirun_prefix(np: usize) -> Vec<String> {
+    [
+        "mpirun",
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+        "-np",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .chain([np.to_string()])
+    .collect()
+}
+
+/// The arguments of `autopart launch --max-restarts N --backoff 0 --
+/// LAUNCHER... autopart run OUT FLAGS...` (for [`launch_binary_env`] with
+/// one process and the `autopart` binary).
+pub fn launch_job(
+    max_restarts: u32,
+    launcher: &[String],
+    out: &Path,
+    flags: &[String],
+) -> Result<Vec<String>> {
+    let mut job: Vec<String> = vec![
+        "launch".into(),
+        "--max-restarts".into(),
+        max_restarts.to_string(),
+        "--backoff".into(),
+        "0".into(),
+        "--".into(),
+    ];
+    job.extend(launcher.iter().cloned());
+    job.extend([
+        autopart_bin()?.display().to_string(),
+        "run".into(),
+        out.display().to_string(),
+    ]);
+    job.extend(flags.iter().cloned());
+    Ok(job)
+}

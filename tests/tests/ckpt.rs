@@ -26,27 +26,15 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
+use autopart_tests::plans::{DP2_ZERO1, DP2_ZERO3, SINGLE, TP2};
 use autopart_tests::{
-    StepMetrics, autopart, autopart_bin, compile, compile_model, launch_binary_env, read_metrics,
-    read_safetensors,
+    StepMetrics, autopart, autopart_bin, compile, compile_model, launch_binary_env, launch_job,
+    mpirun_prefix, read_metrics, read_safetensors,
 };
 
 const RTOL: f64 = 1e-5;
 const TIMEOUT: Duration = Duration::from_secs(300);
 
-const SINGLE: &[&str] = &["--plan-ngpus", "1"];
-const DP2_ZERO1: &[&str] = &["--plan-ngpus", "2", "--tp", "1", "--dp", "2", "--zero", "1"];
-const DP2_ZERO3: &[&str] = &["--plan-ngpus", "2", "--tp", "1", "--dp", "2", "--zero", "3"];
-const TP2: &[&str] = &[
-    "--plan-ngpus",
-    "2",
-    "--tp",
-    "2",
-    "--pp",
-    "1",
-    "--sp",
-    "true",
-];
 const PP2_1F1B: &[&str] = &[
     "--plan-ngpus",
     "2",
@@ -620,26 +608,8 @@ fn launch_restarts_a_killed_job_from_its_checkpoint_until_it_finishes() {
     // restart resumes from step 4 (`--resume auto`) and finishes.
     let (metrics, params) = (dir.path().join("launched.jsonl"), dir.path().join("p"));
     let ck = s(&dir.path().join("ck"));
-    let mut job: Vec<String> = [
-        "launch",
-        "--max-restarts",
-        "2",
-        "--backoff",
-        "0",
-        "--",
-        "mpirun",
-        "--allow-run-as-root",
-        "--oversubscribe",
-        "--bind-to",
-        "none",
-        "-np",
-        "2",
-    ]
-    .iter()
-    .map(ToString::to_string)
-    .collect();
-    job.push(s(&autopart_bin().expect("autopart")));
-    job.extend(["run".into(), s(&p.out)]);
+    let mut flags: Vec<String> = Vec::new();
+    let restarts: u32 = 2;
     for a in [
         "--seed",
         "7",
@@ -657,8 +627,9 @@ fn launch_restarts_a_killed_job_from_its_checkpoint_until_it_finishes() {
     .iter()
     .chain(every.iter())
     {
-        job.push(a.to_string());
+        flags.push(a.to_string());
     }
+    let job = launch_job(restarts, &mpirun_prefix(2), &p.out, &flags).expect("job");
     let bin = autopart_bin().expect("autopart");
     let out = launch_binary_env(
         1,
@@ -804,25 +775,8 @@ fn a_stopped_rank_is_caught_by_the_watchdog_and_the_job_restarts() {
     // watchdog ends the job after 3 s, and launch restarts it from step 2.
     let metrics = dir.path().join("launched.jsonl");
     let bin = autopart_bin().expect("autopart");
-    let mut job: Vec<String> = [
-        "launch",
-        "--max-restarts",
-        "1",
-        "--backoff",
-        "0",
-        "--",
-        "mpirun",
-        "--allow-run-as-root",
-        "--oversubscribe",
-        "--bind-to",
-        "none",
-        "-np",
-        "2",
-    ]
-    .iter()
-    .map(ToString::to_string)
-    .collect();
-    job.extend([s(&bin), "run".into(), s(&p.out)]);
+    let mut flags: Vec<String> = Vec::new();
+    let restarts: u32 = 1;
     let ck = s(&dir.path().join("ck"));
     for a in [
         "--seed",
@@ -841,8 +795,9 @@ fn a_stopped_rank_is_caught_by_the_watchdog_and_the_job_restarts() {
     .iter()
     .chain(every.iter())
     {
-        job.push(a.to_string());
+        flags.push(a.to_string());
     }
+    let job = launch_job(restarts, &mpirun_prefix(2), &p.out, &flags).expect("job");
     let out = launch_binary_env(
         1,
         &bin,

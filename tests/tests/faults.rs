@@ -13,11 +13,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use autopart_tests::plans::DP2_ZERO1;
 use autopart_tests::{
-    autopart_bin, compile, launch_binary_env, loss_text, read_safetensors, test_slurm,
+    autopart_bin, compile, launch_binary_env, launch_job, loss_text, mpirun_prefix,
+    read_safetensors, test_slurm,
 };
 
-const DP2: &[&str] = &["--plan-ngpus", "2", "--tp", "1", "--dp", "2", "--zero", "1"];
 const STEPS: u64 = 8;
 const TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -79,13 +80,7 @@ fn seed() -> u64 {
 /// OUT FLAGS` with `env`; must succeed after exactly one restart.
 fn launched(launcher: &[String], out: &Path, flags: &[String], env: &[(&str, &str)]) -> String {
     let bin = autopart_bin().expect("autopart");
-    let mut job: Vec<String> = ["launch", "--max-restarts", "2", "--backoff", "0", "--"]
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    job.extend(launcher.iter().cloned());
-    job.extend([s(&bin), "run".into(), s(out)]);
-    job.extend(flags.iter().cloned());
+    let job = launch_job(2, launcher, out, flags).expect("job");
     let o = launch_binary_env(1, &bin, &job, env, TIMEOUT).expect("launch");
     let t = format!(
         "{}\n{}",
@@ -100,26 +95,11 @@ fn launched(launcher: &[String], out: &Path, flags: &[String], env: &[(&str, &st
     t
 }
 
-fn mpirun() -> Vec<String> {
-    [
-        "mpirun",
-        "--allow-run-as-root",
-        "--oversubscribe",
-        "--bind-to",
-        "none",
-        "-np",
-        "2",
-    ]
-    .iter()
-    .map(ToString::to_string)
-    .collect()
-}
-
 #[test]
 fn random_kills_under_mpirun_and_a_kill_in_a_save_are_survived() {
     let dir = tempfile::tempdir().expect("temp dir");
     let out = dir.path().join("dp2");
-    compile(&out, DP2).expect("compile");
+    compile(&out, DP2_ZERO1).expect("compile");
     let (flags, reference, ref_params) = run_flags(dir.path(), "ref");
     let bin = autopart_bin().expect("autopart");
     let mut args = vec!["run".to_string(), s(&out)];
@@ -147,7 +127,7 @@ fn random_kills_under_mpirun_and_a_kill_in_a_save_are_survived() {
     for (i, (what, (var, value))) in trials.iter().enumerate() {
         eprintln!("{what}");
         let (flags, metrics, params) = run_flags(dir.path(), &format!("t{i}"));
-        let t = launched(&mpirun(), &out, &flags, &[(var, value)]);
+        let t = launched(&mpirun_prefix(2), &out, &flags, &[(var, value)]);
         assert_eq!(loss_text(&metrics).expect("metrics"), want, "{what}:\n{t}");
         assert_eq!(
             read_safetensors(&params.join("rank-1.safetensors")).expect("params"),
@@ -167,7 +147,7 @@ fn random_kills_under_srun_are_survived() {
     };
     let dir = tempfile::tempdir().expect("temp dir");
     let out = dir.path().join("dp2");
-    compile(&out, DP2).expect("compile");
+    compile(&out, DP2_ZERO1).expect("compile");
     let srun: Vec<String> = ["srun", "--mpi=pmix", "-K", "-n", "2"]
         .iter()
         .map(ToString::to_string)

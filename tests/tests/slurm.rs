@@ -17,9 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
+use autopart_tests::plans::DP2_ZERO1;
 use autopart_tests::{autopart_bin, compile, launch_binary_env, test_slurm};
-
-const DP2: &[&str] = &["--plan-ngpus", "2", "--tp", "1", "--dp", "2", "--zero", "1"];
 
 fn slurm() -> Option<String> {
     test_slurm().expect("the test Slurm")
@@ -85,7 +84,7 @@ fn srun_with_pmix_trains_and_plain_srun_says_to_add_it() {
     let Some(conf) = slurm() else { return };
     let dir = tempfile::tempdir().expect("temp dir");
     let out = dir.path().join("dp2");
-    compile(&out, DP2).expect("compile");
+    compile(&out, DP2_ZERO1).expect("compile");
     let reference = dir.path().join("mpirun.jsonl");
     mpirun(&out, &reference, &["--steps", "4"]);
 
@@ -114,7 +113,7 @@ fn an_sbatch_job_under_launch_survives_a_killed_rank() {
     let Some(conf) = slurm() else { return };
     let dir = tempfile::tempdir().expect("temp dir");
     let out = dir.path().join("dp2");
-    compile(&out, DP2).expect("compile");
+    compile(&out, DP2_ZERO1).expect("compile");
     let every = ["--steps", "6", "--checkpoint-every", "2"];
     let reference = dir.path().join("ref.jsonl");
     let ck_ref = s(&dir.path().join("ck-ref"));
