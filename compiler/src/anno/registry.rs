@@ -913,6 +913,8 @@ impl Formula {
         let mut p = FormulaParser {
             chars: src.chars().collect(),
             pos: 0,
+            depth: 0,
+            operators: 0,
         };
         let expr = p.sum()?;
         p.skip_ws();
@@ -995,9 +997,20 @@ impl Formula {
     }
 }
 
+/// How deep parentheses and signs may nest in a formula, and how many
+/// operators it may have: the parser, [`Formula::eval`] and the tree's drop
+/// recurse over the formula, so an unbounded one would overflow the stack
+/// (real formulas have a few of each).
+const MAX_FORMULA_DEPTH: usize = 64;
+const MAX_FORMULA_OPERATORS: usize = 1024;
+
 struct FormulaParser {
     chars: Vec<char>,
     pos: usize,
+    /// Parentheses and signs open around `pos`.
+    depth: usize,
+    /// Operators read so far.
+    operators: usize,
 }
 
 impl FormulaParser {
@@ -1024,6 +1037,28 @@ impl FormulaParser {
         }
     }
 
+    /// Counts one more operator (binary, or a sign) at `pos`.
+    fn operator(&mut self) -> Result<(), FormulaError> {
+        self.operators += 1;
+        if self.operators > MAX_FORMULA_OPERATORS {
+            return Err(self.error(&format!(
+                "a formula of at most {MAX_FORMULA_OPERATORS} operators"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Opens one more level of nesting (a parenthesis or a sign) at `pos`.
+    fn nest(&mut self) -> Result<(), FormulaError> {
+        self.depth += 1;
+        if self.depth > MAX_FORMULA_DEPTH {
+            return Err(self.error(&format!(
+                "parentheses and signs nested at most {MAX_FORMULA_DEPTH} deep"
+            )));
+        }
+        Ok(())
+    }
+
     fn sum(&mut self) -> Result<Expr, FormulaError> {
         let mut e = self.product()?;
         loop {
@@ -1032,6 +1067,7 @@ impl FormulaParser {
                 Some('-') => BinOp::Sub,
                 _ => return Ok(e),
             };
+            self.operator()?;
             self.pos += 1;
             e = Expr::Bin(op, Box::new(e), Box::new(self.product()?));
         }
@@ -1045,6 +1081,7 @@ impl FormulaParser {
                 Some('/') => BinOp::Div,
                 _ => return Ok(e),
             };
+            self.operator()?;
             self.pos += 1;
             e = Expr::Bin(op, Box::new(e), Box::new(self.unary()?));
         }
@@ -1052,8 +1089,12 @@ impl FormulaParser {
 
     fn unary(&mut self) -> Result<Expr, FormulaError> {
         if self.peek() == Some('-') {
+            self.operator()?;
+            self.nest()?;
             self.pos += 1;
-            return Ok(Expr::Neg(Box::new(self.unary()?)));
+            let e = Expr::Neg(Box::new(self.unary()?));
+            self.depth -= 1;
+            return Ok(e);
         }
         self.atom()
     }
@@ -1065,12 +1106,14 @@ impl FormulaParser {
         };
         let start = self.pos;
         if c == '(' {
+            self.nest()?;
             self.pos += 1;
             let e = self.sum()?;
             if self.peek() != Some(')') {
                 return Err(self.error("an operator (+ - * /) or ')'"));
             }
             self.pos += 1;
+            self.depth -= 1;
             return Ok(e);
         }
         if c.is_ascii_alphabetic() || c == '_' {

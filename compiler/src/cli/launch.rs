@@ -37,8 +37,9 @@ pub struct LaunchArgs {
 
 fn non_negative(v: &str) -> Result<f64, String> {
     match v.parse::<f64>() {
-        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
-        _ => Err("expected a number of seconds >= 0".into()),
+        // A wait `Duration` holds (under 2^64 s), as `sleep` needs.
+        Ok(x) if x >= 0.0 && Duration::try_from_secs_f64(x).is_ok() => Ok(x),
+        _ => Err("expected a number of seconds >= 0 (and below 2^64)".into()),
     }
 }
 
@@ -63,7 +64,8 @@ pub fn launch(args: &LaunchArgs) -> Result<()> {
         .command
         .split_first()
         .context("no command after `--`")?;
-    let attempts = args.max_restarts + 1;
+    // In u64: `--max-restarts 4294967295` is 2^32 attempts.
+    let attempts = u64::from(args.max_restarts) + 1;
     let mut last = None;
     for attempt in 0..attempts {
         log(&format!(

@@ -220,17 +220,8 @@ fn constraints(args: &CompileArgs) -> Result<Constraints> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading constraints file {}", path.display()))?;
-            ron::Options::default()
-                .from_str::<Constraints>(&text)
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "{}:{}:{}: {}",
-                        path.display(),
-                        e.span.start.line,
-                        e.span.start.col,
-                        e.code
-                    )
-                })?
+            Constraints::from_ron_str(&text, &path.display().to_string())
+                .map_err(anyhow::Error::msg)?
         }
         None => Constraints::default(),
     };

@@ -111,13 +111,19 @@ pub struct MemoryBreakdown {
 }
 
 impl MemoryBreakdown {
+    /// The sum, saturating (a plan read from a file may hold any figures;
+    /// the search's own saturate when they cannot fit).
     pub fn total_bytes(&self) -> u64 {
-        self.params_bytes
-            + self.grads_bytes
-            + self.optimizer_bytes
-            + self.activations_bytes
-            + self.transient_bytes
-            + self.allocator_bytes
+        [
+            self.params_bytes,
+            self.grads_bytes,
+            self.optimizer_bytes,
+            self.activations_bytes,
+            self.transient_bytes,
+            self.allocator_bytes,
+        ]
+        .into_iter()
+        .fold(0, u64::saturating_add)
     }
 }
 

@@ -62,6 +62,22 @@ pub struct Constraints {
     pub tied: Vec<TiedWeight>,
 }
 
+impl Constraints {
+    /// Parses a RON constraints file (`--constraints FILE`): the fields
+    /// above, each optional; `origin` names the file in errors, which give
+    /// `origin:line:col: what was expected`.
+    pub fn from_ron_str(text: &str, origin: &str) -> Result<Constraints, String> {
+        ron::Options::default()
+            .from_str::<Constraints>(text)
+            .map_err(|e| {
+                format!(
+                    "{origin}:{}:{}: {}",
+                    e.span.start.line, e.span.start.col, e.code
+                )
+            })
+    }
+}
+
 /// A parameter read by more than one op (GPT's embedding and head).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TiedWeight {
@@ -133,9 +149,26 @@ pub struct SearchResult {
     pub sharding_solves: u64,
 }
 
+/// The divisors of `n`, ascending (none for 0), in O(sqrt n).
 fn divisors(n: u64) -> Vec<u64> {
-    (1..=n).filter(|d| n % d == 0).collect()
+    let (mut low, mut high) = (Vec::new(), Vec::new());
+    let mut d = 1u64;
+    while d <= n / d {
+        if n % d == 0 {
+            low.push(d);
+            if d != n / d {
+                high.push(n / d);
+            }
+        }
+        d += 1;
+    }
+    low.extend(high.into_iter().rev());
+    low
 }
+
+/// The largest global batch the search plans for (sequences per step; the
+/// largest published runs take a few thousand).
+pub const MAX_GLOBAL_BATCH: u64 = 1 << 32;
 
 /// Attention head counts that tp must divide (query heads, kv heads).
 fn head_counts(model: &ModelConfig) -> (u64, u64) {
@@ -361,6 +394,12 @@ pub fn search(input: &SearchInput<'_>) -> Result<SearchResult, SearchError> {
             input.runtime_gpus
         )));
     }
+    if input.global_batch == 0 || input.global_batch > MAX_GLOBAL_BATCH {
+        return Err(SearchError::Constraint(format!(
+            "global batch {} is not between 1 and the {MAX_GLOBAL_BATCH} sequences autopart plans for",
+            input.global_batch
+        )));
+    }
     let replicas = u64::from(input.runtime_gpus / n);
     let n_layers = input.graph.n_layers();
     if let Some(tp) = c.tp {
@@ -384,10 +423,11 @@ pub fn search(input: &SearchInput<'_>) -> Result<SearchResult, SearchError> {
         }
     }
     if let (Some(tp), Some(pp), Some(dp)) = (c.tp, c.pp, c.dp) {
-        if tp * pp * dp != n {
+        // In u64: three u32 factors overflow u32.
+        let product = u64::from(tp) * u64::from(pp) * u64::from(dp);
+        if product != u64::from(n) {
             return Err(SearchError::Constraint(format!(
-                "tp={tp} x pp={pp} x dp={dp} = {} is not the {n} plan GPUs",
-                tp * pp * dp
+                "tp={tp} x pp={pp} x dp={dp} = {product} is not the {n} plan GPUs"
             )));
         }
     }

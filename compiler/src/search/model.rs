@@ -208,13 +208,17 @@ impl<'a> StageModel<'a> {
 
     /// Activations of the micro-batches in flight on stage `s`, each
     /// keeping `per_layer` bytes per layer.
+    ///
+    /// Activation sizes scale with the micro-batch, which a search may take
+    /// as large as the global batch: they saturate (and then do not fit)
+    /// rather than overflow.
     fn activations(&self, s: u32, k: u32, per_layer: u64) -> u64 {
-        let mut per_micro = u64::from(k) * per_layer;
+        let mut per_micro = u64::from(k).saturating_mul(per_layer);
         if self.is_first(s) {
-            per_micro += self.seg.pre.saved_none_bytes;
+            per_micro = per_micro.saturating_add(self.seg.pre.saved_none_bytes);
         }
         if self.is_last(s) {
-            per_micro += self.seg.post.saved_none_bytes;
+            per_micro = per_micro.saturating_add(self.seg.post.saved_none_bytes);
         }
         (per_micro as f64 * self.cfg.in_flight(s)).ceil() as u64
     }
@@ -222,10 +226,10 @@ impl<'a> StageModel<'a> {
     /// Backward's buffers: the gradient of the largest op output and of its
     /// input; fp32 logits and their gradient on the last stage.
     fn backward_transient(&self, s: u32) -> u64 {
-        let mut t = 2 * self.seg.layer.max_op_output_bytes;
+        let mut t = self.seg.layer.max_op_output_bytes.saturating_mul(2);
         if self.is_last(s) {
-            let logits = self.seg.post.max_op_output_bytes / self.dtype_bytes * 4;
-            t = t.max(2 * logits);
+            let logits = (self.seg.post.max_op_output_bytes / self.dtype_bytes).saturating_mul(4);
+            t = t.max(logits.saturating_mul(2));
         }
         t
     }
@@ -249,7 +253,7 @@ impl<'a> StageModel<'a> {
         };
         let mut transient = self.backward_transient(s);
         if r == Recompute::Full && k > 0 {
-            transient += l.saved_none_bytes;
+            transient = transient.saturating_add(l.saved_none_bytes);
         }
         if z.shards_parameters() {
             transient += 2 * l.params * w;
@@ -293,7 +297,7 @@ impl<'a> StageModel<'a> {
         if r == Recompute::Full && k > 0 {
             // Backward reruns one tape segment of a layer at a time, with
             // its autograd graph.
-            backward += l.max_recomputed_bytes;
+            backward = backward.saturating_add(l.max_recomputed_bytes);
         }
         // The optimizer step runs once the micro-batches' tapes are gone:
         // under ZeRO the reduce-scattered f32 gradient slices (4 B / dp per

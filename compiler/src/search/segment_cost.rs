@@ -49,19 +49,21 @@ pub struct OpSplitChoice {
     pub outputs: Vec<Layout>,
 }
 
+/// Seconds per picosecond. The parts are added as f64: each may have
+/// saturated (`sharding::Breakdown`).
 const PS: f64 = 1e-12;
 
 impl SegmentCost {
     pub fn fwd_s(&self) -> f64 {
-        (self.breakdown.fwd_compute + self.breakdown.fwd_comm) as f64 * PS
+        (self.breakdown.fwd_compute as f64 + self.breakdown.fwd_comm as f64) * PS
     }
 
     pub fn bwd_s(&self) -> f64 {
-        (self.breakdown.bwd_compute + self.breakdown.bwd_comm) as f64 * PS
+        (self.breakdown.bwd_compute as f64 + self.breakdown.bwd_comm as f64) * PS
     }
 
     pub fn comm_s(&self) -> f64 {
-        (self.breakdown.fwd_comm + self.breakdown.bwd_comm) as f64 * PS
+        (self.breakdown.fwd_comm as f64 + self.breakdown.bwd_comm as f64) * PS
     }
 
     /// Tensor-parallel weight-gradient all-reduces, once per step.
@@ -136,7 +138,7 @@ impl SegmentCost {
                 max_out = max_out.max(local(bytes_of(t), l));
             }
             if matches!(op.kind, OpKind::Rope | OpKind::Attention) {
-                attn_core_ps += ch.fwd_ps;
+                attn_core_ps = attn_core_ps.saturating_add(ch.fwd_ps);
             }
         }
         let kept = kept_bytes(graph, seg, cluster, assignment, &bytes_of, &local, tp);
@@ -335,7 +337,7 @@ fn kept_bytes(
                     if w >= 4 {
                         value(map, t, l);
                     } else {
-                        private(map, 1, b / w * 4);
+                        private(map, 1, (b / w).saturating_mul(4));
                     }
                     private(map, 0, b);
                 }
@@ -350,7 +352,7 @@ fn kept_bytes(
                 // f32 log-probabilities (or exponentials) of the local logits.
                 if let Some((t, l)) = input(0) {
                     let w = graph.tensor(t).dtype.size_bytes().max(1);
-                    private(map, 0, local(bytes_of(t), l) / w * 4);
+                    private(map, 0, (local(bytes_of(t), l) / w).saturating_mul(4));
                 }
             }
             OpKind::Attention => {
@@ -368,17 +370,20 @@ fn kept_bytes(
                 let scale = bytes_of(op.inputs[0]) / q.size_bytes().max(1) as f64;
                 // Row log-sum-exp (f32), and the probabilities where the
                 // kernel writes them out.
-                let mut bytes = (b * heads * l * 4) as f64 * scale;
+                // In f64: l·s overflows u64 at long sequences.
+                let rows = b as f64 * heads as f64 * l as f64;
+                let mut bytes = rows * 4.0 * scale;
                 if cluster.attention_kernel == AttentionKernel::Materialized {
-                    bytes += (b * heads * l * s * q.dtype.size_bytes()) as f64 * scale;
+                    bytes += rows * s as f64 * q.dtype.size_bytes() as f64 * scale;
                 }
                 private(map, 0, bytes as u64);
-                attention_private += bytes as u64;
+                attention_private = attention_private.saturating_add(bytes as u64);
             }
             _ => {}
         }
     }
-    let sum = |m: &BTreeMap<Buffer, u64>| m.values().sum::<u64>();
+    // Sizes scale with the micro-batch: sums saturate (and then do not fit).
+    let sum = |m: &BTreeMap<Buffer, u64>| m.values().fold(0u64, |a, &b| a.saturating_add(b));
     let mut all = tape.clone();
     for m in &saved {
         all.extend(m.iter().map(|(k, v)| (*k, *v)));
@@ -390,8 +395,7 @@ fn kept_bytes(
         .map(|m| {
             m.iter()
                 .filter(|(k, _)| !tape.contains_key(k))
-                .map(|(_, v)| v)
-                .sum::<u64>()
+                .fold(0u64, |a, (_, &v)| a.saturating_add(v))
         })
         .max()
         .unwrap_or(0);

@@ -45,6 +45,8 @@ use crate::ir::{Graph, OpId, OpKind, Role, TensorId};
 /// Picoseconds: the integer time unit of the sharding problem.
 pub type Ps = i64;
 
+/// `seconds` in picoseconds; a time beyond `Ps` (a cluster with absurdly
+/// slow figures) saturates, and so do the sums of times (`saturating_add`).
 fn ps(seconds: f64) -> Ps {
     (seconds * 1e12).round() as Ps
 }
@@ -72,8 +74,18 @@ pub struct Breakdown {
 }
 
 impl Breakdown {
+    /// The sum (saturating: a cluster's figures may make one part as long
+    /// as `Ps` holds).
     pub fn total(&self) -> Ps {
-        self.fwd_compute + self.bwd_compute + self.fwd_comm + self.bwd_comm + self.param_sync
+        [
+            self.fwd_compute,
+            self.bwd_compute,
+            self.fwd_comm,
+            self.bwd_comm,
+            self.param_sync,
+        ]
+        .into_iter()
+        .fold(0, Ps::saturating_add)
     }
 }
 
@@ -421,18 +433,22 @@ impl Segment {
         let mut b = Breakdown::default();
         for (o, &c) in assignment.iter().enumerate() {
             let ch = &self.ops[o].choices[c];
-            b.fwd_compute += ch.fwd_ps;
-            b.bwd_compute += ch.bwd_ps;
+            b.fwd_compute = b.fwd_compute.saturating_add(ch.fwd_ps);
+            b.bwd_compute = b.bwd_compute.saturating_add(ch.bwd_ps);
         }
         for t in &self.tensors {
             let fwd = self.forward_layout(t, assignment);
             if let Some(from) = fwd {
                 for &(o, j) in &t.consumers {
                     let to = self.ops[o].choices[assignment[o]].inputs[j];
-                    b.fwd_comm += self.conv(cluster, from, to, t.bytes);
+                    b.fwd_comm = b
+                        .fwd_comm
+                        .saturating_add(self.conv(cluster, from, to, t.bytes));
                 }
                 if let Some(l) = t.leaves_as {
-                    b.fwd_comm += self.conv(cluster, from, l, t.bytes);
+                    b.fwd_comm = b
+                        .fwd_comm
+                        .saturating_add(self.conv(cluster, from, l, t.bytes));
                 }
             }
             let mut grads: BTreeSet<Layout> = t
@@ -456,9 +472,9 @@ impl Segment {
                 .min()
                 .unwrap_or(0);
             if t.source == Source::Param {
-                b.param_sync += cost;
+                b.param_sync = b.param_sync.saturating_add(cost);
             } else {
-                b.bwd_comm += cost;
+                b.bwd_comm = b.bwd_comm.saturating_add(cost);
             }
         }
         b
@@ -557,7 +573,11 @@ impl Segment {
         };
         for (o, op) in self.ops.iter().enumerate() {
             for (c, ch) in op.choices.iter().enumerate() {
-                add(x[o][c].clone(), ch.fwd_ps + ch.bwd_ps, &mut terms);
+                add(
+                    x[o][c].clone(),
+                    ch.fwd_ps.saturating_add(ch.bwd_ps),
+                    &mut terms,
+                );
             }
         }
         for (ti, t) in self.tensors.iter().enumerate() {

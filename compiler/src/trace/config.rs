@@ -54,6 +54,10 @@ pub enum ConfigError {
     Inconsistent { origin: String, what: String },
 }
 
+/// The most transformer layers a model may have (the deepest published
+/// models have about a thousand; each layer is traced op by op).
+pub const MAX_LAYERS: u64 = 1 << 14;
+
 impl ModelConfig {
     /// Replaces the head's projection and cross-entropy with the registered
     /// op `op` (`hidden, head weight, labels -> per-token loss`). Llama only.
@@ -135,6 +139,12 @@ impl ModelConfig {
                         return bad(format!("{field} must be positive, got 0"));
                     }
                 }
+                if c.n_layers > MAX_LAYERS {
+                    return bad(format!(
+                        "num_hidden_layers {} is more than the {MAX_LAYERS} autopart supports",
+                        c.n_layers
+                    ));
+                }
                 if c.n_heads % c.n_kv_heads != 0 {
                     return bad(format!(
                         "num_key_value_heads {} does not divide num_attention_heads {}",
@@ -166,6 +176,12 @@ impl ModelConfig {
                     if v == 0 {
                         return bad(format!("{field} must be positive, got 0"));
                     }
+                }
+                if c.n_layers > MAX_LAYERS {
+                    return bad(format!(
+                        "n_layer {} is more than the {MAX_LAYERS} autopart supports",
+                        c.n_layers
+                    ));
                 }
                 if c.hidden % c.n_heads != 0 {
                     return bad(format!(
@@ -252,7 +268,8 @@ impl ModelConfig {
                     n_layers: f.uint("n_layer")?,
                     hidden,
                     n_heads: f.uint("n_head")?,
-                    ffn: f.opt_uint("n_inner")?.unwrap_or(4 * hidden),
+                    // Saturating: tracing refuses a width that large.
+                    ffn: f.opt_uint("n_inner")?.unwrap_or(hidden.saturating_mul(4)),
                     vocab: f.uint("vocab_size")?,
                     n_positions: f.opt_uint("n_positions")?.unwrap_or(1024),
                     layer_norm_eps: f.opt_float("layer_norm_epsilon")?.unwrap_or(1e-5),

@@ -76,9 +76,32 @@ pub enum TraceError {
     },
     #[error("invalid tracing option: {0}")]
     Option(String),
+    /// A tensor (or the whole graph) beyond the sizes autopart supports:
+    /// past them, element and byte counts would overflow.
+    #[error(
+        "tensor '{tensor}' of shape {shape:?} has {elements} elements, more than the 2^48 autopart supports: is a size of the model, --batch or --seq-len too large?"
+    )]
+    TooLarge {
+        tensor: String,
+        shape: Vec<u64>,
+        /// The count, or "over 2^64".
+        elements: String,
+    },
+    #[error(
+        "the traced graph's tensors hold {elements} elements, more than the 2^56 autopart supports: is a size of the model, --batch or --seq-len too large?"
+    )]
+    GraphTooLarge { elements: u128 },
     #[error("traced graph fails verification:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
     Verify(Vec<VerifyError>),
 }
+
+/// The most elements one traced tensor may have (a 2^24 x 2^24 matrix; the
+/// largest tensors of real models have under 2^36).
+pub const MAX_TENSOR_ELEMENTS: u64 = 1 << 48;
+/// The most elements all tensors of a traced graph may have together. With
+/// both limits, element and byte counts (and their sums over a graph, a
+/// stage or a plan) stay far inside u64.
+pub const MAX_GRAPH_ELEMENTS: u128 = 1 << 56;
 
 /// A symbolic tensor: a handle into the graph being traced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -230,8 +253,26 @@ impl<'r> Tracer<'r> {
         Ok(outputs.into_iter().map(Sym).collect())
     }
 
-    /// Ends tracing and verifies the graph.
+    /// Ends tracing, checks the tensors' sizes ([`MAX_TENSOR_ELEMENTS`],
+    /// [`MAX_GRAPH_ELEMENTS`]) and verifies the graph.
     pub fn finish(self) -> Result<Graph, TraceError> {
+        let mut total: u128 = 0;
+        for (_, t) in self.graph.tensors() {
+            let count = t.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
+            match count {
+                Some(n) if n <= MAX_TENSOR_ELEMENTS => total += u128::from(n),
+                _ => {
+                    return Err(TraceError::TooLarge {
+                        tensor: t.name.clone(),
+                        shape: t.shape.clone(),
+                        elements: count.map_or_else(|| "over 2^64".into(), |n| n.to_string()),
+                    });
+                }
+            }
+        }
+        if total > MAX_GRAPH_ELEMENTS {
+            return Err(TraceError::GraphTooLarge { elements: total });
+        }
         verify(&self.graph).map_err(TraceError::Verify)?;
         Ok(self.graph)
     }

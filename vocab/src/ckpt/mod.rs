@@ -1024,8 +1024,10 @@ impl Checkpoint {
                 ));
             }
             let shape = manifest.tensors.get(tensor).map(|t| &t.shape);
-            let n: u64 = rs.iter().map(|r| r.numel()).sum();
-            let want = shape.map(|s| s.iter().product::<u64>());
+            // Checked: the manifest's shape is read, not trusted (a shape
+            // whose element count overflows u64 matches no pieces).
+            let n = rs.iter().fold(0u64, |acc, r| acc.saturating_add(r.numel()));
+            let want = shape.and_then(|s| s.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)));
             if want != Some(n) || !rs.iter().all(|r| shape.is_some_and(|s| r.fits(s))) {
                 return Err(format_err(
                     path,

@@ -15,8 +15,10 @@ pub(super) fn trace(
     dtype: DType,
 ) -> Result<(), TraceError> {
     let (h, v) = (c.hidden, c.vocab);
-    let q_width = c.n_heads * c.head_dim;
-    let kv_width = c.n_kv_heads * c.head_dim;
+    // Saturating: an overflowing width makes a tensor that `finish` refuses
+    // as too large.
+    let q_width = c.n_heads.saturating_mul(c.head_dim);
+    let kv_width = c.n_kv_heads.saturating_mul(c.head_dim);
     let eps = || ("eps", AttrValue::Float(c.rms_norm_eps));
 
     let tokens = t.input("tokens", &[batch, seq], DType::I64, Role::Input);
