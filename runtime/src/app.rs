@@ -260,7 +260,7 @@ pub struct Options {
         long,
         value_name = "N",
         default_value_t = 1,
-        value_parser = value_parser!(i32).range(1..)
+        value_parser = value_parser!(i32).range(1..=MAX_THREADS)
     )]
     pub threads: i32,
     /// After the last step, each rank writes its parameters as it holds them
@@ -336,7 +336,7 @@ pub struct Options {
         long,
         value_name = "SECONDS",
         default_value = "600",
-        value_parser = non_negative,
+        value_parser = parse_timeout,
         allow_negative_numbers = true
     )]
     pub collective_timeout: f64,
@@ -367,6 +367,19 @@ fn non_negative(value: &str) -> Result<f64, String> {
     }
 }
 
+/// `--threads`' ceiling: far above any machine's cores, low enough that
+/// libtorch's pools are never asked for billions of threads.
+const MAX_THREADS: i64 = 4096;
+
+/// `--collective-timeout`: seconds that fit a `Duration` (below 2^64).
+fn parse_timeout(value: &str) -> Result<f64, String> {
+    let s = non_negative(value)?;
+    match std::time::Duration::try_from_secs_f64(s) {
+        Ok(_) => Ok(s),
+        Err(_) => Err("expected seconds below 2^64 (0 waits forever)".into()),
+    }
+}
+
 fn parse_clip(value: &str) -> Result<Option<f64>, String> {
     let c = non_negative(value)?;
     Ok((c > 0.0).then_some(c))
@@ -381,6 +394,13 @@ fn parse_bucket_mb(value: &str) -> Result<usize, String> {
 }
 
 impl Options {
+    /// The watchdog's timeout; `None` for `--collective-timeout 0`.
+    pub fn collective_timeout(&self) -> Option<std::time::Duration> {
+        std::time::Duration::try_from_secs_f64(self.collective_timeout)
+            .ok()
+            .filter(|d| !d.is_zero())
+    }
+
     /// The optimizer these flags ask for, with ZeRO stage `zero`.
     pub fn optim_config(&self, zero: ZeroStage) -> OptimConfig {
         OptimConfig {
@@ -903,11 +923,8 @@ fn train(
         notes,
     } = prepared;
     tch::set_num_threads(opts.threads);
-    if opts.collective_timeout > 0.0 {
-        crate::watchdog::start(
-            comms.world.rank(),
-            std::time::Duration::from_secs_f64(opts.collective_timeout),
-        );
+    if let Some(timeout) = opts.collective_timeout() {
+        crate::watchdog::start(comms.world.rank(), timeout);
     }
     let g = Groups::of(comms);
     let rank0 = comms.world.rank() == 0;

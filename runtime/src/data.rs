@@ -123,11 +123,17 @@ pub enum DataError {
         id: u64,
         vocab: i64,
     },
-    #[error("batch of {batch} rows of {seq} tokens is empty or too large")]
+    #[error(
+        "batch of {batch} rows of {seq} tokens is empty or too large (at most 2^28 token ids a step)"
+    )]
     BadShape { batch: i64, seq: i64 },
     #[error(transparent)]
     Torch(#[from] tch::TchError),
 }
+
+/// The most token ids one global batch may hold: 2^28 (2 GiB as int64),
+/// 16 times the 16M-token batches of the largest published Llama runs.
+pub const MAX_BATCH_TOKENS: i64 = 1 << 28;
 
 /// A token file opened for training with sequence length `seq`.
 #[derive(Debug)]
@@ -200,13 +206,20 @@ impl TokenFile {
     /// window `step * batch`, wrapping around the file.
     pub fn batch(&mut self, step: u64, batch: i64) -> Result<Batch, DataError> {
         let seq = self.seq;
-        if batch < 1 || batch.checked_mul(seq + 1).is_none() {
+        if batch < 1
+            || batch
+                .checked_mul(seq + 1)
+                .is_none_or(|n| n > MAX_BATCH_TOKENS)
+        {
             return Err(DataError::BadShape { batch, seq });
         }
         let n = self.windows();
         // step * batch mod n, without overflow.
         let first = (u128::from(step) * batch as u128 % u128::from(n)) as u64;
-        let mut ids: Vec<i64> = Vec::with_capacity((batch * (seq + 1)) as usize);
+        let mut ids: Vec<i64> = Vec::new();
+        if ids.try_reserve_exact((batch * (seq + 1)) as usize).is_err() {
+            return Err(DataError::BadShape { batch, seq });
+        }
         for row in 0..batch as u64 {
             let window = (first + row % n) % n;
             self.read_window(window, &mut ids)?;
