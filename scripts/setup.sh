@@ -12,6 +12,9 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
 torch_version="2.11.0"
 z3_version="5.4.0.0"
+# The reference for the HF parity tests (tests/tests/hf.rs): tiny checkpoints
+# are made and checked with transformers itself.
+transformers_version="5.24.0"
 compiler_only=0
 [ "${1:-}" = "--compiler-only" ] && compiler_only=1
 
@@ -48,5 +51,9 @@ fi
 if [ $compiler_only -eq 0 ] && [ "$(have torch)" != "$torch_version" ]; then
   log "installing torch $torch_version (a few minutes on a fresh machine)"
   "$py" -m pip install -q --disable-pip-version-check "torch==$torch_version"
+fi
+if [ $compiler_only -eq 0 ] && [ "$(have transformers)" != "$transformers_version" ]; then
+  log "installing transformers $transformers_version (the HF parity tests' reference)"
+  "$py" -m pip install -q --disable-pip-version-check "transformers==$transformers_version"
 fi
 log "ready: $venv"

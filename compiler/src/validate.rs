@@ -176,6 +176,7 @@ pub fn read_runs(path: &Path) -> Result<Vec<Run>, ValidateError> {
                 max_positions: seq_len,
                 rms_norm_eps: 1e-5,
                 rope_theta: 10_000.0,
+                rope_scaling: None,
                 tie_embeddings: false,
                 loss_op: None,
             }),

@@ -25,6 +25,7 @@ fn options(plan: &str) -> CodegenOptions {
         plan_hash: plan_hash(&plan_ron),
         runtime_path: PathBuf::from("/autopart/runtime"),
         custom_ops: Default::default(),
+        hf_config: String::new(),
     }
 }
 

@@ -34,6 +34,7 @@ pub const PLAN: PlanMeta = PlanMeta {
     zero: ZeroStage::One,
     predicted_peak_bytes: &[8 << 20, 8 << 20],
     predicted_step_s: 0.05,
+    hf_config: "",
 };
 
 /// This rank's stage of the plan, on the run's mesh.

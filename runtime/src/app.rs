@@ -39,6 +39,7 @@ use crate::checkpoint::{SaveError, SaveOptions, SaveReport, Saver};
 use crate::comm::{CommError, Communicator, Groups, MeshComms, MpiComm};
 use crate::data::{Batch, DataError, TokenDtype, TokenFile};
 use crate::exec::{ExecError, Param};
+use crate::init::InitFrom;
 use crate::mesh::{Coord, Mesh};
 use crate::metrics::{self, Memory, MetricsError, MetricsLog, StepRecord};
 use crate::optim::{AdamW, LrSchedule, OptimError};
@@ -87,6 +88,11 @@ pub struct PlanMeta {
     pub predicted_peak_bytes: &'static [u64],
     /// The compiler's predicted time of one step, in seconds.
     pub predicted_step_s: f64,
+    /// The model's HuggingFace `config.json` (compact JSON; empty for a
+    /// hand-written plan binary): `--init-from` checks an HF folder against
+    /// it, and checkpoints carry it as `config.json` for `autopart ckpt
+    /// export --hf`.
+    pub hf_config: &'static str,
 }
 
 impl PlanMeta {
@@ -195,6 +201,14 @@ pub struct Options {
     /// Width of the token ids in --data.
     #[arg(long, value_name = "u16|u32", default_value = "u16", value_parser = parse_dtype)]
     pub data_dtype: TokenDtype,
+    /// Initialise the parameters from DIR: a HuggingFace model folder
+    /// (config.json and model.safetensors, or model-*-of-*.safetensors with
+    /// model.safetensors.index.json; Llama or GPT-2, checked against the
+    /// plan's config) or an autopart checkpoint (DIR/step_N: its parameters;
+    /// the optimizer starts fresh). Each rank reads only its shards. A
+    /// checkpoint found by --resume takes precedence.
+    #[arg(long, value_name = "DIR")]
+    pub init_from: Option<PathBuf>,
     /// Write one JSON object per step to FILE (rank 0).
     #[arg(long, value_name = "FILE")]
     pub metrics: Option<PathBuf>,
@@ -509,6 +523,15 @@ pub enum AppError {
     Restore(CkptError),
     #[error(transparent)]
     Save(#[from] SaveError),
+    /// The `--init-from` folder, checked before training (alike on every rank).
+    #[error(transparent)]
+    Init(#[from] crate::init::InitError),
+    /// This rank's shards of `--init-from`.
+    #[error("{0}")]
+    InitLoad(crate::init::InitError),
+    /// Another rank could not load its `--init-from` shards (it reports why).
+    #[error("--init-from: {0} rank(s) could not load their parameters (see their message)")]
+    InitElsewhere(usize),
     #[error("--save-params: {}: {source}", path.display())]
     SaveParams {
         path: PathBuf,
@@ -536,6 +559,7 @@ impl AppError {
                 | AppError::Data(_)
                 | AppError::Resume(_)
                 | AppError::ResumeMismatch(_)
+                | AppError::Init(_)
                 | AppError::Save(SaveError::Failed { .. })
                 | AppError::NonFinite { .. }
         )
@@ -643,6 +667,8 @@ struct Prepared {
     data: Option<TokenFile>,
     metrics: Option<MetricsLog>,
     resume: Option<ResumeFrom>,
+    /// `--init-from`, opened; `None` when resuming from a checkpoint.
+    init: Option<InitFrom>,
     /// What rank 0 says about the resume before training.
     notes: Vec<String>,
 }
@@ -728,6 +754,24 @@ fn prepare(
             })
         })?;
     }
+    let init = match (&opts.init_from, &resume) {
+        (Some(dir), None) => {
+            let from = InitFrom::open(dir)?;
+            if let InitFrom::Hf(hf) = &from {
+                hf.check_config(meta.hf_config)?;
+            }
+            Some(from)
+        }
+        (Some(dir), Some(r)) => {
+            notes.push(format!(
+                "--init-from {} is not used: resuming from {}",
+                dir.display(),
+                r.path.display()
+            ));
+            None
+        }
+        (None, _) => None,
+    };
     // A resumed run's metrics file is opened once the state is loaded.
     let metrics = match (&opts.metrics, launcher.rank.unwrap_or(0), &resume) {
         (Some(path), 0, None) => Some(MetricsLog::create(path)?),
@@ -738,6 +782,7 @@ fn prepare(
         data,
         metrics,
         resume,
+        init,
         notes,
     }))
 }
@@ -920,6 +965,7 @@ fn train(
         mut data,
         mut metrics,
         resume,
+        init,
         notes,
     } = prepared;
     tch::set_num_threads(opts.threads);
@@ -943,6 +989,31 @@ fn train(
     };
     // Counted before ZeRO-3 releases the parameters.
     let n_params: usize = stage.params().iter().map(|p| p.tensor.numel()).sum();
+    if let Some(from) = &init {
+        let t0 = Instant::now();
+        let local = crate::init::load(from, stage.params_mut(), comms.coord.tp, mesh.tp);
+        // Every rank learns whether any failed (a missing tensor may be on one stage only).
+        let failed = f64::from(u8::from(local.is_err()));
+        let failed = comms.world.all_reduce(&Tensor::from_slice(&[failed]))?;
+        let failed = failed.f_double_value(&[0]).map_err(ExecError::from)?;
+        match local {
+            Err(e) => return Err(AppError::InitLoad(e)),
+            Ok(()) if failed > 0.0 => {
+                return Err(AppError::InitElsewhere(failed as usize));
+            }
+            Ok(()) => {}
+        }
+        if rank0 {
+            say(&format!(
+                "initialised from {} in {:.2} s",
+                opts.init_from
+                    .as_deref()
+                    .unwrap_or(Path::new("?"))
+                    .display(),
+                t0.elapsed().as_secs_f64()
+            ));
+        }
+    }
     let mut opt = DpOptimizer::new(opts.optim_config(meta.zero), stage.params_mut(), &g)?;
     if rank0 {
         say(&format!(
@@ -1290,6 +1361,7 @@ mod tests {
         zero: ZeroStage::One,
         predicted_peak_bytes: &[1 << 30, 1 << 29],
         predicted_step_s: 0.1,
+        hf_config: "",
     };
 
     fn args(s: &str) -> Vec<String> {

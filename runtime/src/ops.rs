@@ -144,13 +144,111 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor, OpError> {
 /// position `position_offset + j` (the shard's start when the sequence is split).
 /// x `[b, l, h, d]`, d even.
 pub fn rope(x: &Tensor, theta: f64, position_offset: i64) -> Result<Tensor, OpError> {
+    rope_with(x, theta, None, position_offset)
+}
+
+/// How the rotary frequencies are rescaled (transformers' `rope_type`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// Llama 3.1: wavelengths longer than `original_max_positions /
+    /// low_freq_factor` are stretched by `factor`, those shorter than
+    /// `original_max_positions / high_freq_factor` kept, those between
+    /// blended smoothly.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_positions: i64,
+    },
+    /// Every frequency divided by `factor`.
+    Linear { factor: f64 },
+}
+
+impl RopeScaling {
+    /// The bits that tell two scalings apart (the tables' cache key).
+    fn key(&self) -> [u64; 5] {
+        match *self {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_positions,
+            } => [
+                1,
+                factor.to_bits(),
+                low_freq_factor.to_bits(),
+                high_freq_factor.to_bits(),
+                original_max_positions as u64,
+            ],
+            RopeScaling::Linear { factor } => [2, factor.to_bits(), 0, 0, 0],
+        }
+    }
+
+    /// Rescales `inv_freq` (f32, `[d/2]`) as transformers'
+    /// `_compute_llama3_parameters` and `_compute_linear_scaling_rope_parameters` do.
+    fn apply(&self, inv_freq: &Tensor) -> Result<Tensor, OpError> {
+        match *self {
+            RopeScaling::Linear { factor } => Ok(inv_freq.f_div_scalar(factor)?),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_positions,
+            } => {
+                let old = original_max_positions as f64;
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                let wavelen = inv_freq
+                    .f_reciprocal()?
+                    .f_mul_scalar(2.0 * std::f64::consts::PI)?;
+                let stretched = inv_freq.f_div_scalar(factor)?;
+                let long = wavelen.f_gt(low_wavelen)?;
+                let scaled = stretched.f_where_self(&long, inv_freq)?;
+                let smooth = wavelen
+                    .f_reciprocal()?
+                    .f_mul_scalar(old)?
+                    .f_sub_scalar(low_freq_factor)?
+                    .f_div_scalar(high_freq_factor - low_freq_factor)?;
+                let blended = smooth
+                    .f_neg()?
+                    .f_add_scalar(1.0)?
+                    .f_mul(&scaled)?
+                    .f_div_scalar(factor)?
+                    .f_add(&smooth.f_mul(&scaled)?)?;
+                let medium = wavelen
+                    .f_lt(high_wavelen)?
+                    .f_logical_not()?
+                    .f_logical_and(&long.f_logical_not()?)?;
+                Ok(blended.f_where_self(&medium, &scaled)?)
+            }
+        }
+    }
+}
+
+/// [`rope`] with the frequencies rescaled by `scaling` (Llama 3.1's
+/// `llama3`, or `linear`).
+pub fn rope_scaled(
+    x: &Tensor,
+    theta: f64,
+    scaling: &RopeScaling,
+    position_offset: i64,
+) -> Result<Tensor, OpError> {
+    rope_with(x, theta, Some(scaling), position_offset)
+}
+
+fn rope_with(
+    x: &Tensor,
+    theta: f64,
+    scaling: Option<&RopeScaling>,
+    position_offset: i64,
+) -> Result<Tensor, OpError> {
     const OP: &str = "rope";
     let s = expect_dims(OP, "x", x, 4)?;
     let (l, d) = (s[1], s[3]);
     if d % 2 != 0 {
         return Err(shape_err(OP, format!("head size {d} is odd")));
     }
-    let (cos, sin) = rope_tables(l, d, theta, position_offset, x.device())?;
+    let (cos, sin) = rope_tables(l, d, theta, scaling, position_offset, x.device())?;
     let x32 = x.f_to_kind(Kind::Float)?;
     let halves = x32.f_chunk(2, -1)?;
     let rotated = Tensor::f_cat(&[&halves[1].f_neg()?, &halves[0]], -1)?;
@@ -159,16 +257,17 @@ pub fn rope(x: &Tensor, theta: f64, position_offset: i64) -> Result<Tensor, OpEr
 }
 
 /// The cos and sin tables `[1, l, 1, d]` of RoPE, computed once per
-/// (length, head size, theta, offset) on CPU and reused: every layer and
-/// micro-batch asks for the same ones.
+/// (length, head size, theta, scaling, offset) on CPU and reused: every
+/// layer and micro-batch asks for the same ones.
 fn rope_tables(
     l: i64,
     d: i64,
     theta: f64,
+    scaling: Option<&RopeScaling>,
     offset: i64,
     device: tch::Device,
 ) -> Result<(Tensor, Tensor), OpError> {
-    type Key = (i64, i64, u64, i64);
+    type Key = (i64, i64, u64, Option<[u64; 5]>, i64);
     thread_local! {
         static CACHE: std::cell::RefCell<std::collections::HashMap<Key, (Tensor, Tensor)>> =
             std::cell::RefCell::new(std::collections::HashMap::new());
@@ -176,7 +275,10 @@ fn rope_tables(
     let make = || -> Result<(Tensor, Tensor), OpError> {
         let opts = (Kind::Float, device);
         let exponents = Tensor::f_arange_start_step(0, d, 2, opts)?.f_div_scalar(d as f64)?;
-        let inv_freq = Tensor::f_pow_scalar(theta, &exponents)?.f_reciprocal()?;
+        let mut inv_freq = Tensor::f_pow_scalar(theta, &exponents)?.f_reciprocal()?;
+        if let Some(sc) = scaling {
+            inv_freq = sc.apply(&inv_freq)?;
+        }
         let pos = Tensor::f_arange_start(offset, offset + l, opts)?;
         let freqs = pos.f_outer(&inv_freq)?; // [l, d/2]
         let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?.f_view([1, l, 1, d])?;
@@ -185,7 +287,7 @@ fn rope_tables(
     if device != tch::Device::Cpu {
         return make();
     }
-    let key = (l, d, theta.to_bits(), offset);
+    let key = (l, d, theta.to_bits(), scaling.map(RopeScaling::key), offset);
     if let Some((c, s)) = CACHE.with(|m| {
         m.borrow()
             .get(&key)

@@ -48,6 +48,7 @@ use crate::optim::{self, AdamW, AdamWState, LrSchedule, NormShare, OptimError};
 use tch::{Device, Kind, Tensor};
 
 mod state;
+pub use state::kind_of;
 
 /// 25 MiB, the default bucket size (PyTorch DDP's).
 pub const DEFAULT_BUCKET_BYTES: usize = 25 * 1024 * 1024;

@@ -22,6 +22,7 @@ pub mod fs;
 pub mod hash;
 pub mod launcher;
 pub mod schedule;
+pub mod st;
 
 mod terms;
 

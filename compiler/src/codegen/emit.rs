@@ -334,6 +334,13 @@ impl<'a> BlockGen<'a> {
                 .map(|v| Expr::atom(f64_lit(v)))
                 .ok_or_else(|| missing(name, "float"))
         };
+        let lit_f = |name: &str| -> Result<String, CodegenError> {
+            op.attrs
+                .get(name)
+                .and_then(AttrValue::as_float)
+                .map(f64_lit)
+                .ok_or_else(|| missing(name, "float"))
+        };
         let attr_i = |name: &str| op.attrs.get(name).and_then(AttrValue::as_int);
         let ops = |name: &str, args: Vec<Expr>| Expr::call(format!("ops::{name}"), args).try_();
         Ok(match &op.kind {
@@ -364,7 +371,39 @@ impl<'a> BlockGen<'a> {
                 ops("split_heads", vec![a(0)?, Expr::atom(h.to_string())])
             }
             OpKind::MergeHeads => ops("merge_heads", vec![a(0)?]),
-            OpKind::Rope => ops("rope", vec![a(0)?, attr_f("theta")?, offset()]),
+            OpKind::Rope => match op.attrs.get("rope_type").and_then(AttrValue::as_str) {
+                None => ops("rope", vec![a(0)?, attr_f("theta")?, offset()]),
+                Some("linear") => {
+                    let scaling = format!(
+                        "&ops::RopeScaling::Linear {{ factor: {} }}",
+                        lit_f("factor")?
+                    );
+                    ops(
+                        "rope_scaled",
+                        vec![a(0)?, attr_f("theta")?, Expr::atom(scaling), offset()],
+                    )
+                }
+                Some("llama3") => {
+                    let orig = attr_i("original_max_positions")
+                        .ok_or_else(|| missing("original_max_positions", "int"))?;
+                    let scaling = format!(
+                        "&ops::RopeScaling::Llama3 {{ factor: {}, low_freq_factor: {}, high_freq_factor: {}, original_max_positions: {orig} }}",
+                        lit_f("factor")?,
+                        lit_f("low_freq_factor")?,
+                        lit_f("high_freq_factor")?,
+                    );
+                    ops(
+                        "rope_scaled",
+                        vec![a(0)?, attr_f("theta")?, Expr::atom(scaling), offset()],
+                    )
+                }
+                Some(other) => {
+                    return Err(CodegenError::Unsupported(format!(
+                        "{}: rope_type {other:?} has no runtime op",
+                        op.traced
+                    )));
+                }
+            },
             OpKind::Attention => {
                 let causal = op
                     .attrs
@@ -1258,6 +1297,7 @@ fn main_rs(program: &ExecProgram, options: &CodegenOptions) -> String {
             },
         ),
         ("predicted_step_s", atom(f64_lit(program.predicted_step_s))),
+        ("hf_config", atom(format!("{:?}", options.hf_config))),
     ];
     for (name, value) in fields {
         w.stmt(&Stmt::field(name, value));

@@ -73,6 +73,10 @@ pub struct CodegenOptions {
     pub runtime_path: PathBuf,
     /// The implementation of every custom op the program uses, by op name.
     pub custom_ops: BTreeMap<String, CustomOpImpl>,
+    /// The model's HuggingFace `config.json` (compact JSON), embedded in the
+    /// plan binary: `--init-from` checks a folder against it and checkpoints
+    /// carry it for `autopart ckpt export --hf`. Empty when unknown.
+    pub hf_config: String,
 }
 
 pub use autopart_vocab::hash::plan_hash;

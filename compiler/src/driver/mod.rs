@@ -861,11 +861,13 @@ pub fn codegen(
     custom: &CustomOps,
     plan_hash: &str,
     runtime_path: PathBuf,
+    model: &ModelConfig,
 ) -> Result<Generated> {
     let options = CodegenOptions {
         runtime_path,
         custom_ops: custom.0.clone(),
         plan_hash: plan_hash.to_string(),
+        hf_config: model.to_hf_json().to_string(),
     };
     let (package, files) =
         crate::codegen::generate_files(program, &options).context("generating the plan's code")?;
@@ -1123,7 +1125,15 @@ pub fn compile(req: &Request, obs: &mut dyn Observer) -> Result<Compiled> {
     let generated = step(
         obs,
         Pass::Codegen,
-        || codegen(program, custom, &planned.hash, home.join("runtime")),
+        || {
+            codegen(
+                program,
+                custom,
+                &planned.hash,
+                home.join("runtime"),
+                &c.inputs.model,
+            )
+        },
         |g| verify_generated(g, program),
         |g| {
             crate::codegen::write_files(&g.files, &paths.gencode).context("writing the plan's code")

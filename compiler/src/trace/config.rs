@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 use thiserror::Error;
 
-use super::models::{GptConfig, LlamaConfig};
+use super::models::{GptConfig, LlamaConfig, RopeScaling};
 
 /// A model of one of the supported families.
 #[derive(Clone, Debug, PartialEq)]
@@ -38,15 +38,22 @@ pub enum ConfigError {
     #[error("{path}: missing field '{field}' ({expected})")]
     Missing {
         path: PathBuf,
-        field: &'static str,
+        field: String,
         expected: &'static str,
     },
     #[error("{path}: field '{field}' is {found}, expected {expected}")]
     BadField {
         path: PathBuf,
-        field: &'static str,
+        field: String,
         expected: &'static str,
         found: String,
+    },
+    #[error("{path}: {what} is not supported by autopart's {family} ({supported})")]
+    Unsupported {
+        path: PathBuf,
+        family: &'static str,
+        what: String,
+        supported: &'static str,
     },
     #[error("{path}: model_type '{model_type}' is not supported (supported: llama, gpt2)")]
     UnsupportedType { path: PathBuf, model_type: String },
@@ -163,6 +170,35 @@ impl ModelConfig {
                 if !(c.rope_theta > 0.0 && c.rope_theta.is_finite()) {
                     return bad(format!("rope_theta must be positive, got {}", c.rope_theta));
                 }
+                let positive = |x: f64| x > 0.0 && x.is_finite();
+                match c.rope_scaling {
+                    None => {}
+                    Some(RopeScaling::Linear { factor }) => {
+                        if !positive(factor) {
+                            return bad(format!(
+                                "rope scaling factor must be positive, got {factor}"
+                            ));
+                        }
+                    }
+                    Some(RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor: low,
+                        high_freq_factor: high,
+                        original_max_positions,
+                    }) => {
+                        if !(positive(factor) && positive(low) && positive(high) && low < high) {
+                            return bad(format!(
+                                "llama3 rope scaling needs a positive factor and 0 < low_freq_factor < high_freq_factor, got factor {factor}, low_freq_factor {low}, high_freq_factor {high}"
+                            ));
+                        }
+                        if original_max_positions == 0 {
+                            return bad(
+                                "llama3 rope scaling needs original_max_position_embeddings > 0"
+                                    .into(),
+                            );
+                        }
+                    }
+                }
             }
             ModelConfig::Gpt(c) => {
                 for (field, v) in [
@@ -200,6 +236,83 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// The model as a HuggingFace `config.json` that transformers 4.x and
+    /// 5.x load (`LlamaForCausalLM`, `GPT2LMHeadModel`) and
+    /// [`ModelConfig::from_hf_str`] reads back to the same config: the
+    /// rotary settings are written both ways (`rope_theta` and
+    /// `rope_scaling` for 4.x, `rope_parameters` for 5.x).
+    pub fn to_hf_json(&self) -> Value {
+        match self {
+            ModelConfig::Llama(c) => {
+                let mut rope =
+                    serde_json::json!({ "rope_type": "default", "rope_theta": c.rope_theta });
+                match c.rope_scaling {
+                    None => {}
+                    Some(RopeScaling::Linear { factor }) => {
+                        rope["rope_type"] = "linear".into();
+                        rope["factor"] = factor.into();
+                    }
+                    Some(RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor,
+                        high_freq_factor,
+                        original_max_positions,
+                    }) => {
+                        rope["rope_type"] = "llama3".into();
+                        rope["factor"] = factor.into();
+                        rope["low_freq_factor"] = low_freq_factor.into();
+                        rope["high_freq_factor"] = high_freq_factor.into();
+                        rope["original_max_position_embeddings"] = original_max_positions.into();
+                    }
+                }
+                let scaling = if c.rope_scaling.is_some() {
+                    let mut r = rope.clone();
+                    if let Value::Object(o) = &mut r {
+                        o.remove("rope_theta");
+                    }
+                    r
+                } else {
+                    Value::Null
+                };
+                serde_json::json!({
+                    "architectures": ["LlamaForCausalLM"],
+                    "model_type": "llama",
+                    "hidden_size": c.hidden,
+                    "intermediate_size": c.intermediate,
+                    "num_hidden_layers": c.n_layers,
+                    "num_attention_heads": c.n_heads,
+                    "num_key_value_heads": c.n_kv_heads,
+                    "head_dim": c.head_dim,
+                    "vocab_size": c.vocab,
+                    "max_position_embeddings": c.max_positions,
+                    "rms_norm_eps": c.rms_norm_eps,
+                    "rope_theta": c.rope_theta,
+                    "rope_scaling": scaling,
+                    "rope_parameters": rope,
+                    "tie_word_embeddings": c.tie_embeddings,
+                    "hidden_act": "silu",
+                    "attention_bias": false,
+                    "mlp_bias": false,
+                    "torch_dtype": "float32",
+                })
+            }
+            ModelConfig::Gpt(c) => serde_json::json!({
+                "architectures": ["GPT2LMHeadModel"],
+                "model_type": "gpt2",
+                "n_embd": c.hidden,
+                "n_layer": c.n_layers,
+                "n_head": c.n_heads,
+                "n_inner": c.ffn,
+                "vocab_size": c.vocab,
+                "n_positions": c.n_positions,
+                "layer_norm_epsilon": c.layer_norm_eps,
+                "activation_function": "gelu_new",
+                "tie_word_embeddings": true,
+                "torch_dtype": "float32",
+            }),
+        }
+    }
+
     /// Reads and validates a HuggingFace `config.json` (Llama or GPT-2).
     pub fn from_hf_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
@@ -223,7 +336,11 @@ impl ModelConfig {
                 path: path.to_path_buf(),
             });
         };
-        let f = Fields { path, obj: &obj };
+        let f = Fields {
+            path,
+            obj: &obj,
+            prefix: "",
+        };
         let name = model_name(path);
         let model_type = f.string("model_type", "\"llama\" or \"gpt2\"")?;
         let cfg = match model_type.as_str() {
@@ -245,6 +362,17 @@ impl ModelConfig {
                         hidden / n_heads
                     }
                 };
+                f.refuse_unless("llama", "hidden_act", "silu", "silu activations")?;
+                for flag in ["attention_bias", "mlp_bias"] {
+                    if f.opt_bool(flag)? == Some(true) {
+                        return Err(f.unsupported(
+                            "llama",
+                            format!("{flag}: true"),
+                            "projections without bias",
+                        ));
+                    }
+                }
+                let (rope_theta, rope_scaling) = rope(&f)?;
                 ModelConfig::Llama(LlamaConfig {
                     name,
                     hidden,
@@ -256,12 +384,33 @@ impl ModelConfig {
                     vocab: f.uint("vocab_size")?,
                     max_positions: f.opt_uint("max_position_embeddings")?.unwrap_or(2048),
                     rms_norm_eps: f.opt_float("rms_norm_eps")?.unwrap_or(1e-6),
-                    rope_theta: f.opt_float("rope_theta")?.unwrap_or(10_000.0),
+                    rope_theta,
+                    rope_scaling,
                     tie_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
                     loss_op: None,
                 })
             }
             "gpt2" => {
+                f.refuse_unless_any(
+                    "gpt2",
+                    "activation_function",
+                    &["gelu_new", "gelu_pytorch_tanh"],
+                    "the tanh approximation of GeLU (gelu_new)",
+                )?;
+                if f.opt_bool("scale_attn_by_inverse_layer_idx")? == Some(true) {
+                    return Err(f.unsupported(
+                        "gpt2",
+                        "scale_attn_by_inverse_layer_idx: true".into(),
+                        "attention scaled by 1/sqrt(head size) only",
+                    ));
+                }
+                if f.opt_bool("scale_attn_weights")? == Some(false) {
+                    return Err(f.unsupported(
+                        "gpt2",
+                        "scale_attn_weights: false".into(),
+                        "attention scaled by 1/sqrt(head size)",
+                    ));
+                }
                 let hidden = f.uint("n_embd")?;
                 ModelConfig::Gpt(GptConfig {
                     name,
@@ -307,10 +456,65 @@ fn model_name(path: &Path) -> String {
     stem.to_string()
 }
 
-/// Typed access to the fields of a config object, with errors naming them.
+/// The rotary settings: transformers 4.x writes `rope_theta` and
+/// `rope_scaling` (null or an object with `rope_type`, or the older
+/// `type`), 5.x one `rope_parameters` object holding both. Returns the base
+/// and the scaling (`None` for `rope_type: default`).
+fn rope(f: &Fields<'_>) -> Result<(f64, Option<RopeScaling>), ConfigError> {
+    let top_theta = f.opt_float("rope_theta")?;
+    let (obj, prefix) = match (f.get("rope_parameters"), f.get("rope_scaling")) {
+        (Some(Value::Object(o)), _) => (o, "rope_parameters."),
+        (Some(v), _) => return Err(f.bad("rope_parameters", "an object", v)),
+        (None, Some(Value::Object(o))) => (o, "rope_scaling."),
+        (None, Some(v)) => return Err(f.bad("rope_scaling", "an object or null", v)),
+        (None, None) => return Ok((top_theta.unwrap_or(10_000.0), None)),
+    };
+    let g = Fields {
+        path: f.path,
+        obj,
+        prefix,
+    };
+    let theta = g.opt_float("rope_theta")?.or(top_theta).unwrap_or(10_000.0);
+    let kind = match g.get("rope_type").or_else(|| g.get("type")) {
+        None => "default".to_string(),
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => return Err(g.bad("rope_type", "a string", v)),
+    };
+    let float = |field: &'static str| {
+        g.opt_float(field)?.ok_or_else(|| ConfigError::Missing {
+            path: g.path.to_path_buf(),
+            field: format!("{}{field}", g.prefix),
+            expected: "a number",
+        })
+    };
+    let scaling = match kind.as_str() {
+        "default" => None,
+        "linear" => Some(RopeScaling::Linear {
+            factor: float("factor")?,
+        }),
+        "llama3" => Some(RopeScaling::Llama3 {
+            factor: float("factor")?,
+            low_freq_factor: float("low_freq_factor")?,
+            high_freq_factor: float("high_freq_factor")?,
+            original_max_positions: g.uint("original_max_position_embeddings")?,
+        }),
+        other => {
+            return Err(g.unsupported(
+                "llama",
+                format!("{prefix}rope_type {other:?}"),
+                "rope types default, linear and llama3",
+            ));
+        }
+    };
+    Ok((theta, scaling))
+}
+
+/// Typed access to the fields of a config object, with errors naming them
+/// (`prefix` names the enclosing object's field, `rope_scaling.`).
 struct Fields<'a> {
     path: &'a Path,
     obj: &'a Map<String, Value>,
+    prefix: &'static str,
 }
 
 fn describe(v: &Value) -> String {
@@ -325,10 +529,53 @@ fn describe(v: &Value) -> String {
 }
 
 impl Fields<'_> {
+    fn unsupported(
+        &self,
+        family: &'static str,
+        what: String,
+        supported: &'static str,
+    ) -> ConfigError {
+        ConfigError::Unsupported {
+            path: self.path.to_path_buf(),
+            family,
+            what,
+            supported,
+        }
+    }
+
+    /// An error unless `field` is absent or the string `want`.
+    fn refuse_unless(
+        &self,
+        family: &'static str,
+        field: &'static str,
+        want: &'static str,
+        supported: &'static str,
+    ) -> Result<(), ConfigError> {
+        self.refuse_unless_any(family, field, &[want], supported)
+    }
+
+    /// An error unless `field` is absent or one of the strings `want`.
+    fn refuse_unless_any(
+        &self,
+        family: &'static str,
+        field: &'static str,
+        want: &[&str],
+        supported: &'static str,
+    ) -> Result<(), ConfigError> {
+        match self.get(field) {
+            None => Ok(()),
+            Some(Value::String(s)) if want.contains(&s.as_str()) => Ok(()),
+            Some(Value::String(s)) => {
+                Err(self.unsupported(family, format!("{}{field} {s:?}", self.prefix), supported))
+            }
+            Some(v) => Err(self.bad(field, "a string", v)),
+        }
+    }
+
     fn bad(&self, field: &'static str, expected: &'static str, v: &Value) -> ConfigError {
         ConfigError::BadField {
             path: self.path.to_path_buf(),
-            field,
+            field: format!("{}{field}", self.prefix),
             expected,
             found: describe(v),
         }
@@ -342,7 +589,7 @@ impl Fields<'_> {
         match self.get(field) {
             None => Err(ConfigError::Missing {
                 path: self.path.to_path_buf(),
-                field,
+                field: format!("{}{field}", self.prefix),
                 expected,
             }),
             Some(Value::String(s)) => Ok(s.clone()),
@@ -363,7 +610,7 @@ impl Fields<'_> {
     fn uint(&self, field: &'static str) -> Result<u64, ConfigError> {
         self.opt_uint(field)?.ok_or_else(|| ConfigError::Missing {
             path: self.path.to_path_buf(),
-            field,
+            field: format!("{}{field}", self.prefix),
             expected: "a non-negative integer",
         })
     }

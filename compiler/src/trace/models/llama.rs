@@ -3,7 +3,7 @@
 //! Parameter names follow HuggingFace's `LlamaForCausalLM` so checkpoints map
 //! one to one; op names are the module paths without the `model.` prefix.
 
-use super::LlamaConfig;
+use super::{LlamaConfig, RopeScaling};
 use crate::ir::{AttrValue, DType, OpKind, Role};
 use crate::trace::{Sym, TraceError, Tracer};
 
@@ -57,9 +57,9 @@ pub(super) fn trace(
         let q = heads(t, q, &n("self_attn.q_heads"), c.n_heads)?;
         let k = heads(t, k, &n("self_attn.k_heads"), c.n_kv_heads)?;
         let vv = heads(t, vv, &n("self_attn.v_heads"), c.n_kv_heads)?;
-        let theta = || ("theta", AttrValue::Float(c.rope_theta));
-        let q = t.op(OpKind::Rope, &n("self_attn.rope_q"), &[q], &[theta()])?;
-        let k = t.op(OpKind::Rope, &n("self_attn.rope_k"), &[k], &[theta()])?;
+        let rope = rope_attrs(c);
+        let q = t.op(OpKind::Rope, &n("self_attn.rope_q"), &[q], &rope)?;
+        let k = t.op(OpKind::Rope, &n("self_attn.rope_k"), &[k], &rope)?;
         let a = t.op(
             OpKind::Attention,
             &n("self_attn.attn"),
@@ -119,4 +119,33 @@ pub(super) fn trace(
     };
     t.op(OpKind::Mean, "loss.mean", &[per_token], &[])?;
     Ok(())
+}
+
+/// The rope op's attributes: `theta`, and with scaling its `rope_type` and
+/// parameters (named as in transformers' config).
+fn rope_attrs(c: &LlamaConfig) -> Vec<(&'static str, AttrValue)> {
+    let mut attrs = vec![("theta", AttrValue::Float(c.rope_theta))];
+    match c.rope_scaling {
+        None => {}
+        Some(RopeScaling::Linear { factor }) => {
+            attrs.push(("rope_type", AttrValue::Str("linear".into())));
+            attrs.push(("factor", AttrValue::Float(factor)));
+        }
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_positions,
+        }) => {
+            attrs.push(("rope_type", AttrValue::Str("llama3".into())));
+            attrs.push(("factor", AttrValue::Float(factor)));
+            attrs.push(("low_freq_factor", AttrValue::Float(low_freq_factor)));
+            attrs.push(("high_freq_factor", AttrValue::Float(high_freq_factor)));
+            attrs.push((
+                "original_max_positions",
+                AttrValue::Int(i64::try_from(original_max_positions).unwrap_or(i64::MAX)),
+            ));
+        }
+    }
+    attrs
 }

@@ -29,11 +29,31 @@ pub struct LlamaConfig {
     pub max_positions: u64,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
+    /// Rotary frequency scaling (Llama 3.1's `llama3`, or `linear`);
+    /// `None` is plain RoPE.
+    pub rope_scaling: Option<RopeScaling>,
     pub tie_embeddings: bool,
     /// A registered op that replaces the head's projection and
     /// cross-entropy (`hidden, head weight, labels -> per-token loss`), e.g.
     /// `chunked_ce`; `None` keeps `lm_head` + `cross_entropy`.
     pub loss_op: Option<String>,
+}
+
+/// How the rotary frequencies are rescaled for longer contexts, as
+/// transformers' `rope_type` names them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// Llama 3.1: low frequencies divided by `factor`, high ones kept, a
+    /// smooth blend between (wavelengths measured against
+    /// `original_max_positions`).
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_positions: u64,
+    },
+    /// Positions divided by `factor`.
+    Linear { factor: f64 },
 }
 
 /// A GPT-2/3 style model.
@@ -75,9 +95,25 @@ fn llama(
         max_positions,
         rms_norm_eps,
         rope_theta,
+        rope_scaling: None,
         tie_embeddings: false,
         loss_op: None,
     })
+}
+
+/// Llama 3.1's published rotary scaling (its HF config.json).
+const LLAMA31_ROPE: RopeScaling = RopeScaling::Llama3 {
+    factor: 8.0,
+    low_freq_factor: 1.0,
+    high_freq_factor: 4.0,
+    original_max_positions: 8192,
+};
+
+fn with_rope_scaling(mut cfg: ModelConfig, scaling: RopeScaling) -> ModelConfig {
+    if let ModelConfig::Llama(c) = &mut cfg {
+        c.rope_scaling = Some(scaling);
+    }
+    cfg
 }
 
 fn gpt(name: &str, n_layers: u64, hidden: u64, n_heads: u64, vocab: u64, seq: u64) -> ModelConfig {
@@ -122,14 +158,23 @@ pub fn preset(name: &str) -> Result<ModelConfig, ConfigError> {
         "llama2-70b" => llama(name, 8192, 28672, 80, 64, 8, 32000, 4096, 1e-5, 10_000.0),
         "llama3-8b" => llama(name, 4096, 14336, 32, 32, 8, 128256, 8192, 1e-5, 500_000.0),
         "llama3-70b" => llama(name, 8192, 28672, 80, 64, 8, 128256, 8192, 1e-5, 500_000.0),
-        "llama3.1-8b" => llama(
-            name, 4096, 14336, 32, 32, 8, 128256, 131072, 1e-5, 500_000.0,
+        "llama3.1-8b" => with_rope_scaling(
+            llama(
+                name, 4096, 14336, 32, 32, 8, 128256, 131072, 1e-5, 500_000.0,
+            ),
+            LLAMA31_ROPE,
         ),
-        "llama3.1-70b" => llama(
-            name, 8192, 28672, 80, 64, 8, 128256, 131072, 1e-5, 500_000.0,
+        "llama3.1-70b" => with_rope_scaling(
+            llama(
+                name, 8192, 28672, 80, 64, 8, 128256, 131072, 1e-5, 500_000.0,
+            ),
+            LLAMA31_ROPE,
         ),
-        "llama3.1-405b" => llama(
-            name, 16384, 53248, 126, 128, 8, 128256, 131072, 1e-5, 500_000.0,
+        "llama3.1-405b" => with_rope_scaling(
+            llama(
+                name, 16384, 53248, 126, 128, 8, 128256, 131072, 1e-5, 500_000.0,
+            ),
+            LLAMA31_ROPE,
         ),
         "gpt-mini" => gpt(name, 2, 64, 4, 256, 64),
         "gpt2" => gpt(name, 12, 768, 12, 50257, 1024),

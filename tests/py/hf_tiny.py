@@ -1,0 +1,120 @@
+"""Tiny HuggingFace checkpoints and transformers' own losses, for the HF
+parity tests (tests/tests/hf.rs). Run with the project venv's python.
+
+  hf_tiny.py make llama|llama-tied|gpt2 OUT [--shard-bytes N] [--config-style 4|5]
+  hf_tiny.py loss DIR TOKENS SEQ BATCH   # prints transformers' loss on step 0's batch
+  hf_tiny.py drop DIR NAME               # rewrites DIR/model.safetensors without NAME
+"""
+import json
+import sys
+
+import numpy as np
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+
+def make(kind, out, shard_bytes=None, style="5"):
+    torch.manual_seed(0)
+    if kind.startswith("llama"):
+        cfg = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=176,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=256,
+            max_position_embeddings=64,
+            rms_norm_eps=1e-5,
+            # Llama 3.1's scaling, with a short original context so that
+            # the 16-dim heads' frequencies fall in all three of its bands.
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+            tie_word_embeddings=kind == "llama-tied",
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        model = LlamaForCausalLM(cfg)
+    else:
+        cfg = GPT2Config(
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            vocab_size=256,
+            n_positions=64,
+            layer_norm_epsilon=1e-5,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        model = GPT2LMHeadModel(cfg)
+    # Norm weights and biases away from their 1 / 0 initial values, so a
+    # wrong mapping of any of them changes the loss.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+            else:
+                p.mul_(2.0)
+    kwargs = {"safe_serialization": True}
+    if shard_bytes:
+        kwargs["max_shard_size"] = int(shard_bytes)
+    model.save_pretrained(out, **kwargs)
+    if style == "4" and kind.startswith("llama"):
+        # transformers 4.x's form: rope_theta and rope_scaling at the top.
+        path = f"{out}/config.json"
+        c = json.load(open(path))
+        rope = c.pop("rope_parameters")
+        c["rope_theta"] = rope.pop("rope_theta")
+        c["rope_scaling"] = rope
+        json.dump(c, open(path, "w"), indent=2)
+
+
+def windows(tokens_path, seq, batch):
+    ids = np.fromfile(tokens_path, dtype="<u2").astype(np.int64)
+    n = (len(ids) - 1) // seq
+    rows = [ids[(r % n) * seq:(r % n) * seq + seq + 1] for r in range(batch)]
+    return torch.tensor(np.stack(rows))
+
+
+def loss(d, tokens_path, seq, batch):
+    cls = GPT2LMHeadModel if json.load(open(f"{d}/config.json"))["model_type"] == "gpt2" else LlamaForCausalLM
+    model = cls.from_pretrained(d, attn_implementation="eager", dtype=torch.float32)
+    model.eval()
+    x = windows(tokens_path, int(seq), int(batch))
+    with torch.no_grad():
+        out = model(input_ids=x, labels=x)
+    print(repr(float(out.loss)))
+
+
+if __name__ == "__main__":
+    cmd = sys.argv[1]
+    if cmd == "make":
+        args = sys.argv[2:]
+        shard = None
+        style = "5"
+        if "--shard-bytes" in args:
+            i = args.index("--shard-bytes")
+            shard = args[i + 1]
+            del args[i:i + 2]
+        if "--config-style" in args:
+            i = args.index("--config-style")
+            style = args[i + 1]
+            del args[i:i + 2]
+        make(args[0], args[1], shard, style)
+    elif cmd == "drop":
+        # Rewrites DIR/model.safetensors without tensor NAME.
+        from safetensors.torch import load_file, save_file
+        d, name = sys.argv[2], sys.argv[3]
+        t = load_file(f"{d}/model.safetensors")
+        del t[name]
+        save_file(t, f"{d}/model.safetensors", metadata={"format": "pt"})
+    elif cmd == "loss":
+        loss(*sys.argv[2:6])
+    else:
+        sys.exit(f"unknown command {cmd}")

@@ -1,0 +1,310 @@
+//! HuggingFace weights in: `autopart run OUT --init-from DIR`, checked
+//! against transformers itself.
+//!
+//! Tiny checkpoints are made in the test by transformers (`tests/py/hf_tiny.py`,
+//! the project venv's python): a Llama with GQA (4 query heads, 2 kv heads),
+//! explicit `head_dim` and Llama 3.1's `llama3` rotary scaling, saved in 10
+//! shards with an index and a transformers-4.x config.json; the same with
+//! tied embeddings and a 5.x config.json (`rope_parameters`); and a GPT-2
+//! (`Conv1D` weights, fused `c_attn`, `attn.bias` buffers). Every norm
+//! weight and bias is moved away from its initial value so that a wrong
+//! mapping of any tensor changes the loss.
+//!
+//! The plan is compiled from the folder's config.json, trained one step
+//! from the folder's weights on a token file, and its step-0 loss must equal
+//! transformers' loss (`labels=input_ids`) on the same rows within 1e-5
+//! relative: on one process and under tp2 (with sequence parallelism), pp2
+//! (1F1B) and dp2 (ZeRO-3) for Llama, one process and tp2 for GPT-2.
+//! Wrong folders get errors naming the file and what was expected.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use autopart_tests::plans::{DP2_ZERO3, SINGLE, TP2};
+use autopart_tests::{autopart_home, compile_model, launch, read_metrics};
+
+const RTOL: f64 = 1e-5;
+const SEQ: usize = 16;
+const BATCH: usize = 8;
+const PP2: &[&str] = &[
+    "--plan-ngpus",
+    "2",
+    "--tp",
+    "1",
+    "--pp",
+    "2",
+    "--micro-batch",
+    "2",
+    "--schedule",
+    "1f1b",
+];
+
+fn python() -> PathBuf {
+    autopart_home().join(".venv/bin/python")
+}
+
+/// Runs `tests/py/hf_tiny.py args...`; returns its stdout.
+fn hf_tiny(args: &[&str]) -> Result<String> {
+    let script = autopart_home().join("tests/py/hf_tiny.py");
+    let out = Command::new(python())
+        .arg(&script)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "hf_tiny.py {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A token file of `n` pseudo-random ids below 256 (u16).
+fn token_file(dir: &Path, n: usize) -> Result<PathBuf> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let bytes: Vec<u8> = (0..n)
+        .flat_map(|_| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (((x >> 33) % 256) as u16).to_le_bytes()
+        })
+        .collect();
+    let path = dir.join("tokens.bin");
+    std::fs::write(&path, bytes)?;
+    Ok(path)
+}
+
+/// transformers' loss on the rows step 0 trains on.
+fn reference_loss(model: &Path, tokens: &Path) -> Result<f64> {
+    let text = hf_tiny(&[
+        "loss",
+        &model.display().to_string(),
+        &tokens.display().to_string(),
+        &SEQ.to_string(),
+        &BATCH.to_string(),
+    ])?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("transformers printed {text:?}"))
+}
+
+/// Compiles `model`'s config.json under `plan` into `out`, trains one step
+/// from its weights on `np` processes; returns the step-0 loss.
+fn autopart_loss(model: &Path, tokens: &Path, out: &Path, plan: &[&str], np: usize) -> Result<f64> {
+    compile_model(out, &model.join("config.json").display().to_string(), plan)?;
+    let metrics = out.join("metrics.jsonl");
+    let args = [
+        "--steps".to_string(),
+        "1".into(),
+        "--data".into(),
+        tokens.display().to_string(),
+        "--init-from".into(),
+        model.display().to_string(),
+        "--metrics".into(),
+        metrics.display().to_string(),
+    ];
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = launch(np, out, &refs, Duration::from_secs(300))?;
+    if !output.status.success() {
+        bail!(
+            "run under {plan:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !stdout.contains("initialised from") {
+        bail!("the run does not say it initialised from the folder:\n{stdout}");
+    }
+    Ok(read_metrics(&metrics)?[0].loss)
+}
+
+fn assert_close(what: &str, got: f64, want: f64) {
+    let rel = (got - want).abs() / want.abs().max(1e-12);
+    assert!(
+        rel <= RTOL,
+        "{what}: autopart {got} vs transformers {want} (relative {rel:.2e})"
+    );
+}
+
+/// Llama with GQA, head_dim, llama3 rope scaling, 10 shards, 4.x config.
+#[test]
+fn llama_from_hf_equals_transformers_under_every_plan() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("llama");
+    hf_tiny(&[
+        "make",
+        "llama",
+        &model.display().to_string(),
+        "--shard-bytes",
+        "60000",
+        "--config-style",
+        "4",
+    ])?;
+    assert!(model.join("model.safetensors.index.json").is_file());
+    let tokens = token_file(dir.path(), 400)?;
+    let want = reference_loss(&model, &tokens)?;
+    for (name, plan, np) in [
+        ("one process", SINGLE, 1),
+        ("tp2+sp", TP2, 2),
+        ("pp2 1f1b", PP2, 2),
+        ("dp2 zero3", DP2_ZERO3, 2),
+    ] {
+        let out = dir.path().join(format!("out-{}", name.replace(' ', "-")));
+        let got = autopart_loss(&model, &tokens, &out, plan, np)?;
+        assert_close(&format!("llama, {name}"), got, want);
+    }
+    Ok(())
+}
+
+/// Tied embeddings and transformers 5.x's `rope_parameters`, one file.
+#[test]
+fn tied_llama_with_a_5x_config_equals_transformers() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("llama-tied");
+    hf_tiny(&["make", "llama-tied", &model.display().to_string()])?;
+    let config = std::fs::read_to_string(model.join("config.json"))?;
+    assert!(config.contains("rope_parameters"), "{config}");
+    let tokens = token_file(dir.path(), 400)?;
+    let want = reference_loss(&model, &tokens)?;
+    let got = autopart_loss(&model, &tokens, &dir.path().join("out"), SINGLE, 1)?;
+    assert_close("tied llama", got, want);
+    Ok(())
+}
+
+/// GPT-2: Conv1D transposed, c_attn split, attn.bias buffers ignored.
+#[test]
+fn gpt2_from_hf_equals_transformers() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("gpt2");
+    hf_tiny(&["make", "gpt2", &model.display().to_string()])?;
+    let tokens = token_file(dir.path(), 400)?;
+    let want = reference_loss(&model, &tokens)?;
+    for (name, plan, np) in [("one process", SINGLE, 1), ("tp2", TP2, 2)] {
+        let out = dir.path().join(format!("out-{}", name.replace(' ', "-")));
+        let got = autopart_loss(&model, &tokens, &out, plan, np)?;
+        assert_close(&format!("gpt2, {name}"), got, want);
+    }
+    Ok(())
+}
+
+/// Runs one step of the compiled plan in `out` from `from`; returns the
+/// failure text (stdout and stderr) or fails if it succeeded.
+fn init_error(out: &Path, from: &Path, tokens: &Path) -> Result<String> {
+    let args = [
+        "--steps".to_string(),
+        "1".into(),
+        "--data".into(),
+        tokens.display().to_string(),
+        "--init-from".into(),
+        from.display().to_string(),
+    ];
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = launch(1, out, &refs, Duration::from_secs(120))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if output.status.success() {
+        bail!("--init-from {} succeeded:\n{text}", from.display());
+    }
+    if text.contains("panicked") {
+        bail!("--init-from {} panicked:\n{text}", from.display());
+    }
+    Ok(text)
+}
+
+#[test]
+fn wrong_folders_get_errors_naming_the_file() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("llama");
+    hf_tiny(&["make", "llama", &model.display().to_string()])?;
+    let tokens = token_file(dir.path(), 400)?;
+    let out = dir.path().join("out");
+    compile_model(
+        &out,
+        &model.join("config.json").display().to_string(),
+        SINGLE,
+    )?;
+    let copy = |name: &str| -> Result<PathBuf> {
+        let to = dir.path().join(name);
+        std::fs::create_dir_all(&to)?;
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(model.join(f), to.join(f))?;
+        }
+        Ok(to)
+    };
+
+    // A missing tensor.
+    let missing = copy("missing")?;
+    hf_tiny(&["drop", &missing.display().to_string(), "model.norm.weight"])?;
+    let e = init_error(&out, &missing, &tokens)?;
+    assert!(
+        e.contains("holds no tensor model.norm.weight"),
+        "missing tensor:\n{e}"
+    );
+
+    // Another model's folder.
+    let other = dir.path().join("wide");
+    hf_tiny(&["make", "gpt2", &other.display().to_string()])?;
+    let e = init_error(&out, &other, &tokens)?;
+    assert!(
+        e.contains("model_type") && e.contains("config.json"),
+        "another model:\n{e}"
+    );
+
+    // A numeric setting the shapes do not show.
+    let eps = copy("eps")?;
+    let config = std::fs::read_to_string(eps.join("config.json"))?;
+    std::fs::write(
+        eps.join("config.json"),
+        config.replace("\"rms_norm_eps\": 1e-05", "\"rms_norm_eps\": 1e-06"),
+    )?;
+    let e = init_error(&out, &eps, &tokens)?;
+    assert!(
+        e.contains("rms_norm_eps") && e.contains("--config"),
+        "rms_norm_eps:\n{e}"
+    );
+
+    // A truncated safetensors file.
+    let cut = copy("cut")?;
+    let bytes = std::fs::read(cut.join("model.safetensors"))?;
+    std::fs::write(cut.join("model.safetensors"), &bytes[..bytes.len() / 2])?;
+    let e = init_error(&out, &cut, &tokens)?;
+    assert!(
+        e.contains("model.safetensors") && e.contains("truncated"),
+        "truncated:\n{e}"
+    );
+
+    // No weights at all.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty)?;
+    std::fs::copy(model.join("config.json"), empty.join("config.json"))?;
+    let e = init_error(&out, &empty, &tokens)?;
+    assert!(e.contains("model.safetensors"), "no weights:\n{e}");
+
+    // An unsupported model type is refused when compiling.
+    let mistral = dir.path().join("mistral");
+    std::fs::create_dir_all(&mistral)?;
+    std::fs::write(
+        mistral.join("config.json"),
+        config.replace("\"model_type\": \"llama\"", "\"model_type\": \"mistral\""),
+    )?;
+    let err = compile_model(
+        &dir.path().join("out-mistral"),
+        &mistral.join("config.json").display().to_string(),
+        SINGLE,
+    )
+    .expect_err("mistral is not supported");
+    assert!(
+        format!("{err:#}").contains("model_type 'mistral' is not supported"),
+        "{err:#}"
+    );
+    Ok(())
+}
