@@ -599,6 +599,11 @@ impl Writer {
         self.counts.tokens_dropped += tokens;
     }
 
+    /// Counts input tokens left out of a record that was kept (truncated).
+    pub fn drop_tokens(&mut self, tokens: u64) {
+        self.counts.tokens_dropped += tokens;
+    }
+
     /// Ends the packed stream (its last partial row dropped or padded),
     /// writes the manifest and renames `DIR.partial` to `DIR` (an existing
     /// `DIR` is renamed aside first and removed after). Fails when no row
