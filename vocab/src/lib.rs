@@ -16,8 +16,11 @@
 //! - [`fs`]: atomic file writes (temporary sibling, fsync, rename).
 //! - [`ckpt`]: the checkpoint format (pieces as regions of global tensors,
 //!   manifests, completion, listing, resume resolution, region reads).
+//! - [`data`]: the prepared-data format (`autopart data prepare` writes it,
+//!   the runtime reads rows of tokens, labels and loss mask).
 
 pub mod ckpt;
+pub mod data;
 pub mod fs;
 pub mod hash;
 pub mod launcher;

@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 mod ckpt;
+mod data;
 mod launch;
 mod run;
 
@@ -44,6 +45,10 @@ enum Command {
     /// Inspect or merge checkpoints: `autopart ckpt inspect PATH`, `autopart ckpt merge
     /// DIR/step_N --out FILE.safetensors`.
     Ckpt(ckpt::CkptArgs),
+    /// Prepare training data: `autopart data prepare --tokenizer tokenizer.json --input
+    /// FILE... --seq-len L --out DIR` (text or JSONL; `--format instruction` for
+    /// instruction / response records with a loss mask).
+    Data(data::DataArgs),
     /// Run a job and restart it when it fails: `autopart launch --max-restarts 3 --
     /// mpirun -np 8 autopart run OUT --checkpoint-dir ck --checkpoint-every 50 --resume auto`.
     Launch(launch::LaunchArgs),
@@ -462,6 +467,7 @@ pub fn main() -> ExitCode {
         Command::Validate(args) => validate(args),
         Command::Run(args) => run::run(&args.out, &args.args),
         Command::Ckpt(args) => ckpt::ckpt(args),
+        Command::Data(args) => data::data(args),
         Command::Launch(args) => launch::launch(args),
     };
     match result {
