@@ -79,10 +79,7 @@ fn missing_field_is_named() {
     assert!(
         matches!(
             err,
-            ConfigError::Missing {
-                field: "hidden_size",
-                ..
-            }
+            ConfigError::Missing { ref field, .. } if field == "hidden_size"
         ),
         "{msg}"
     );

@@ -1400,7 +1400,7 @@ proptest! {
             Err(_) => return Ok(()),
         };
         let hash = autopart::codegen::plan_hash(text.as_bytes());
-        let _ = driver::codegen(&program, &driver::CustomOps::default(), &hash, PathBuf::from("runtime"));
+        let _ = driver::codegen(&program, &driver::CustomOps::default(), &hash, PathBuf::from("runtime"), &model);
     }
 }
 

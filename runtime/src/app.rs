@@ -1386,6 +1386,7 @@ mod tests {
             Options {
                 steps: 10,
                 data: None,
+                init_from: None,
                 data_dtype: TokenDtype::U16,
                 metrics: None,
                 seed: 0,
@@ -1431,6 +1432,7 @@ mod tests {
             Options {
                 steps: 3,
                 data: Some("x.bin".into()),
+                init_from: None,
                 data_dtype: TokenDtype::U32,
                 metrics: Some("m.jsonl".into()),
                 seed: 7,

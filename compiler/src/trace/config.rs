@@ -173,13 +173,12 @@ impl ModelConfig {
                 let positive = |x: f64| x > 0.0 && x.is_finite();
                 match c.rope_scaling {
                     None => {}
-                    Some(RopeScaling::Linear { factor }) => {
-                        if !positive(factor) {
-                            return bad(format!(
-                                "rope scaling factor must be positive, got {factor}"
-                            ));
-                        }
+                    Some(RopeScaling::Linear { factor }) if !positive(factor) => {
+                        return bad(format!(
+                            "rope scaling factor must be positive, got {factor}"
+                        ));
                     }
+                    Some(RopeScaling::Linear { .. }) => {}
                     Some(RopeScaling::Llama3 {
                         factor,
                         low_freq_factor: low,
