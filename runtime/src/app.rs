@@ -950,6 +950,7 @@ fn manifest(
             .map_or(0, |d| d.as_secs()),
         tensors: Default::default(),
         files: vec![],
+        model_config: serde_json::from_str(meta.hf_config).ok(),
     }
 }
 

@@ -3,6 +3,7 @@ parity tests (tests/tests/hf.rs). Run with the project venv's python.
 
   hf_tiny.py make llama|llama-tied|gpt2 OUT [--shard-bytes N] [--config-style 4|5]
   hf_tiny.py loss DIR TOKENS SEQ BATCH   # prints transformers' loss on step 0's batch
+  hf_tiny.py compare A B                 # from_pretrained both; prints the tensor count if all are equal
   hf_tiny.py drop DIR NAME               # rewrites DIR/model.safetensors without NAME
 """
 import json
@@ -114,6 +115,19 @@ if __name__ == "__main__":
         t = load_file(f"{d}/model.safetensors")
         del t[name]
         save_file(t, f"{d}/model.safetensors", metadata={"format": "pt"})
+    elif cmd == "compare":
+        # Loads both folders with from_pretrained; every tensor must be equal.
+        a, b = sys.argv[2], sys.argv[3]
+        def load(d):
+            cls = GPT2LMHeadModel if json.load(open(f"{d}/config.json"))["model_type"] == "gpt2" else LlamaForCausalLM
+            return cls.from_pretrained(d, dtype=torch.float32).state_dict()
+        sa, sb = load(a), load(b)
+        if sorted(sa) != sorted(sb):
+            sys.exit(f"different tensors: {sorted(set(sa) ^ set(sb))}")
+        bad = [k for k in sa if not torch.equal(sa[k], sb[k])]
+        if bad:
+            sys.exit(f"tensors differ: {bad}")
+        print(len(sa))
     elif cmd == "loss":
         loss(*sys.argv[2:6])
     else:

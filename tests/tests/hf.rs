@@ -16,6 +16,13 @@
 //! relative: on one process and under tp2 (with sequence parallelism), pp2
 //! (1F1B) and dp2 (ZeRO-3) for Llama, one process and tp2 for GPT-2.
 //! Wrong folders get errors naming the file and what was expected.
+//!
+//! HF weights out: `autopart ckpt export DIR/step_N --hf OUT` of a run that
+//! changed nothing (lr 0) gives, loaded by transformers' `from_pretrained`,
+//! tensors equal to the originals (Llama sharded, GPT-2 with c_attn fused
+//! back); and a Llama fine-tuned 10 steps under tp2·pp2, exported, has
+//! transformers' loss on held-out rows equal to autopart's own on them (from
+//! the checkpoint, one process) within 1e-5.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,7 +30,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use autopart_tests::plans::{DP2_ZERO3, SINGLE, TP2};
-use autopart_tests::{autopart_home, compile_model, launch, read_metrics};
+use autopart_tests::{autopart, autopart_home, compile_model, launch, read_metrics};
 
 const RTOL: f64 = 1e-5;
 const SEQ: usize = 16;
@@ -97,22 +104,37 @@ fn reference_loss(model: &Path, tokens: &Path) -> Result<f64> {
 /// from its weights on `np` processes; returns the step-0 loss.
 fn autopart_loss(model: &Path, tokens: &Path, out: &Path, plan: &[&str], np: usize) -> Result<f64> {
     compile_model(out, &model.join("config.json").display().to_string(), plan)?;
+    train_from(out, np, model, tokens, 1, &[])
+}
+
+/// Trains the plan in `out` `steps` steps on `np` processes from `from` on
+/// `tokens` with `extra` flags; returns the step-0 loss.
+fn train_from(
+    out: &Path,
+    np: usize,
+    from: &Path,
+    tokens: &Path,
+    steps: u32,
+    extra: &[&str],
+) -> Result<f64> {
     let metrics = out.join("metrics.jsonl");
-    let args = [
+    let mut args = vec![
         "--steps".to_string(),
-        "1".into(),
+        steps.to_string(),
         "--data".into(),
         tokens.display().to_string(),
         "--init-from".into(),
-        model.display().to_string(),
+        from.display().to_string(),
         "--metrics".into(),
         metrics.display().to_string(),
     ];
+    args.extend(extra.iter().map(ToString::to_string));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let output = launch(np, out, &refs, Duration::from_secs(300))?;
+    let plan = out.display();
     if !output.status.success() {
         bail!(
-            "run under {plan:?} failed:\n{}\n{}",
+            "run of {plan} failed:\n{}\n{}",
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
@@ -306,5 +328,138 @@ fn wrong_folders_get_errors_naming_the_file() -> Result<()> {
         format!("{err:#}").contains("model_type 'mistral' is not supported"),
         "{err:#}"
     );
+    Ok(())
+}
+
+/// `autopart ckpt export STEP --hf OUT [extra]`.
+fn export(step: &Path, out: &Path, extra: &[&str]) -> Result<String> {
+    let (step, out) = (step.display().to_string(), out.display().to_string());
+    let mut args = vec!["ckpt", "export", step.as_str(), "--hf", out.as_str()];
+    args.extend_from_slice(extra);
+    let o = autopart(&args)?;
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// Import, one step at lr 0 (nothing changes), checkpoint, export: transformers
+/// loads tensors equal to the originals.
+#[test]
+fn import_then_export_gives_back_the_original_tensors() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let tokens = token_file(dir.path(), 400)?;
+    for (kind, plan, np, shard) in [("llama", TP2, 2, "60000"), ("gpt2", SINGLE, 1, "5GB")] {
+        let model = dir.path().join(kind);
+        hf_tiny(&["make", kind, &model.display().to_string()])?;
+        let out = dir.path().join(format!("out-{kind}"));
+        compile_model(&out, &model.join("config.json").display().to_string(), plan)?;
+        let ck = dir.path().join(format!("ck-{kind}"));
+        train_from(
+            &out,
+            np,
+            &model,
+            &tokens,
+            1,
+            &[
+                "--lr",
+                "0",
+                "--min-lr",
+                "0",
+                "--checkpoint-dir",
+                &ck.display().to_string(),
+            ],
+        )?;
+        let exported = dir.path().join(format!("hf-{kind}"));
+        let said = export(&ck.join("step_1"), &exported, &["--max-shard-size", shard])?;
+        assert!(said.contains("at step 1"), "{said}");
+        if kind == "llama" {
+            assert!(
+                exported.join("model.safetensors.index.json").is_file(),
+                "60 kB shards: an index"
+            );
+        }
+        let n = hf_tiny(&[
+            "compare",
+            &model.display().to_string(),
+            &exported.display().to_string(),
+        ])?;
+        assert!(
+            n.trim().parse::<usize>()? > 10,
+            "{kind}: compared {n} tensors"
+        );
+    }
+    Ok(())
+}
+
+/// Fine-tune under tp2·pp2, export; transformers' held-out loss equals
+/// autopart's from the checkpoint.
+#[test]
+fn a_model_fine_tuned_under_tp2_pp2_exports_to_transformers() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("llama");
+    hf_tiny(&["make", "llama", &model.display().to_string()])?;
+    let tokens = token_file(dir.path(), 400)?;
+    let held_out = dir.path().join("held-out");
+    std::fs::create_dir_all(&held_out)?;
+    let held_out = {
+        // Another stream of ids: the second half of a longer file.
+        let long = token_file(&held_out, 800)?;
+        let bytes = std::fs::read(&long)?;
+        let path = held_out.join("held-out.bin");
+        std::fs::write(&path, &bytes[bytes.len() / 2..])?;
+        path
+    };
+    let tp2pp2 = [
+        "--plan-ngpus",
+        "4",
+        "--tp",
+        "2",
+        "--pp",
+        "2",
+        "--micro-batch",
+        "2",
+        "--schedule",
+        "1f1b",
+    ];
+    let out = dir.path().join("out-tp2pp2");
+    compile_model(
+        &out,
+        &model.join("config.json").display().to_string(),
+        &tp2pp2,
+    )?;
+    let ck = dir.path().join("ck");
+    let first = train_from(
+        &out,
+        4,
+        &model,
+        &tokens,
+        10,
+        &[
+            "--lr",
+            "3e-3",
+            "--checkpoint-dir",
+            &ck.display().to_string(),
+        ],
+    )?;
+    let last = read_metrics(&out.join("metrics.jsonl"))?
+        .last()
+        .map(|m| m.loss)
+        .context("metrics")?;
+    assert!(
+        last < first,
+        "fine-tuning lowers the loss: {first} -> {last}"
+    );
+    let exported = dir.path().join("hf");
+    export(&ck.join("step_10"), &exported, &[])?;
+    let want = reference_loss(&exported, &held_out)?;
+    let single = dir.path().join("out-single");
+    compile_model(
+        &single,
+        &model.join("config.json").display().to_string(),
+        SINGLE,
+    )?;
+    let got = train_from(&single, 1, &ck.join("step_10"), &held_out, 1, &[])?;
+    assert_close("fine-tuned, held out", got, want);
+    // The exported folder reads back into autopart with the same loss.
+    let again = train_from(&single, 1, &exported, &held_out, 1, &[])?;
+    assert_close("exported, read back", again, want);
     Ok(())
 }

@@ -104,6 +104,7 @@ fn manifest(world: usize) -> Manifest {
         created_unix: 1_700_000_000,
         tensors: BTreeMap::new(),
         files: vec![],
+        model_config: None,
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! `inspect` lists a `--checkpoint-dir` or summarises one `step_N` folder;
 //! `merge` streams a checkpoint's tensors, whole, into one safetensors file
-//! (one tensor in memory at a time), written atomically.
+//! (one tensor in memory at a time), written atomically; `export` (in
+//! `export.rs`) writes a HuggingFace model folder.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -32,6 +33,11 @@ enum CkptCommand {
     Inspect(InspectArgs),
     /// Write a checkpoint's full (unsharded) tensors into one safetensors file.
     Merge(MergeArgs),
+    /// Write a checkpoint as a HuggingFace model folder (config.json,
+    /// safetensors, sharded with an index above --max-shard-size) that
+    /// transformers loads with from_pretrained:
+    /// `autopart ckpt export ck/step_N --hf OUT_DIR`.
+    Export(super::export::ExportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -63,6 +69,7 @@ pub(super) fn ckpt(args: &CkptArgs) -> Result<()> {
     match &args.command {
         CkptCommand::Inspect(a) => inspect(a),
         CkptCommand::Merge(a) => merge(a),
+        CkptCommand::Export(a) => super::export::export(a),
     }
 }
 

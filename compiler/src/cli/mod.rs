@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod ckpt;
 mod data;
+mod export;
 mod launch;
 mod run;
 

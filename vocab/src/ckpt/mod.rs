@@ -238,6 +238,11 @@ pub struct Manifest {
     pub tensors: BTreeMap<String, TensorInfo>,
     /// Every file but the manifest.
     pub files: Vec<FileSum>,
+    /// The model's HuggingFace `config.json` (the plan's), so that
+    /// `autopart ckpt export --hf` needs nothing but the checkpoint; absent
+    /// in checkpoints of hand-written plan binaries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_config: Option<serde_json::Value>,
 }
 
 impl Manifest {

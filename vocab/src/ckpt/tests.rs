@@ -68,6 +68,7 @@ fn manifest(step: u64, world: usize) -> Manifest {
         created_unix: 0,
         tensors: BTreeMap::new(),
         files: vec![],
+        model_config: None,
     }
 }
 
