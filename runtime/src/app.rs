@@ -1296,6 +1296,7 @@ fn train(
                 }
             }
         }
+        let mut eval_line = None;
         let eval_loss = match eval.as_mut() {
             Some(set) if opts.eval_every.is_some_and(|n| done % n == 0) || done == stop => {
                 let t0 = Instant::now();
@@ -1308,15 +1309,13 @@ fn train(
                     batch_rows,
                     opts.eval_batches,
                 )?;
-                if rank0 {
-                    say(&format!(
-                        "eval after step {done}: loss {:.4} over {} tokens ({} batches, {:.2} s)",
-                        e.loss,
-                        e.tokens,
-                        e.batches,
-                        t0.elapsed().as_secs_f64()
-                    ));
-                }
+                eval_line = Some(format!(
+                    "eval after step {done}: loss {:.4} over {} tokens ({} batches, {:.2} s)",
+                    e.loss,
+                    e.tokens,
+                    e.batches,
+                    t0.elapsed().as_secs_f64()
+                ));
                 Some(e.loss)
             }
             _ => None,
@@ -1347,6 +1346,9 @@ fn train(
         };
         if rank0 {
             say(&record.console_line());
+            if let Some(line) = &eval_line {
+                say(line);
+            }
             if let Some(tb) = tensorboard.as_mut() {
                 tb.scalars(done, &scalars(&record))?;
             }
