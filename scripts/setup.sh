@@ -15,6 +15,8 @@ z3_version="5.4.0.0"
 # The reference for the HF parity tests (tests/tests/hf.rs): tiny checkpoints
 # are made and checked with transformers itself.
 transformers_version="5.24.0"
+# The TensorBoard test reads event files back with TensorBoard's own reader.
+tensorboard_version="2.21.0"
 compiler_only=0
 [ "${1:-}" = "--compiler-only" ] && compiler_only=1
 
@@ -55,5 +57,9 @@ fi
 if [ $compiler_only -eq 0 ] && [ "$(have transformers)" != "$transformers_version" ]; then
   log "installing transformers $transformers_version (the HF parity tests' reference)"
   "$py" -m pip install -q --disable-pip-version-check "transformers==$transformers_version"
+fi
+if [ $compiler_only -eq 0 ] && [ "$(have tensorboard)" != "$tensorboard_version" ]; then
+  log "installing tensorboard $tensorboard_version (the event-file test's reader)"
+  "$py" -m pip install -q --disable-pip-version-check "tensorboard==$tensorboard_version"
 fi
 log "ready: $venv"

@@ -37,14 +37,15 @@
 
 use crate::checkpoint::{SaveError, SaveOptions, SaveReport, Saver};
 use crate::comm::{CommError, Communicator, Groups, MeshComms, MpiComm};
-use crate::data::{Batch, DataError, TokenDtype, TokenFile};
+use crate::data::{DataError, EvalSet, Source, TokenDtype};
 use crate::exec::{ExecError, Param};
 use crate::init::InitFrom;
 use crate::mesh::{Coord, Mesh};
-use crate::metrics::{self, Memory, MetricsError, MetricsLog, StepRecord};
+use crate::metrics::{self, FlopCount, Memory, MetricsError, MetricsLog, StepRecord};
 use crate::optim::{AdamW, LrSchedule, OptimError};
 use crate::program::{self, PipelinePlan, StageModule};
 pub use crate::schedule::Schedule;
+use crate::tensorboard::EventWriter;
 pub use crate::zero::ZeroStage;
 use crate::zero::{DEFAULT_BUCKET_BYTES, DpOptimizer, OptimConfig};
 use autopart_vocab::ckpt::{self, CkptError, Manifest, Resume};
@@ -173,7 +174,15 @@ pub struct StageCtx {
 pub type BuiltStage = Result<Box<dyn StageModule>, ExecError>;
 
 /// Help text after the flags of `--help`.
-const AFTER_HELP: &str = "Run it under mpirun or srun: rank and world size come from the launcher.";
+const AFTER_HELP: &str = "Run it under mpirun or srun: rank and world size come from the launcher.
+
+Metrics: tokens/s counts the labels that count in the loss (masked ones
+do not). MFU = F * B * seq / step_s / (T * 1e12 * processes), with T from
+--peak-tflops, B * seq the token positions of the global batch and
+F = 6*N + 12*L*h*seq model FLOPs per token (PaLM): N the parameters that
+multiply activations (all but an untied input embedding and GPT-2's
+position table), L layers, h the model width (from the plan's
+config.json; without one, F = 6*N over all parameters).";
 
 /// The parsed flags of a run: one clap argument per flag, whose doc comment
 /// is its `--help` line. Parse them with [`parse_args`] (or clap's
@@ -194,11 +203,14 @@ pub struct Options {
         value_parser = value_parser!(u64).range(1..)
     )]
     pub steps: u64,
-    /// Train on a token file: flat little-endian token ids, no header
-    /// (nanoGPT/Megatron .bin). Default: synthetic tokens drawn from the seed.
-    #[arg(long, value_name = "FILE")]
+    /// Train on a folder made by `autopart data prepare` (its rows in
+    /// a shuffled order drawn from --seed, the same for every plan; masked
+    /// labels count neither in the loss nor in tokens/s) or a token file
+    /// (flat little-endian ids, no header: nanoGPT/Megatron .bin, read in
+    /// order). Default: synthetic tokens drawn from the seed.
+    #[arg(long, value_name = "FILE|DIR")]
     pub data: Option<PathBuf>,
-    /// Width of the token ids in --data.
+    /// Width of the token ids in --data and --eval-data token files.
     #[arg(long, value_name = "u16|u32", default_value = "u16", value_parser = parse_dtype)]
     pub data_dtype: TokenDtype,
     /// Initialise the parameters from DIR: a HuggingFace model folder
@@ -212,6 +224,39 @@ pub struct Options {
     /// Write one JSON object per step to FILE (rank 0).
     #[arg(long, value_name = "FILE")]
     pub metrics: Option<PathBuf>,
+    /// Write TensorBoard event files into DIR (rank 0): the scalars loss,
+    /// grad_norm, lr, step_s, tokens_per_s, tokens_per_s_per_device, mfu,
+    /// peak_rss_bytes and eval_loss, under the metrics file's names.
+    #[arg(long, value_name = "DIR")]
+    pub tensorboard: Option<PathBuf>,
+    /// Each device's peak in TFLOP/s (dense, in the run's dtype): with it,
+    /// every step reports its MFU (see below).
+    #[arg(long, value_name = "T", value_parser = positive, allow_negative_numbers = true)]
+    pub peak_tflops: Option<f64>,
+    /// Held-out data (a prepared folder or a token file, read in order):
+    /// its mean loss, forward only, is reported after the last step and
+    /// every --eval-every steps (eval_loss in the metrics).
+    #[arg(long, value_name = "FILE|DIR", help_heading = "Evaluation")]
+    pub eval_data: Option<PathBuf>,
+    /// Evaluate every N steps too.
+    #[arg(
+        long,
+        value_name = "N",
+        requires = "eval_data",
+        value_parser = value_parser!(u64).range(1..),
+        help_heading = "Evaluation"
+    )]
+    pub eval_every: Option<u64>,
+    /// Evaluate on the first K global batches of --eval-data only.
+    /// Default: all of it.
+    #[arg(
+        long,
+        value_name = "K",
+        requires = "eval_data",
+        value_parser = value_parser!(u64).range(1..),
+        help_heading = "Evaluation"
+    )]
+    pub eval_batches: Option<u64>,
     /// Seed of the parameters and of the synthetic data.
     #[arg(long, value_name = "S", default_value_t = 0)]
     pub seed: u64,
@@ -372,6 +417,13 @@ impl Default for Options {
 
 fn parse_dtype(value: &str) -> Result<TokenDtype, DataError> {
     value.parse()
+}
+
+fn positive(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        _ => Err("expected a finite number > 0".into()),
+    }
 }
 
 fn non_negative(value: &str) -> Result<f64, String> {
@@ -664,8 +716,11 @@ fn say(line: &str) {
 #[derive(Debug)]
 struct Prepared {
     opts: Options,
-    data: Option<TokenFile>,
+    data: Source,
+    eval: Option<EvalSet>,
     metrics: Option<MetricsLog>,
+    /// `--tensorboard`'s writer (rank 0).
+    tensorboard: Option<EventWriter>,
     resume: Option<ResumeFrom>,
     /// `--init-from`, opened; `None` when resuming from a checkpoint.
     init: Option<InitFrom>,
@@ -700,8 +755,15 @@ fn prepare(
     if let Some(size) = launcher.size {
         check_world(meta, size)?;
     }
-    let data = match &opts.data {
-        Some(path) => Some(TokenFile::open(
+    let data = Source::open(
+        opts.data.as_deref(),
+        opts.data_dtype,
+        meta.vocab,
+        meta.seq_len,
+        opts.seed,
+    )?;
+    let eval = match &opts.eval_data {
+        Some(path) => Some(EvalSet::open(
             path,
             opts.data_dtype,
             meta.vocab,
@@ -740,7 +802,7 @@ fn prepare(
                 }
                 Some(path) => {
                     let manifest = ckpt::read_manifest(&path)?;
-                    check_resume(meta, &opts, data.as_ref(), &path, &manifest, &mut notes)?;
+                    check_resume(meta, &opts, &data, &path, &manifest, &mut notes)?;
                     Some(ResumeFrom { path, manifest })
                 }
             }
@@ -777,10 +839,16 @@ fn prepare(
         (Some(path), 0, None) => Some(MetricsLog::create(path)?),
         _ => None,
     };
+    let tensorboard = match (&opts.tensorboard, launcher.rank.unwrap_or(0)) {
+        (Some(dir), 0) => Some(EventWriter::create(dir)?),
+        _ => None,
+    };
     Ok(Some(Prepared {
         opts,
         data,
+        eval,
         metrics,
+        tensorboard,
         resume,
         init,
         notes,
@@ -803,22 +871,6 @@ fn optim_settings(opts: &Options) -> ckpt::OptimSettings {
     }
 }
 
-/// Where the run's data stands before step `next_step` (from 0).
-fn data_position(opts: &Options, data: Option<&TokenFile>, next_step: u64) -> ckpt::DataPosition {
-    match data {
-        Some(d) => ckpt::DataPosition::Tokens {
-            path: d.path().display().to_string(),
-            tokens: d.len(),
-            dtype: opts.data_dtype.to_string(),
-            next_step,
-        },
-        None => ckpt::DataPosition::Synthetic {
-            seed: opts.seed,
-            next_step,
-        },
-    }
-}
-
 /// Checks a checkpoint against this run before anything is built: the same
 /// vocabulary and sequence length, and (unless --override-optim-settings)
 /// the same learning-rate schedule and AdamW settings. Differences in data
@@ -827,7 +879,7 @@ fn data_position(opts: &Options, data: Option<&TokenFile>, next_step: u64) -> ck
 fn check_resume(
     meta: &PlanMeta,
     opts: &Options,
-    data: Option<&TokenFile>,
+    data: &Source,
     path: &Path,
     m: &Manifest,
     notes: &mut Vec<String>,
@@ -883,7 +935,7 @@ fn check_resume(
             m.plan.seq_len, meta.seq_len
         ));
     }
-    let here = data_position(opts, data, m.step);
+    let here = data.position(opts.data_dtype, m.step);
     let same_data = match (&m.data, &here) {
         (
             ckpt::DataPosition::Synthetic { seed: a, .. },
@@ -897,6 +949,22 @@ fn check_resume(
                 path: b, tokens: k, ..
             },
         ) => a == b && n == k,
+        (
+            ckpt::DataPosition::Prepared {
+                path: a,
+                rows: n,
+                tokens_fnv1a: x,
+                seed: s,
+                ..
+            },
+            ckpt::DataPosition::Prepared {
+                path: b,
+                rows: k,
+                tokens_fnv1a: y,
+                seed: t,
+                ..
+            },
+        ) => a == b && n == k && x == y && s == t,
         _ => false,
     };
     if !same_data {
@@ -916,7 +984,7 @@ fn manifest(
     world: usize,
     step: u64,
     optimizer_steps: u64,
-    data: Option<&TokenFile>,
+    data: &Source,
 ) -> Manifest {
     Manifest {
         format: ckpt::FORMAT,
@@ -940,10 +1008,10 @@ fn manifest(
         world_size: world,
         optim: optim_settings(opts),
         optimizer_steps,
-        data: data_position(opts, data, step),
+        data: data.position(opts.data_dtype, step),
         rng: ckpt::RngState {
             seed: opts.seed,
-            note: "parameters are drawn from (seed, name); training draws no random numbers (no dropout); synthetic batches are drawn from seed + step".into(),
+            note: "parameters are drawn from (seed, name); training draws no random numbers (no dropout); synthetic batches are drawn from seed + step, a prepared folder's order from seed + epoch".into(),
         },
         created_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -964,7 +1032,9 @@ fn train(
     let Prepared {
         opts,
         mut data,
+        mut eval,
         mut metrics,
+        mut tensorboard,
         resume,
         init,
         notes,
@@ -990,6 +1060,11 @@ fn train(
     };
     // Counted before ZeRO-3 releases the parameters.
     let n_params: usize = stage.params().iter().map(|p| p.tensor.numel()).sum();
+    let flops = FlopCount::of_model(
+        model_params(stage.params(), comms)?,
+        meta.seq_len as u64,
+        meta.hf_config,
+    );
     if let Some(from) = &init {
         let t0 = Instant::now();
         let local = crate::init::load(from, stage.params_mut(), comms.coord.tp, mesh.tp);
@@ -1129,34 +1204,43 @@ fn train(
         ));
     }
     let batch_rows = meta.runtime_batch();
-    let tokens = (batch_rows * meta.seq_len) as f64;
+    let positions = (batch_rows * meta.seq_len) as u64;
+    let devices = comms.world.size();
     let started = Instant::now();
     let mut step_times = Vec::with_capacity(opts.steps as usize);
     let mut last_over = None;
     for step in start..stop {
         crate::watchdog::set_step(step + 1);
         let t0 = Instant::now();
-        let batch = match data.as_mut() {
-            Some(d) => d.batch(step, batch_rows)?,
-            None => Batch::synthetic(
-                meta.vocab,
-                batch_rows,
-                meta.seq_len,
-                (opts.seed as i64).wrapping_add(step as i64),
-            )?,
-        };
+        let batch = data.batch(step, batch_rows)?;
+        let loss_tokens = batch.loss_tokens().map_err(ExecError::from)?;
         opt.gather_params(stage.params_mut(), g.dp)?;
-        let loss = program::forward_backward(stage.as_mut(), &plan, &g, &batch)?;
-        if nan_at == Some((comms.world.rank(), step + 1)) {
-            poison_a_gradient(stage.params_mut())?;
-        }
-        // The loss is the same on every rank, so all skip alike.
-        let stats = if loss.is_finite() {
-            opt.step(stage.params_mut(), &g)?
+        // Every rank reads the same global batch, so all agree on this.
+        let all_masked = loss_tokens == 0;
+        let (loss, stats) = if all_masked {
+            (f64::NAN, opt.skip(stage.params_mut())?)
         } else {
-            opt.skip(stage.params_mut())?
+            let loss = program::forward_backward(stage.as_mut(), &plan, &g, &batch)?;
+            if nan_at == Some((comms.world.rank(), step + 1)) {
+                poison_a_gradient(stage.params_mut())?;
+            }
+            // The loss is the same on every rank, so all skip alike.
+            let stats = if loss.is_finite() {
+                opt.step(stage.params_mut(), &g)?
+            } else {
+                opt.skip(stage.params_mut())?
+            };
+            (loss, stats)
         };
-        if stats.skipped {
+        if all_masked {
+            skipped += 1;
+            if rank0 {
+                say(&format!(
+                    "step {}: every label of the global batch is masked: nothing to learn, update skipped ({skipped} so far)",
+                    step + 1
+                ));
+            }
+        } else if stats.skipped {
             if !opts.skip_nonfinite_steps {
                 // The pending save holds an earlier, finite state: finish it.
                 if let Some(saver) = saver.as_mut() {
@@ -1200,14 +1284,7 @@ fn train(
             if saver.due(done, opts.steps) || done == stop {
                 let copied = Instant::now();
                 let pieces = opt.snapshot(stage.params())?;
-                let m = manifest(
-                    meta,
-                    &opts,
-                    comms.world.size(),
-                    done,
-                    opt.steps(),
-                    data.as_ref(),
-                );
+                let m = manifest(meta, &opts, comms.world.size(), done, opt.steps(), &data);
                 let r = saver.save(&comms.world, done, pieces, m, copied)?;
                 saved.blocked_s += r.blocked_s;
                 saved.saved.extend(r.saved);
@@ -1220,8 +1297,33 @@ fn train(
                 }
             }
         }
+        let mut eval_line = None;
+        let eval_loss = match eval.as_mut() {
+            Some(set) if opts.eval_every.is_some_and(|n| done % n == 0) || done == stop => {
+                let t0 = Instant::now();
+                let e = evaluate(
+                    stage.as_mut(),
+                    &plan,
+                    &g,
+                    &opt,
+                    set,
+                    batch_rows,
+                    opts.eval_batches,
+                )?;
+                eval_line = Some(format!(
+                    "eval after step {done}: loss {:.4} over {} tokens ({} batches, {:.2} s)",
+                    e.loss,
+                    e.tokens,
+                    e.batches,
+                    t0.elapsed().as_secs_f64()
+                ));
+                Some(e.loss)
+            }
+            _ => None,
+        };
         let peak = metrics::peak_over_world(baseline, &comms.world)?;
         last_over = peak.over_baseline;
+        let tokens_per_s = loss_tokens as f64 / step_s.max(1e-9);
         let record = StepRecord {
             step: done,
             steps: opts.steps,
@@ -1229,16 +1331,28 @@ fn train(
             grad_norm: stats.grad_norm,
             lr: stats.lr,
             step_s,
-            tokens_per_s: tokens / step_s.max(1e-9),
+            loss_tokens: loss_tokens as u64,
+            tokens_per_s,
+            tokens_per_s_per_device: tokens_per_s / devices as f64,
+            mfu: opts
+                .peak_tflops
+                .map(|t| flops.mfu(positions, step_s, t, devices)),
             peak_rss_bytes: peak.peak,
             rss_over_baseline_bytes: peak.over_baseline,
             rank_peaks_over_baseline_bytes: peak.ranks_over_baseline,
             checkpoint_block_s: saver.as_ref().map(|_| saved.blocked_s),
             checkpoint_saved: saved.saved.last().copied(),
             skipped_steps: skipped,
+            eval_loss,
         };
         if rank0 {
             say(&record.console_line());
+            if let Some(line) = &eval_line {
+                say(line);
+            }
+            if let Some(tb) = tensorboard.as_mut() {
+                tb.scalars(done, &scalars(&record))?;
+            }
             for s in &saved.saved {
                 say(&saved_line(s, &opts));
             }
@@ -1268,6 +1382,93 @@ fn train(
         ));
     }
     Ok(())
+}
+
+/// The scalars of `--tensorboard` for one step, under the metrics file's
+/// names (unknown ones left out).
+fn scalars(r: &StepRecord) -> Vec<(&'static str, f64)> {
+    let mut v = vec![
+        ("loss", r.loss),
+        ("grad_norm", r.grad_norm),
+        ("lr", r.lr),
+        ("step_s", r.step_s),
+        ("tokens_per_s", r.tokens_per_s),
+        ("tokens_per_s_per_device", r.tokens_per_s_per_device),
+    ];
+    let known = [
+        ("mfu", r.mfu),
+        ("peak_rss_bytes", r.peak_rss_bytes.map(|b| b as f64)),
+        ("eval_loss", r.eval_loss),
+    ];
+    v.extend(known.into_iter().filter_map(|(k, x)| x.map(|x| (k, x))));
+    v
+}
+
+/// The model's parameters, each counted once over the world: a tp-split
+/// tensor's shards add up to it, a replicated one counts on tp rank 0,
+/// and dp replicas count on dp rank 0. Collective over the world.
+fn model_params(params: &[Param], comms: &MeshComms<MpiComm>) -> Result<u64, AppError> {
+    let mine: usize = if comms.coord.dp == 0 {
+        params
+            .iter()
+            .filter(|p| p.spec.tp_dim.is_some() || comms.coord.tp == 0)
+            .map(|p| p.tensor.numel())
+            .sum()
+    } else {
+        0
+    };
+    let total = comms
+        .world
+        .all_reduce(&Tensor::from_slice(&[mine as f64]))?;
+    Ok(total.f_double_value(&[0]).map_err(ExecError::from)? as u64)
+}
+
+/// A held-out loss: its mean over the labels that count, how many there
+/// were and over how many batches.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct EvalLoss {
+    loss: f64,
+    tokens: u64,
+    batches: u64,
+}
+
+/// The loss over `set` (its first `max_batches` global batches of `rows`
+/// rows, or all of it), forward only: each batch's mean is weighted by its
+/// count of labels that count. Nothing of the training state changes: no
+/// gradient is made and the optimizer is not stepped (under ZeRO-3 the
+/// parameters are gathered for it and released after). Collective.
+fn evaluate(
+    stage: &mut dyn StageModule,
+    plan: &PipelinePlan,
+    g: &Groups<'_>,
+    opt: &DpOptimizer,
+    set: &mut EvalSet,
+    rows: i64,
+    max_batches: Option<u64>,
+) -> Result<EvalLoss, AppError> {
+    let batches = set.batches(rows).min(max_batches.unwrap_or(u64::MAX));
+    opt.gather_params(stage.params_mut(), g.dp)?;
+    let (mut sum, mut tokens) = (0.0, 0u64);
+    for k in 0..batches {
+        let batch = set.batch(k, rows)?;
+        let count = batch.loss_tokens().map_err(ExecError::from)?;
+        if count == 0 {
+            continue;
+        }
+        let loss = program::forward_only(&*stage, plan, g, &batch)?;
+        sum += loss * count as f64;
+        tokens += count as u64;
+    }
+    opt.release_gathered(stage.params_mut())?;
+    Ok(EvalLoss {
+        loss: if tokens == 0 {
+            f64::NAN
+        } else {
+            sum / tokens as f64
+        },
+        tokens,
+        batches,
+    })
 }
 
 /// The test hook of `AUTOPART_FAULT_NAN_AT_STEP`: a NaN in the first
@@ -1390,6 +1591,11 @@ mod tests {
                 init_from: None,
                 data_dtype: TokenDtype::U16,
                 metrics: None,
+                tensorboard: None,
+                peak_tflops: None,
+                eval_data: None,
+                eval_every: None,
+                eval_batches: None,
                 seed: 0,
                 lr: 3e-4,
                 min_lr: None,
@@ -1423,7 +1629,8 @@ mod tests {
         let o = match parse_args(args(
             "--steps=3 --data x.bin --data-dtype u32 --metrics m.jsonl --seed 7 --lr 1e-3 \
              --min-lr=1e-4 --warmup 2 --weight-decay 0.1 --clip 0 --adam-eps 1e-6 \
-             --bucket-mb 0.5 --threads 2 --save-params out/params",
+             --bucket-mb 0.5 --threads 2 --save-params out/params --tensorboard tb \
+             --peak-tflops 312 --eval-data val --eval-every 5 --eval-batches 2",
         )) {
             Ok(Command::Train(o)) => *o,
             other => panic!("{other:?}"),
@@ -1436,6 +1643,11 @@ mod tests {
                 init_from: None,
                 data_dtype: TokenDtype::U32,
                 metrics: Some("m.jsonl".into()),
+                tensorboard: Some("tb".into()),
+                peak_tflops: Some(312.0),
+                eval_data: Some("val".into()),
+                eval_every: Some(5),
+                eval_batches: Some(2),
                 seed: 7,
                 lr: 1e-3,
                 min_lr: Some(1e-4),
@@ -1478,7 +1690,13 @@ mod tests {
         let text = help();
         for flag in [
             "--steps <N>",
-            "--data <FILE>",
+            "--data <FILE|DIR>",
+            "--tensorboard <DIR>",
+            "--peak-tflops <T>",
+            "--eval-data <FILE|DIR>",
+            "--eval-every <N>",
+            "--eval-batches <K>",
+            "6*N + 12*L*h*seq",
             "--data-dtype <u16|u32>",
             "--metrics <FILE>",
             "--seed <S>",
@@ -1540,6 +1758,11 @@ mod tests {
         assert!(usage_msg(parse_args(args("--data-dtype u8"))).contains("u8"));
         assert!(usage_msg(parse_args(args("--bucket-mb 0"))).contains("--bucket-mb"));
         assert!(usage_msg(parse_args(args("--threads 0"))).contains("--threads"));
+        assert!(usage_msg(parse_args(args("--peak-tflops 0"))).contains("--peak-tflops"));
+        for f in ["--eval-every 5", "--eval-batches 2"] {
+            let msg = usage_msg(parse_args(args(f)));
+            assert!(msg.contains("--eval-data"), "{f}: {msg}");
+        }
         assert!(usage_msg(parse_args(args("stray"))).contains("'stray'"));
         // Checkpoint flags: what needs --checkpoint-dir, and the resume forms.
         for f in ["--checkpoint-every 5", "--keep 2", "--async-checkpoint"] {

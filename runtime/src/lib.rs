@@ -39,5 +39,6 @@ pub mod program;
 pub use autopart_vocab as vocab;
 /// Pipeline schedules, shared with the compiler (which draws them).
 pub use autopart_vocab::schedule;
+pub mod tensorboard;
 pub mod watchdog;
 pub mod zero;

@@ -35,8 +35,16 @@ pub struct StepRecord {
     pub lr: f64,
     /// Wall-clock seconds of the step (batch, forward, backward, update).
     pub step_s: f64,
-    /// Tokens of the global batch per second of the step.
+    /// Labels of the global batch that count in the loss (those not
+    /// masked): the loss is their mean.
+    pub loss_tokens: u64,
+    /// `loss_tokens` per second of the step.
     pub tokens_per_s: f64,
+    /// `tokens_per_s` divided by the run's processes (devices).
+    pub tokens_per_s_per_device: f64,
+    /// Model FLOPs utilisation of the step ([`FlopCount`]); `None` without
+    /// a peak (`--peak-tflops`).
+    pub mfu: Option<f64>,
     /// Peak resident set (`VmHWM`), the most of any rank.
     pub peak_rss_bytes: Option<u64>,
     /// Peak resident set over the rank's baseline, the most of any rank.
@@ -52,8 +60,11 @@ pub struct StepRecord {
     /// The checkpoint that became complete at this step's boundary.
     pub checkpoint_saved: Option<crate::checkpoint::Saved>,
     /// Steps of this run so far whose update was skipped (a non-finite loss
-    /// or gradient norm under `--skip-nonfinite-steps`).
+    /// or gradient norm under `--skip-nonfinite-steps`, or a batch whose
+    /// labels are all masked).
     pub skipped_steps: u64,
+    /// The mean loss over the held-out set, on the steps it was computed.
+    pub eval_loss: Option<f64>,
 }
 
 impl StepRecord {
@@ -69,6 +80,9 @@ impl StepRecord {
             self.step_s,
             self.tokens_per_s
         );
+        if let Some(mfu) = self.mfu {
+            let _ = write!(line, "  mfu {:.1}%", mfu * 100.0);
+        }
         if let Some(over) = self.rss_over_baseline_bytes {
             let _ = write!(line, "  rss +{} MiB", over >> 20);
         }
@@ -106,19 +120,113 @@ impl StepRecord {
         let block = self
             .checkpoint_block_s
             .map_or_else(|| "null".to_string(), num);
+        let opt = |x: Option<f64>| x.map_or_else(|| "null".to_string(), num);
         format!(
-            "{{\"step\":{},\"loss\":{},\"grad_norm\":{},\"lr\":{},\"step_s\":{},\"tokens_per_s\":{},\"peak_rss_bytes\":{},\"rss_over_baseline_bytes\":{},\"rank_peaks_over_baseline_bytes\":[{}],\"checkpoint_block_s\":{block},\"checkpoint_saved\":{saved},\"skipped_steps\":{}}}",
+            "{{\"step\":{},\"loss\":{},\"grad_norm\":{},\"lr\":{},\"step_s\":{},\"loss_tokens\":{},\"tokens_per_s\":{},\"tokens_per_s_per_device\":{},\"mfu\":{},\"peak_rss_bytes\":{},\"rss_over_baseline_bytes\":{},\"rank_peaks_over_baseline_bytes\":[{}],\"checkpoint_block_s\":{block},\"checkpoint_saved\":{saved},\"skipped_steps\":{},\"eval_loss\":{}}}",
             self.step,
             num(self.loss),
             num(self.grad_norm),
             num(self.lr),
             num(self.step_s),
+            self.loss_tokens,
             num(self.tokens_per_s),
+            num(self.tokens_per_s_per_device),
+            opt(self.mfu),
             bytes(self.peak_rss_bytes),
             bytes(self.rss_over_baseline_bytes),
             ranks.join(","),
             self.skipped_steps,
+            opt(self.eval_loss),
         )
+    }
+}
+
+/// The model FLOPs of training on one token, for MFU: `6·N + 12·L·h·s`
+/// (PaLM, appendix B; Megatron-LM's count without its vocabulary term,
+/// which `N` holds): `6·N` for the forward (2·N) and backward (4·N) of
+/// the matmuls with the `N` parameters that multiply activations, and
+/// `12·L·h·s` for attention's scores and weighted sums (`L` layers, model
+/// width `h`, sequence length `s`). `N` is every parameter except the
+/// ones only looked up: an untied input embedding table and GPT-2's
+/// position table (a tied table is the LM head, a matmul, and counts). The
+/// count is the model's, whatever the plan: recomputation, padding and
+/// communication are not counted, so MFU compares plans fairly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlopCount {
+    /// `N`: parameters that multiply activations.
+    pub matmul_params: u64,
+    /// `L`; 0 when unknown (a plan without a config.json), which drops the
+    /// attention term.
+    pub layers: u64,
+    /// `h`.
+    pub hidden: u64,
+    /// `s`.
+    pub seq: u64,
+}
+
+impl FlopCount {
+    /// The count of a model of `params` parameters in all (each counted
+    /// once) and sequence length `seq`, with `L`, `h` and the lookup tables
+    /// read from its HuggingFace `config.json` (`num_hidden_layers` or
+    /// `n_layer`, `hidden_size` or `n_embd`, `vocab_size`,
+    /// `tie_word_embeddings`, GPT-2's `n_positions`). Without a config (or
+    /// one without these fields) `N` is every parameter and there is no
+    /// attention term.
+    pub fn of_model(params: u64, seq: u64, hf_config: &str) -> Self {
+        let bare = Self {
+            matmul_params: params,
+            layers: 0,
+            hidden: 0,
+            seq,
+        };
+        let Ok(cfg) = serde_json::from_str::<serde_json::Value>(hf_config) else {
+            return bare;
+        };
+        let int = |keys: &[&str]| {
+            keys.iter()
+                .find_map(|k| cfg.get(*k).and_then(serde_json::Value::as_u64))
+        };
+        let (Some(layers), Some(hidden)) = (
+            int(&["num_hidden_layers", "n_layer"]),
+            int(&["hidden_size", "n_embd"]),
+        ) else {
+            return bare;
+        };
+        let gpt2 = cfg.get("model_type").and_then(serde_json::Value::as_str) == Some("gpt2");
+        // HF's defaults: Llama unties, GPT-2 ties.
+        let tied = cfg
+            .get("tie_word_embeddings")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(gpt2);
+        let mut lookup = 0u64;
+        if !tied {
+            lookup += int(&["vocab_size"]).unwrap_or(0).saturating_mul(hidden);
+        }
+        if gpt2 {
+            lookup += int(&["n_positions"]).unwrap_or(0).saturating_mul(hidden);
+        }
+        Self {
+            matmul_params: params.saturating_sub(lookup),
+            layers,
+            hidden,
+            seq,
+        }
+    }
+
+    /// FLOPs of training on one token: `6·N + 12·L·h·s`.
+    pub fn per_token(&self) -> f64 {
+        6.0 * self.matmul_params as f64
+            + 12.0 * self.layers as f64 * self.hidden as f64 * self.seq as f64
+    }
+
+    /// Model FLOPs utilisation of a step that trained on `positions` token
+    /// positions (masked ones included: they cost the same) in `step_s`
+    /// seconds on `devices` devices of `peak_tflops` each:
+    /// `per_token · positions / step_s / (peak_tflops · 10^12 · devices)`.
+    pub fn mfu(&self, positions: u64, step_s: f64, peak_tflops: f64, devices: usize) -> f64 {
+        self.per_token() * positions as f64
+            / step_s.max(1e-9)
+            / (peak_tflops * 1e12 * devices.max(1) as f64)
     }
 }
 
@@ -301,13 +409,17 @@ mod tests {
             grad_norm: 2.314,
             lr: 3e-3,
             step_s: 0.4134,
+            loss_tokens: 512,
             tokens_per_s: 1250.2,
+            tokens_per_s_per_device: 625.1,
+            mfu: None,
             peak_rss_bytes: Some(900 << 20),
             rss_over_baseline_bytes: Some(120 << 20),
             rank_peaks_over_baseline_bytes: vec![120 << 20, 100 << 20],
             checkpoint_block_s: None,
             checkpoint_saved: None,
             skipped_steps: 0,
+            eval_loss: None,
         }
     }
 
@@ -321,10 +433,12 @@ mod tests {
         assert_eq!(
             r.json(),
             "{\"step\":3,\"loss\":5.40123,\"grad_norm\":2.314,\"lr\":0.003,\"step_s\":0.4134,\
-             \"tokens_per_s\":1250.2,\"peak_rss_bytes\":943718400,\
+             \"loss_tokens\":512,\"tokens_per_s\":1250.2,\"tokens_per_s_per_device\":625.1,\
+             \"mfu\":null,\"peak_rss_bytes\":943718400,\
              \"rss_over_baseline_bytes\":125829120,\
              \"rank_peaks_over_baseline_bytes\":[125829120,104857600],\
-             \"checkpoint_block_s\":null,\"checkpoint_saved\":null,\"skipped_steps\":0}"
+             \"checkpoint_block_s\":null,\"checkpoint_saved\":null,\"skipped_steps\":0,\
+             \"eval_loss\":null}"
         );
         let saving = StepRecord {
             checkpoint_block_s: Some(0.25),
@@ -337,7 +451,7 @@ mod tests {
             ..r.clone()
         };
         assert!(saving.json().ends_with(
-            "\"checkpoint_block_s\":0.25,\"checkpoint_saved\":{\"step\":3,\"bytes\":4096,\"seconds\":1.5,\"write_s\":0.5},\"skipped_steps\":0}"
+            "\"checkpoint_block_s\":0.25,\"checkpoint_saved\":{\"step\":3,\"bytes\":4096,\"seconds\":1.5,\"write_s\":0.5},\"skipped_steps\":0,\"eval_loss\":null}"
         ));
         let unknown = StepRecord {
             loss: f64::NAN,
@@ -349,9 +463,54 @@ mod tests {
         assert!(unknown.json().contains("\"loss\":null"));
         assert!(unknown.json().ends_with(
             "\"rss_over_baseline_bytes\":null,\"rank_peaks_over_baseline_bytes\":[],\
-                 \"checkpoint_block_s\":null,\"checkpoint_saved\":null,\"skipped_steps\":0}"
+                 \"checkpoint_block_s\":null,\"checkpoint_saved\":null,\"skipped_steps\":0,\
+                 \"eval_loss\":null}"
         ));
         assert!(!unknown.console_line().contains("rss"));
+        let known = StepRecord {
+            mfu: Some(0.123),
+            eval_loss: Some(4.5),
+            ..r.clone()
+        };
+        assert!(
+            known.console_line().contains("  mfu 12.3%  rss"),
+            "{}",
+            known.console_line()
+        );
+        assert!(known.json().contains("\"mfu\":0.123,"), "{}", known.json());
+        assert!(
+            known.json().ends_with("\"eval_loss\":4.5}"),
+            "{}",
+            known.json()
+        );
+    }
+
+    #[test]
+    fn flops_follow_the_formula_and_the_config() {
+        // llama-mini-like: untied 256 x 64 embedding, 4 layers, width 64.
+        let cfg = r#"{"model_type":"llama","num_hidden_layers":4,"hidden_size":64,"vocab_size":256,"tie_word_embeddings":false}"#;
+        let f = FlopCount::of_model(100_000, 16, cfg);
+        assert_eq!(
+            (f.matmul_params, f.layers, f.hidden, f.seq),
+            (100_000 - 256 * 64, 4, 64, 16)
+        );
+        assert_eq!(
+            f.per_token(),
+            6.0 * (100_000 - 16_384) as f64 + 12.0 * 4.0 * 64.0 * 16.0
+        );
+        // GPT-2 ties its table (it stays) but looks positions up.
+        let gpt2 =
+            r#"{"model_type":"gpt2","n_layer":2,"n_embd":8,"vocab_size":50,"n_positions":32}"#;
+        assert_eq!(
+            FlopCount::of_model(1000, 4, gpt2).matmul_params,
+            1000 - 32 * 8
+        );
+        // No config: every parameter, no attention term.
+        let bare = FlopCount::of_model(1000, 4, "");
+        assert_eq!(bare.per_token(), 6000.0);
+        // 6000 FLOPs x 1000 positions in 0.5 s on 2 devices of 1e-6 TFLOP/s (1e6 FLOP/s).
+        let mfu = bare.mfu(1000, 0.5, 1e-6, 2);
+        assert!((mfu - 6.0).abs() < 1e-9, "{mfu}");
     }
 
     #[test]

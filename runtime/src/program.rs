@@ -40,8 +40,9 @@ pub trait StageModule: std::fmt::Debug {
     /// Records one micro-batch's forward through model chunk `chunk` on
     /// `tape`. `input` is the received activation (`None` on the first
     /// virtual stage); `tokens` and `labels` are this micro-batch's rows
-    /// `[mbs, seq]` (int64); `total_tokens` is the global batch's token
-    /// count (the loss is a mean over it). Returns the id of the input
+    /// `[mbs, seq]` (int64); `total_tokens` is the number of the global
+    /// batch's labels that count (not [`crate::ops::IGNORE_INDEX`]; at least
+    /// 1): the loss is a mean over them. Returns the id of the input
     /// activation on the tape (if any) and the id of the output: the
     /// activation to send or, on the last virtual stage, this micro-batch's
     /// share of the loss (a scalar).
@@ -98,6 +99,10 @@ struct Step<'s, M: ?Sized> {
     mbs: i64,
     /// The boundary activation's shape.
     shape: Vec<i64>,
+    /// The loss's divisor: the global batch's labels that count (those not
+    /// `IGNORE_INDEX`), at least 1 so that a batch of masked labels gives a
+    /// zero loss rather than a division by zero.
+    total_tokens: i64,
 }
 
 impl<'s, M: StageModule + ?Sized> Step<'s, M> {
@@ -132,7 +137,7 @@ impl<'s, M: StageModule + ?Sized> Step<'s, M> {
             input,
             &self.rows(&self.batch.tokens, mb)?,
             &self.rows(&self.batch.labels, mb)?,
-            self.batch.tokens.numel() as i64,
+            self.total_tokens,
         )?;
         Ok((tape, inp, out))
     }
@@ -173,17 +178,7 @@ pub fn forward_backward<M: StageModule + ?Sized>(
     batch: &Batch,
 ) -> Result<f64, ExecError> {
     let Mesh { tp, dp, pp } = plan.mesh;
-    if (g.tp.size(), g.dp.size(), g.pp.size()) != (tp, dp, pp) || g.coord != plan.coord {
-        return Err(plan_error(format!(
-            "communicators of sizes tp={} dp={} pp={} at {:?} do not match mesh {:?} at {:?}",
-            g.tp.size(),
-            g.dp.size(),
-            g.pp.size(),
-            g.coord,
-            plan.mesh,
-            plan.coord
-        )));
-    }
+    check_groups(plan, g)?;
     let mut loss = run_pipeline(&*m, plan, g, batch)?;
     complete_tp_grads(m.params_mut(), g.tp)?;
     if m.loss_is_partial() && tp > 1 {
@@ -225,48 +220,137 @@ fn run_pipeline<M: StageModule + ?Sized>(
     g: &Groups<'_>,
     batch: &Batch,
 ) -> Result<Tensor, ExecError> {
-    let (dp, n_mb) = (plan.mesh.dp, plan.micro_batches);
-    let size = batch.tokens.size();
-    let (b, l) = match size[..] {
-        [b, l] => (b, l),
-        _ => {
-            return Err(plan_error(format!(
-                "tokens must be [batch, seq], got {size:?}"
-            )));
-        }
-    };
-    if batch.labels.size() != size {
-        return Err(plan_error(format!(
-            "labels {:?} do not match tokens {size:?}",
-            batch.labels.size()
-        )));
-    }
-    if n_mb == 0 || b % (dp * n_mb) as i64 != 0 {
-        return Err(plan_error(format!(
-            "batch ({b}) does not split into {dp} dp ranks x {n_mb} micro-batches"
-        )));
-    }
-    let chunks = plan.schedule.chunks() as usize;
-    if chunks != m.n_chunks() {
-        return Err(plan_error(format!(
-            "schedule {:?} runs {chunks} model chunks per stage, the stage holds {}",
-            plan.schedule,
-            m.n_chunks()
-        )));
-    }
-    let mbs = b / (dp * n_mb) as i64;
-    let step = Step {
-        m,
-        plan,
-        g,
-        batch,
-        mbs,
-        shape: m.boundary_shape(mbs, l),
-    };
+    let step = Step::of(m, plan, g, batch)?;
     match plan.schedule {
         Schedule::Interleaved { chunks } => run_interleaved(&step, chunks as usize),
         Schedule::GPipe | Schedule::OneFOneB => run_flat(&step),
     }
+}
+
+impl<'s, M: StageModule + ?Sized> Step<'s, M> {
+    /// Checks that `batch` splits over `plan` and that `m` holds the
+    /// schedule's model chunks.
+    fn of(
+        m: &'s M,
+        plan: &'s PipelinePlan,
+        g: &'s Groups<'s>,
+        batch: &'s Batch,
+    ) -> Result<Self, ExecError> {
+        let (dp, n_mb) = (plan.mesh.dp, plan.micro_batches);
+        let size = batch.tokens.size();
+        let (b, l) = match size[..] {
+            [b, l] => (b, l),
+            _ => {
+                return Err(plan_error(format!(
+                    "tokens must be [batch, seq], got {size:?}"
+                )));
+            }
+        };
+        if batch.labels.size() != size {
+            return Err(plan_error(format!(
+                "labels {:?} do not match tokens {size:?}",
+                batch.labels.size()
+            )));
+        }
+        if n_mb == 0 || b % (dp * n_mb) as i64 != 0 {
+            return Err(plan_error(format!(
+                "batch ({b}) does not split into {dp} dp ranks x {n_mb} micro-batches"
+            )));
+        }
+        let chunks = plan.schedule.chunks() as usize;
+        if chunks != m.n_chunks() {
+            return Err(plan_error(format!(
+                "schedule {:?} runs {chunks} model chunks per stage, the stage holds {}",
+                plan.schedule,
+                m.n_chunks()
+            )));
+        }
+        let mbs = b / (dp * n_mb) as i64;
+        Ok(Step {
+            m,
+            plan,
+            g,
+            batch,
+            mbs,
+            shape: m.boundary_shape(mbs, l),
+            total_tokens: batch.loss_tokens()?.max(1),
+        })
+    }
+}
+
+/// The loss of `batch` without gradients: every micro-batch's forward
+/// under `no_grad`, in micro-batch order, each through the virtual stages
+/// in turn (activations passed on over pp as in training; no backward, so
+/// no schedule is needed). Parameters' gradients and the optimizer are not
+/// touched. Returns on every rank the mean loss over the batch's labels
+/// that count (0 when none does). Under ZeRO-3 the parameters must be
+/// gathered first.
+pub fn forward_only<M: StageModule + ?Sized>(
+    m: &M,
+    plan: &PipelinePlan,
+    g: &Groups<'_>,
+    batch: &Batch,
+) -> Result<f64, ExecError> {
+    let Mesh { tp, dp, pp } = plan.mesh;
+    check_groups(plan, g)?;
+    let s = Step::of(m, plan, g, batch)?;
+    let stage = plan.coord.pp;
+    let chunks = m.n_chunks();
+    let mut loss = Tensor::f_zeros([], cpu_f32())?;
+    tch::no_grad(|| -> Result<(), ExecError> {
+        for mb in 0..plan.micro_batches {
+            // Without pp, a chunk's output goes straight to the next chunk.
+            let mut carried = None;
+            for chunk in 0..chunks {
+                // The first virtual stage embeds the tokens; the others
+                // receive the previous one's output (the pp ring).
+                let input = if chunk * pp + stage == 0 {
+                    None
+                } else if pp == 1 {
+                    carried.take()
+                } else {
+                    Some(g.pp.recv(&s.shape, Kind::Float, (stage + pp - 1) % pp)?)
+                };
+                let (tape, _, out) = s.forward(chunk, mb, input)?;
+                let value = tape.value(out)?;
+                if s.is_last(chunk) {
+                    loss = loss.f_add(value)?;
+                } else if pp == 1 {
+                    carried = Some(value.shallow_clone());
+                } else {
+                    g.pp.send(value, (stage + 1) % pp)?;
+                }
+            }
+        }
+        Ok(())
+    })?;
+    if m.loss_is_partial() && tp > 1 {
+        loss = g.tp.all_reduce(&loss)?;
+    }
+    if dp > 1 {
+        loss = g.dp.all_reduce(&loss)?;
+    }
+    if pp > 1 {
+        loss = g.pp.broadcast(&loss, pp - 1)?;
+    }
+    Ok(loss.f_double_value(&[])?)
+}
+
+/// Refuses groups that are not those of `plan`'s mesh at its coordinate.
+fn check_groups(plan: &PipelinePlan, g: &Groups<'_>) -> Result<(), ExecError> {
+    let Mesh { tp, dp, pp } = plan.mesh;
+    if (g.tp.size(), g.dp.size(), g.pp.size()) != (tp, dp, pp) || g.coord != plan.coord {
+        return Err(plan_error(format!(
+            "communicators of sizes tp={} dp={} pp={} at {:?} do not match mesh {:?} at {:?}",
+            g.tp.size(),
+            g.dp.size(),
+            g.pp.size(),
+            g.coord,
+            plan.mesh,
+            plan.coord
+        )));
+    }
+    Ok(())
 }
 
 /// [`run_pipeline`] for the schedules of one model chunk per stage.
@@ -528,6 +612,29 @@ mod tests {
         assert!((loss - 5.5).abs() < 1e-6, "{loss}");
         let grad = toy.params()[0].tensor.grad().double_value(&[0]);
         assert!((grad - 5.5).abs() < 1e-6, "{grad}");
+    }
+
+    #[test]
+    fn the_loss_divides_by_the_labels_that_count_and_forward_only_leaves_no_gradient() {
+        let solo = MeshComms::solo();
+        let g = Groups::of(&solo);
+        let plan = plan(Schedule::GPipe, 2);
+        // Tokens 0..12 sum to 66; 4 of the 12 labels are masked: the mean is over 8.
+        let mut b = batch(4);
+        let _ = b.labels.narrow(1, 0, 1).fill_(crate::ops::IGNORE_INDEX);
+        assert_eq!(b.loss_tokens().expect("count"), 8);
+        let toy = Toy::new();
+        let loss = forward_only(&toy, &plan, &g, &b).expect("forward");
+        assert!((loss - 66.0 / 8.0).abs() < 1e-6, "{loss}");
+        assert!(!toy.params()[0].tensor.grad().defined(), "no gradient");
+        let mut toy = toy;
+        let trained = forward_backward(&mut toy, &plan, &g, &b).expect("step");
+        assert!((trained - loss).abs() < 1e-6, "{trained} vs {loss}");
+        // Every label masked: the divisor is 1, not 0 (a real model's per-token
+        // losses are then all 0; the toy ignores labels).
+        let _ = b.labels.fill_(crate::ops::IGNORE_INDEX);
+        let none = forward_only(&Toy::new(), &plan, &g, &b).expect("masked");
+        assert!((none - 66.0).abs() < 1e-6, "divides by 1: {none}");
     }
 
     #[test]

@@ -316,6 +316,17 @@ impl DpOptimizer {
         Ok(())
     }
 
+    /// Under [`ZeroStage::Three`], releases parameters gathered by
+    /// [`Self::gather_params`] without an update (after a forward-only
+    /// pass); a no-op for the other stages. Local: no communication.
+    pub fn release_gathered(&self, params: &mut [Param]) -> Result<(), OptimError> {
+        if self.cfg.zero != ZeroStage::Three {
+            return Ok(());
+        }
+        self.check_len(params)?;
+        self.release_params(params)
+    }
+
     fn release_params(&self, params: &mut [Param]) -> Result<(), OptimError> {
         for b in &self.buckets {
             for s in &b.slots {

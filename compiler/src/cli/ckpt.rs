@@ -535,6 +535,13 @@ fn print_step(path: &Path, m: &Manifest, verify: Option<&Result<(), String>>) {
                 dtype,
                 next_step,
             } => format!("{path} ({tokens} {dtype} tokens), next step {next_step}"),
+            DataPosition::Prepared {
+                path,
+                rows,
+                seed,
+                next_step,
+                ..
+            } => format!("{path} ({rows} prepared rows, order seed {seed}), next step {next_step}"),
         },
     );
     let note = if m.rng.note.is_empty() {

@@ -203,6 +203,17 @@ pub enum DataPosition {
         dtype: String,
         next_step: u64,
     },
+    /// A prepared data folder (`autopart data prepare`): step `s` takes
+    /// rows `perm[(s·batch + i) mod rows]` of a permutation drawn from
+    /// `seed` (reshuffled every epoch), so the position is `next_step`.
+    Prepared {
+        path: String,
+        rows: u64,
+        /// FNV-1a of `tokens.bin` as its manifest records it: tells folders apart.
+        tokens_fnv1a: String,
+        seed: u64,
+        next_step: u64,
+    },
 }
 
 /// The random state of a run.

@@ -341,3 +341,40 @@ fn hostile_indexes_are_errors_not_panics() {
         }
     }
 }
+
+#[test]
+fn data_positions_round_trip_under_their_source_tag() {
+    let prepared = DataPosition::Prepared {
+        path: "data/train".into(),
+        rows: 1865,
+        tokens_fnv1a: "9fc865c0365c7924".into(),
+        seed: 7,
+        next_step: 5,
+    };
+    let json = serde_json::to_value(&prepared).expect("serialise");
+    assert_eq!(
+        json,
+        serde_json::json!({
+            "source": "prepared",
+            "path": "data/train",
+            "rows": 1865,
+            "tokens_fnv1a": "9fc865c0365c7924",
+            "seed": 7,
+            "next_step": 5,
+        })
+    );
+    let back: DataPosition = serde_json::from_value(json).expect("parse");
+    assert_eq!(back, prepared);
+    // A manifest written before prepared folders existed still reads.
+    let old = serde_json::json!({"source": "tokens", "path": "t.bin", "tokens": 9, "dtype": "u16", "next_step": 1});
+    assert!(matches!(
+        serde_json::from_value::<DataPosition>(old),
+        Ok(DataPosition::Tokens { tokens: 9, .. })
+    ));
+    let incomplete =
+        serde_json::json!({"source": "prepared", "path": "d", "rows": 1, "next_step": 0});
+    assert!(
+        serde_json::from_value::<DataPosition>(incomplete).is_err(),
+        "missing fields"
+    );
+}
