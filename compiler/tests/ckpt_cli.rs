@@ -216,6 +216,7 @@ fn manifest(step: u64) -> Manifest {
         created_unix: 1_700_000_000,
         tensors: BTreeMap::new(),
         files: vec![],
+        model_config: None,
     }
 }
 

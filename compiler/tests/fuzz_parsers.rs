@@ -1864,6 +1864,7 @@ fn checkpoint_files() -> &'static Vec<(String, Vec<u8>)> {
             created_unix: 1_700_000_000,
             tensors: BTreeMap::new(),
             files: vec![],
+            model_config: None,
         };
         let step = ckpt::complete(tmp.path(), manifest, 2).expect("complete");
         let mut files: Vec<(String, Vec<u8>)> = fs::read_dir(&step)
