@@ -376,6 +376,30 @@ pub mod plans {
     pub const SINGLE: &[&str] = &["--plan-ngpus", "1"];
     pub const DP2_ZERO1: &[&str] = &["--plan-ngpus", "2", "--tp", "1", "--dp", "2", "--zero", "1"];
     pub const DP2_ZERO3: &[&str] = &["--plan-ngpus", "2", "--tp", "1", "--dp", "2", "--zero", "3"];
+    pub const PP2_1F1B: &[&str] = &[
+        "--plan-ngpus",
+        "2",
+        "--tp",
+        "1",
+        "--pp",
+        "2",
+        "--micro-batch",
+        "2",
+        "--schedule",
+        "1f1b",
+    ];
+    pub const PP2_INTERLEAVED: &[&str] = &[
+        "--plan-ngpus",
+        "2",
+        "--tp",
+        "1",
+        "--pp",
+        "2",
+        "--micro-batch",
+        "2",
+        "--schedule",
+        "interleaved-2",
+    ];
     pub const TP2: &[&str] = &[
         "--plan-ngpus",
         "2",

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use autopart_tests::plans::{DP2_ZERO1, DP2_ZERO3, SINGLE, TP2};
+use autopart_tests::plans::{DP2_ZERO1, DP2_ZERO3, PP2_1F1B, PP2_INTERLEAVED, SINGLE, TP2};
 use autopart_tests::{
     StepMetrics, autopart, autopart_bin, compile, compile_model, launch_binary_env, launch_job,
     mpirun_prefix, read_metrics, read_safetensors,
@@ -34,31 +34,6 @@ use autopart_tests::{
 
 const RTOL: f64 = 1e-5;
 const TIMEOUT: Duration = Duration::from_secs(300);
-
-const PP2_1F1B: &[&str] = &[
-    "--plan-ngpus",
-    "2",
-    "--tp",
-    "1",
-    "--pp",
-    "2",
-    "--micro-batch",
-    "2",
-    "--schedule",
-    "1f1b",
-];
-const PP2_INTERLEAVED: &[&str] = &[
-    "--plan-ngpus",
-    "2",
-    "--tp",
-    "1",
-    "--pp",
-    "2",
-    "--micro-batch",
-    "2",
-    "--schedule",
-    "interleaved-2",
-];
 
 /// A compiled plan and its process count.
 struct Plan {

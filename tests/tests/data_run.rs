@@ -26,18 +26,6 @@ use serde_json::Value;
 
 const RTOL: f64 = 1e-5;
 const LICENSES: &str = "/usr/share/common-licenses";
-const PP2_INTERLEAVED: &[&str] = &[
-    "--plan-ngpus",
-    "2",
-    "--tp",
-    "1",
-    "--pp",
-    "2",
-    "--micro-batch",
-    "2",
-    "--schedule",
-    "interleaved-2",
-];
 
 /// llama-mini (width 64, 4 layers, 4 heads, 2 kv heads) with `vocab` ids.
 fn config(dir: &Path, vocab: u64) -> Result<PathBuf> {
@@ -224,7 +212,7 @@ fn prepared_text_trains_alike_on_every_plan_and_resumes_in_sequence() -> Result<
         ("tp2", 2, plans::TP2),
         ("dp2", 2, plans::DP2_ZERO1),
         ("dp2-zero3", 2, plans::DP2_ZERO3),
-        ("pp2", 2, PP2_INTERLEAVED),
+        ("pp2", 2, plans::PP2_INTERLEAVED),
     ] {
         let out = dir.join(name);
         compile_model(&out, &model, plan)?;

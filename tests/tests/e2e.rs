@@ -144,40 +144,12 @@ fn tp2_sequence_parallel() {
 
 #[test]
 fn pp2_1f1b() {
-    same_as_single_device(
-        2,
-        &[
-            "--plan-ngpus",
-            "2",
-            "--tp",
-            "1",
-            "--pp",
-            "2",
-            "--micro-batch",
-            "2",
-            "--schedule",
-            "1f1b",
-        ],
-    );
+    same_as_single_device(2, autopart_tests::plans::PP2_1F1B);
 }
 
 #[test]
 fn pp2_interleaved() {
-    same_as_single_device(
-        2,
-        &[
-            "--plan-ngpus",
-            "2",
-            "--tp",
-            "1",
-            "--pp",
-            "2",
-            "--micro-batch",
-            "2",
-            "--schedule",
-            "interleaved-2",
-        ],
-    );
+    same_as_single_device(2, autopart_tests::plans::PP2_INTERLEAVED);
 }
 
 #[test]

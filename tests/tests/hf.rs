@@ -29,24 +29,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use autopart_tests::plans::{DP2_ZERO3, SINGLE, TP2};
+use autopart_tests::plans::{DP2_ZERO3, PP2_1F1B, SINGLE, TP2};
 use autopart_tests::{autopart, autopart_home, compile_model, launch, read_metrics};
 
 const RTOL: f64 = 1e-5;
 const SEQ: usize = 16;
 const BATCH: usize = 8;
-const PP2: &[&str] = &[
-    "--plan-ngpus",
-    "2",
-    "--tp",
-    "1",
-    "--pp",
-    "2",
-    "--micro-batch",
-    "2",
-    "--schedule",
-    "1f1b",
-];
 
 fn python() -> PathBuf {
     autopart_home().join(".venv/bin/python")
@@ -174,7 +162,7 @@ fn llama_from_hf_equals_transformers_under_every_plan() -> Result<()> {
     for (name, plan, np) in [
         ("one process", SINGLE, 1),
         ("tp2+sp", TP2, 2),
-        ("pp2 1f1b", PP2, 2),
+        ("pp2 1f1b", PP2_1F1B, 2),
         ("dp2 zero3", DP2_ZERO3, 2),
     ] {
         let out = dir.path().join(format!("out-{}", name.replace(' ', "-")));
