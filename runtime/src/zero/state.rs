@@ -71,16 +71,7 @@ fn to_u64(v: &[i64]) -> Vec<u64> {
 impl DpOptimizer {
     /// The region of the global tensor that parameter `p`'s tp shard is.
     fn shard_region(&self, p: &Param) -> Region {
-        let mut offset = vec![0u64; p.spec.shape.len()];
-        let mut shape = to_u64(&p.spec.shape);
-        if let Some(d) = p.spec.tp_dim.and_then(|d| usize::try_from(d).ok())
-            && d < shape.len()
-            && self.tp_size > 1
-        {
-            shape[d] /= self.tp_size as u64;
-            offset[d] = self.tp_rank as u64 * shape[d];
-        }
-        Region { offset, shape }
+        crate::init::shard_region(p, self.tp_rank, self.tp_size)
     }
 
     /// For each slot of bucket `b` this rank writes or reads: the slot, the
