@@ -17,6 +17,8 @@ z3_version="5.4.0.0"
 transformers_version="5.24.0"
 # The TensorBoard test reads event files back with TensorBoard's own reader.
 tensorboard_version="2.21.0"
+# autopart eval --rouge is checked against Google's rouge-score.
+rouge_score_version="0.1.2"
 compiler_only=0
 [ "${1:-}" = "--compiler-only" ] && compiler_only=1
 
@@ -61,5 +63,9 @@ fi
 if [ $compiler_only -eq 0 ] && [ "$(have tensorboard)" != "$tensorboard_version" ]; then
   log "installing tensorboard $tensorboard_version (the event-file test's reader)"
   "$py" -m pip install -q --disable-pip-version-check "tensorboard==$tensorboard_version"
+fi
+if [ $compiler_only -eq 0 ] && [ "$(have rouge-score)" != "$rouge_score_version" ]; then
+  log "installing rouge-score $rouge_score_version (the ROUGE test's reference)"
+  "$py" -m pip install -q --disable-pip-version-check "rouge-score==$rouge_score_version"
 fi
 log "ready: $venv"

@@ -6,6 +6,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh
 source scripts/env.sh
+# One build from scratch: incremental caches only cost disk (GBs) here.
+export CARGO_INCREMENTAL=0
 # tests/tests/slurm.rs starts a single-node Slurm (scripts/slurm.sh); stop it
 # afterwards unless it was already running.
 if ! pgrep -x slurmctld >/dev/null 2>&1; then

@@ -14,6 +14,7 @@ pub mod ir;
 pub mod lower;
 pub mod plan;
 pub mod rewrite;
+pub mod rouge;
 pub mod search;
 pub mod trace;
 pub mod validate;

@@ -37,7 +37,7 @@
 
 use crate::checkpoint::{SaveError, SaveOptions, SaveReport, Saver};
 use crate::comm::{CommError, Communicator, Groups, MeshComms, MpiComm};
-use crate::data::{DataError, EvalSet, Source, TokenDtype};
+use crate::data::{DataError, EvalSet, JsonRows, Source, TokenDtype};
 use crate::exec::{ExecError, Param};
 use crate::init::InitFrom;
 use crate::mesh::{Coord, Mesh};
@@ -233,11 +233,85 @@ pub struct Options {
     /// every step reports its MFU (see below).
     #[arg(long, value_name = "T", value_parser = positive, allow_negative_numbers = true)]
     pub peak_tflops: Option<f64>,
-    /// Held-out data (a prepared folder or a token file, read in order):
-    /// its mean loss, forward only, is reported after the last step and
-    /// every --eval-every steps (eval_loss in the metrics).
+    /// Held-out data (a prepared folder, a token file read in order, or
+    /// FILE.json {"input_ids": [[...], ...]}, rows of up to seq_len + 1
+    /// ids): its mean loss, forward only, is reported after the last step
+    /// and every --eval-every steps (eval_loss in the metrics).
     #[arg(long, value_name = "FILE|DIR", help_heading = "Evaluation")]
     pub eval_data: Option<PathBuf>,
+    /// Do not train: load the parameters (--init-from or --resume),
+    /// evaluate --eval-data once (mean next-token loss and perplexity, as
+    /// transformers computes with labels=input_ids) and exit. `autopart
+    /// eval` runs this.
+    #[arg(
+        long,
+        requires = "eval_data",
+        conflicts_with_all = ["metrics", "tensorboard", "checkpoint_dir", "save_params", "eval_every"],
+        help_heading = "Evaluation"
+    )]
+    pub eval_only: bool,
+    /// With --eval-only or --generate: print one JSON object on stdout
+    /// ({"loss", "perplexity", "tokens", "rows", "batches"} or {"new_ids"});
+    /// other lines go to stderr.
+    #[arg(long, help_heading = "Evaluation")]
+    pub json: bool,
+    /// Do not train: load the parameters (--init-from or --resume) and
+    /// generate up to --max-new-tokens ids after --prompt-ids, with a KV
+    /// cache, greedy unless --temperature is given; print them (with
+    /// --json, {"new_ids": [...]}). A one-process plan only. `autopart
+    /// generate` runs this.
+    #[arg(
+        long,
+        requires = "prompt",
+        conflicts_with_all = ["eval_only", "metrics", "tensorboard", "checkpoint_dir", "save_params"],
+        help_heading = "Generation"
+    )]
+    pub generate: bool,
+    /// The prompt's token ids, comma-separated.
+    #[arg(
+        long,
+        value_name = "ID,ID,...",
+        value_delimiter = ',',
+        requires = "generate",
+        group = "prompt",
+        help_heading = "Generation"
+    )]
+    pub prompt_ids: Vec<i64>,
+    /// Several prompts, each continued on its own: FILE.json {"input_ids":
+    /// [[...], ...]}; with --json, "new_ids" is then a list per prompt.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "generate",
+        group = "prompt",
+        help_heading = "Generation"
+    )]
+    pub prompts: Option<PathBuf>,
+    /// The most ids to generate.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 32,
+        value_parser = value_parser!(u32).range(1..=1_000_000),
+        help_heading = "Generation"
+    )]
+    pub max_new_tokens: u32,
+    /// Sample from softmax(logits / T) instead of taking the most likely
+    /// id (drawn from --seed).
+    #[arg(long, value_name = "T", value_parser = positive, allow_negative_numbers = true, help_heading = "Generation")]
+    pub temperature: Option<f64>,
+    /// With --temperature: draw only from the most likely ids whose
+    /// probabilities sum to P.
+    #[arg(long, value_name = "P", default_value = "1", value_parser = parse_top_p, allow_negative_numbers = true, help_heading = "Generation")]
+    pub top_p: f64,
+    /// End-of-sequence ids (comma-separated): generation stops after one.
+    #[arg(
+        long,
+        value_name = "ID,ID,...",
+        value_delimiter = ',',
+        help_heading = "Generation"
+    )]
+    pub eos_ids: Vec<i64>,
     /// Evaluate every N steps too.
     #[arg(
         long,
@@ -446,6 +520,13 @@ fn parse_timeout(value: &str) -> Result<f64, String> {
     }
 }
 
+fn parse_top_p(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(p) if p > 0.0 && p <= 1.0 => Ok(p),
+        _ => Err(format!("'{value}' is not a probability in (0, 1]")),
+    }
+}
+
 fn parse_clip(value: &str) -> Result<Option<f64>, String> {
     let c = non_negative(value)?;
     Ok((c > 0.0).then_some(c))
@@ -510,6 +591,13 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, App
         Err(e) if e.kind() == ErrorKind::DisplayHelp => return Ok(Command::Help(e.to_string())),
         Err(e) => return Err(usage(e)),
     };
+    if o.json && !(o.eval_only || o.generate) {
+        let e = Options::command().error(
+            ErrorKind::MissingRequiredArgument,
+            "--json prints the result of --eval-only or --generate: pass one of them",
+        );
+        return Err(usage(e));
+    }
     if let Err(e) = o.optim_config(ZeroStage::Off).validate() {
         let e = Options::command().error(ErrorKind::ValueValidation, e);
         return Err(usage(e));
@@ -578,6 +666,8 @@ pub enum AppError {
     /// The `--init-from` folder, checked before training (alike on every rank).
     #[error(transparent)]
     Init(#[from] crate::init::InitError),
+    #[error(transparent)]
+    Generate(#[from] crate::generate::GenError),
     /// This rank's shards of `--init-from`.
     #[error("{0}")]
     InitLoad(crate::init::InitError),
@@ -710,6 +800,16 @@ pub fn run(
 fn say(line: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
+/// A console line that is not a result: on stdout, or on stderr when stdout
+/// is for one JSON object (`--eval-only --json`).
+fn note(opts: &Options, line: &str) {
+    if opts.json {
+        eprintln!("{line}");
+    } else {
+        say(line);
+    }
 }
 
 /// Everything a run checks and opens before MPI starts.
@@ -918,7 +1018,8 @@ fn check_resume(
     cmp("beta2", want.beta2, got.beta2);
     cmp("--clip", want.clip.unwrap_or(0.0), got.clip.unwrap_or(0.0));
     if !diffs.is_empty() {
-        if !opts.override_optim_settings {
+        // An evaluation does not step the optimizer: its settings do not matter.
+        if !opts.override_optim_settings && !opts.eval_only {
             return refuse(format!(
                 "the optimizer settings differ: {}; pass the checkpoint's values, or --override-optim-settings to use this run's",
                 diffs.join(", ")
@@ -1080,35 +1181,41 @@ fn train(
             Ok(()) => {}
         }
         if rank0 {
-            say(&format!(
-                "initialised from {} in {:.2} s",
-                opts.init_from
-                    .as_deref()
-                    .unwrap_or(Path::new("?"))
-                    .display(),
-                t0.elapsed().as_secs_f64()
-            ));
+            note(
+                &opts,
+                &format!(
+                    "initialised from {} in {:.2} s",
+                    opts.init_from
+                        .as_deref()
+                        .unwrap_or(Path::new("?"))
+                        .display(),
+                    t0.elapsed().as_secs_f64()
+                ),
+            );
         }
     }
     let mut opt = DpOptimizer::new(opts.optim_config(meta.zero), stage.params_mut(), &g)?;
     if rank0 {
-        say(&format!(
-            "{}: tp {} x pp {} x dp {} ({} x the {}-GPU plan), {:?}, ZeRO {:?}, {} micro-batches of {}, seq {}, {} parameters on rank 0",
-            meta.model,
-            mesh.tp,
-            mesh.pp,
-            mesh.dp,
-            meta.replicas(),
-            meta.plan_gpus,
-            meta.schedule,
-            meta.zero,
-            meta.micro_batches,
-            meta.micro_batch,
-            meta.seq_len,
-            n_params
-        ));
-        for note in &notes {
-            say(&format!("resume: {note}"));
+        note(
+            &opts,
+            &format!(
+                "{}: tp {} x pp {} x dp {} ({} x the {}-GPU plan), {:?}, ZeRO {:?}, {} micro-batches of {}, seq {}, {} parameters on rank 0",
+                meta.model,
+                mesh.tp,
+                mesh.pp,
+                mesh.dp,
+                meta.replicas(),
+                meta.plan_gpus,
+                meta.schedule,
+                meta.zero,
+                meta.micro_batches,
+                meta.micro_batch,
+                meta.seq_len,
+                n_params
+            ),
+        );
+        for n in &notes {
+            note(&opts, &format!("resume: {n}"));
         }
     }
     let mut start = 0;
@@ -1146,19 +1253,103 @@ fn train(
         start = r.manifest.step;
         if rank0 {
             let p = &r.manifest.plan;
-            say(&format!(
-                "resumed from {} (step {}, saved by tp {} x pp {} x dp {}, ZeRO {}, {} on {} processes) in {:.2} s",
-                r.path.display(),
-                start,
-                p.tp,
-                p.pp,
-                p.dp * (p.runtime_gpus / p.plan_gpus.max(1)),
-                p.zero,
-                p.schedule,
-                r.manifest.world_size,
-                t0.elapsed().as_secs_f64()
-            ));
+            note(
+                &opts,
+                &format!(
+                    "resumed from {} (step {}, saved by tp {} x pp {} x dp {}, ZeRO {}, {} on {} processes) in {:.2} s",
+                    r.path.display(),
+                    start,
+                    p.tp,
+                    p.pp,
+                    p.dp * (p.runtime_gpus / p.plan_gpus.max(1)),
+                    p.zero,
+                    p.schedule,
+                    r.manifest.world_size,
+                    t0.elapsed().as_secs_f64()
+                ),
+            );
         }
+    }
+    if opts.generate {
+        if meta.runtime_gpus != 1 {
+            return Err(AppError::Usage(format!(
+                "--generate runs on a one-process plan; this one runs on {} (autopart generate without OUT makes one)",
+                meta.runtime_gpus
+            )));
+        }
+        opt.gather_params(stage.params_mut(), g.dp)?;
+        let t0 = Instant::now();
+        let decoder = crate::generate::Decoder::new(meta.hf_config, stage.params())?;
+        let sampling = crate::generate::Sampling {
+            max_new_tokens: opts.max_new_tokens as usize,
+            temperature: opts.temperature,
+            top_p: opts.top_p,
+            seed: opts.seed,
+            eos: opts.eos_ids.clone(),
+        };
+        let prompts = match &opts.prompts {
+            Some(path) => JsonRows::read(path, meta.vocab, 1)?,
+            None => vec![opts.prompt_ids.clone()],
+        };
+        let mut all = Vec::with_capacity(prompts.len());
+        for p in &prompts {
+            all.push(decoder.generate(p, &sampling)?);
+        }
+        let s = t0.elapsed().as_secs_f64();
+        let n: usize = all.iter().map(Vec::len).sum();
+        if opts.json {
+            let ids = match opts.prompts {
+                Some(_) => serde_json::json!(all),
+                None => serde_json::json!(all[0]),
+            };
+            say(&serde_json::json!({ "new_ids": ids, "generate_s": s }).to_string());
+        } else {
+            for ids in &all {
+                let list: Vec<String> = ids.iter().map(ToString::to_string).collect();
+                say(&list.join(","));
+            }
+            note(&opts, &format!("generated {n} ids in {s:.2} s"));
+        }
+        return Ok(());
+    }
+    if opts.eval_only {
+        let set = eval
+            .as_mut()
+            .ok_or_else(|| AppError::Usage("--eval-only needs --eval-data".into()))?;
+        let t0 = Instant::now();
+        let e = evaluate(
+            stage.as_mut(),
+            &plan,
+            &g,
+            &opt,
+            set,
+            meta.runtime_batch(),
+            opts.eval_batches,
+        )?;
+        if rank0 {
+            let perplexity = e.loss.exp();
+            if opts.json {
+                say(&serde_json::json!({
+                    "loss": e.loss,
+                    "perplexity": perplexity,
+                    "tokens": e.tokens,
+                    "rows": e.rows,
+                    "batches": e.batches,
+                    "eval_s": t0.elapsed().as_secs_f64(),
+                })
+                .to_string());
+            } else {
+                say(&format!(
+                    "eval: loss {:.6}, perplexity {perplexity:.4} over {} tokens ({} rows, {} batches, {:.2} s)",
+                    e.loss,
+                    e.tokens,
+                    e.rows,
+                    e.batches,
+                    t0.elapsed().as_secs_f64()
+                ));
+            }
+        }
+        return Ok(());
     }
     // The metrics file continues the resumed run's (opened only now that the
     // state is loaded, so a failed resume leaves it as it was).
@@ -1429,6 +1620,8 @@ fn model_params(params: &[Param], comms: &MeshComms<MpiComm>) -> Result<u64, App
 struct EvalLoss {
     loss: f64,
     tokens: u64,
+    /// Rows with a label that counts.
+    rows: u64,
     batches: u64,
 }
 
@@ -1448,13 +1641,14 @@ fn evaluate(
 ) -> Result<EvalLoss, AppError> {
     let batches = set.batches(rows).min(max_batches.unwrap_or(u64::MAX));
     opt.gather_params(stage.params_mut(), g.dp)?;
-    let (mut sum, mut tokens) = (0.0, 0u64);
+    let (mut sum, mut tokens, mut counted_rows) = (0.0, 0u64, 0u64);
     for k in 0..batches {
         let batch = set.batch(k, rows)?;
         let count = batch.loss_tokens().map_err(ExecError::from)?;
         if count == 0 {
             continue;
         }
+        counted_rows += batch.loss_rows().map_err(ExecError::from)?;
         let loss = program::forward_only(&*stage, plan, g, &batch)?;
         sum += loss * count as f64;
         tokens += count as u64;
@@ -1467,6 +1661,7 @@ fn evaluate(
             sum / tokens as f64
         },
         tokens,
+        rows: counted_rows,
         batches,
     })
 }
@@ -1594,6 +1789,15 @@ mod tests {
                 tensorboard: None,
                 peak_tflops: None,
                 eval_data: None,
+                eval_only: false,
+                json: false,
+                generate: false,
+                prompt_ids: vec![],
+                prompts: None,
+                max_new_tokens: 32,
+                temperature: None,
+                top_p: 1.0,
+                eos_ids: vec![],
                 eval_every: None,
                 eval_batches: None,
                 seed: 0,
@@ -1646,6 +1850,15 @@ mod tests {
                 tensorboard: Some("tb".into()),
                 peak_tflops: Some(312.0),
                 eval_data: Some("val".into()),
+                eval_only: false,
+                json: false,
+                generate: false,
+                prompt_ids: vec![],
+                prompts: None,
+                max_new_tokens: 32,
+                temperature: None,
+                top_p: 1.0,
+                eos_ids: vec![],
                 eval_every: Some(5),
                 eval_batches: Some(2),
                 seed: 7,
@@ -1696,6 +1909,15 @@ mod tests {
             "--eval-data <FILE|DIR>",
             "--eval-every <N>",
             "--eval-batches <K>",
+            "--eval-only",
+            "--json",
+            "--generate",
+            "--prompt-ids <ID,ID,...>",
+            "--prompts <FILE>",
+            "--max-new-tokens <N>",
+            "--temperature <T>",
+            "--top-p <P>",
+            "--eos-ids <ID,ID,...>",
             "6*N + 12*L*h*seq",
             "--data-dtype <u16|u32>",
             "--metrics <FILE>",
@@ -1759,9 +1981,27 @@ mod tests {
         assert!(usage_msg(parse_args(args("--bucket-mb 0"))).contains("--bucket-mb"));
         assert!(usage_msg(parse_args(args("--threads 0"))).contains("--threads"));
         assert!(usage_msg(parse_args(args("--peak-tflops 0"))).contains("--peak-tflops"));
-        for f in ["--eval-every 5", "--eval-batches 2"] {
+        for f in ["--eval-every 5", "--eval-batches 2", "--eval-only"] {
             let msg = usage_msg(parse_args(args(f)));
             assert!(msg.contains("--eval-data"), "{f}: {msg}");
+        }
+        assert!(usage_msg(parse_args(args("--json"))).contains("--eval-only"));
+        assert!(usage_msg(parse_args(args("--generate"))).contains("--prompt-ids"));
+        assert!(
+            usage_msg(parse_args(args("--generate --prompt-ids 1,2 --top-p 0"))).contains("(0, 1]")
+        );
+        assert!(usage_msg(parse_args(args("--generate --prompt-ids 1,x"))).contains("'x'"));
+        // An evaluation writes nothing of a run's.
+        for f in [
+            "--metrics m",
+            "--checkpoint-dir c",
+            "--save-params p",
+            "--eval-every 2",
+        ] {
+            let msg = usage_msg(parse_args(args(&format!(
+                "--eval-only --eval-data v.json {f}"
+            ))));
+            assert!(msg.contains("cannot be used with"), "{f}: {msg}");
         }
         assert!(usage_msg(parse_args(args("stray"))).contains("'stray'"));
         // Checkpoint flags: what needs --checkpoint-dir, and the resume forms.

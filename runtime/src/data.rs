@@ -59,6 +59,12 @@ impl Batch {
             .f_int64_value(&[])
     }
 
+    /// Rows with at least one label that counts.
+    pub fn loss_rows(&self) -> Result<u64, tch::TchError> {
+        let counts = self.labels.f_ne(IGNORE_INDEX)?.f_any_dim(1, false)?;
+        Ok(counts.f_sum(Kind::Int64)?.f_int64_value(&[])? as u64)
+    }
+
     /// `rows` rows of `seq + 1` ids (tokens then the last label) as a batch.
     fn from_windows(
         ids: &[i64],
@@ -188,6 +194,8 @@ pub enum DataError {
         path.display()
     )]
     Vocab { path: PathBuf, data: u64, plan: i64 },
+    #[error("{}: {msg}", path.display())]
+    Json { path: PathBuf, msg: String },
     #[error(transparent)]
     Torch(#[from] tch::TchError),
 }
@@ -587,13 +595,17 @@ impl Source {
 pub enum EvalSet {
     Tokens(TokenFile),
     Prepared(Box<PreparedRows>),
+    Rows(JsonRows),
 }
 
 impl EvalSet {
-    /// `path` as a prepared folder (a directory) or a token file of `dtype` ids.
+    /// `path` as a prepared folder (a directory), JSON rows (a `.json`
+    /// file, see [`JsonRows`]) or a token file of `dtype` ids.
     pub fn open(path: &Path, dtype: TokenDtype, vocab: i64, seq: i64) -> Result<Self, DataError> {
         Ok(if is_prepared(path) {
             EvalSet::Prepared(Box::new(PreparedRows::open(path, vocab, seq, 0)?))
+        } else if is_json(path) {
+            EvalSet::Rows(JsonRows::open(path, vocab, seq)?)
         } else {
             EvalSet::Tokens(TokenFile::open(path, dtype, vocab, seq)?)
         })
@@ -604,6 +616,7 @@ impl EvalSet {
         let rows = match self {
             EvalSet::Tokens(f) => f.windows(),
             EvalSet::Prepared(p) => p.rows(),
+            EvalSet::Rows(r) => r.rows.len() as u64,
         };
         rows.div_ceil(batch.max(1) as u64)
     }
@@ -613,7 +626,123 @@ impl EvalSet {
         match self {
             EvalSet::Tokens(f) => f.eval_batch(index, batch),
             EvalSet::Prepared(p) => p.eval_batch(index, batch),
+            EvalSet::Rows(r) => r.eval_batch(index, batch),
         }
+    }
+}
+
+/// Whether `path` names JSON rows (by its extension).
+pub fn is_json(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+}
+
+/// Rows of token ids from a JSON file `{"input_ids": [[...], ...]}`, one
+/// row a sequence of any length from 2 to `seq + 1` ids. As transformers
+/// with `labels=input_ids`, each row predicts its own next tokens: a row of
+/// `n` ids is `n - 1` tokens and labels, padded to `seq` with labels that
+/// count nothing (causal attention: the padding after a row does not change
+/// its predictions).
+#[derive(Debug)]
+pub struct JsonRows {
+    rows: Vec<Vec<i64>>,
+    seq: i64,
+}
+
+/// The longest row [`JsonRows::read`] accepts: 2^20 ids.
+pub const MAX_JSON_ROW: usize = 1 << 20;
+
+impl JsonRows {
+    /// Reads and checks the rows of `path` (ids in `0..vocab`, at least
+    /// `min_len` a row), without a sequence length.
+    pub fn read(path: &Path, vocab: i64, min_len: usize) -> Result<Vec<Vec<i64>>, DataError> {
+        let bad = |msg: String| DataError::Json {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+            path: path.to_path_buf(),
+            what: "read",
+            source,
+        })?;
+        #[derive(serde::Deserialize)]
+        struct File {
+            input_ids: Vec<Vec<i64>>,
+        }
+        let file: File = serde_json::from_str(&text).map_err(|e| {
+            bad(format!(
+                "{e}; expected {{\"input_ids\": [[id, ...], ...]}} (one row of token ids per sequence)"
+            ))
+        })?;
+        if file.input_ids.is_empty() {
+            return Err(bad("input_ids holds no rows".into()));
+        }
+        for (i, row) in file.input_ids.iter().enumerate() {
+            if row.len() < min_len || row.len() > MAX_JSON_ROW {
+                return Err(bad(format!(
+                    "row {i} holds {} ids; a row needs {min_len} to {MAX_JSON_ROW}{}",
+                    row.len(),
+                    if min_len == 2 {
+                        " (its tokens and one more to predict)"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+            if let Some((j, &id)) = row
+                .iter()
+                .enumerate()
+                .find(|&(_, &id)| id < 0 || id >= vocab)
+            {
+                return Err(bad(format!(
+                    "row {i}, position {j}: id {id} is outside the vocabulary of {vocab} ids"
+                )));
+            }
+        }
+        Ok(file.input_ids)
+    }
+
+    /// The rows of `path` for a plan of sequence length `seq`.
+    pub fn open(path: &Path, vocab: i64, seq: i64) -> Result<Self, DataError> {
+        let rows = Self::read(path, vocab, 2)?;
+        if let Some((i, row)) = rows
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.len() as i64 > seq + 1)
+        {
+            return Err(DataError::Json {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "row {i} holds {} ids, but this plan's sequences hold {seq} tokens (rows of at most {} ids); compile the plan with --seq-len {}",
+                    row.len(),
+                    seq + 1,
+                    row.len() - 1
+                ),
+            });
+        }
+        Ok(Self { rows, seq })
+    }
+
+    /// Batch `index`: rows `index * batch ..`, padded to the sequence length;
+    /// rows past the last are padding whose labels are all [`IGNORE_INDEX`].
+    pub fn eval_batch(&mut self, index: u64, batch: i64) -> Result<Batch, DataError> {
+        check_shape(batch, self.seq)?;
+        let seq = self.seq as usize;
+        let mut ids: Vec<i64> = Vec::with_capacity(batch as usize * (seq + 1));
+        let mut ignored: Vec<bool> = Vec::with_capacity(batch as usize * seq);
+        for i in 0..batch as u64 {
+            let row = index
+                .checked_mul(batch as u64)
+                .and_then(|r| r.checked_add(i))
+                .and_then(|r| self.rows.get(r as usize));
+            let row = row.map_or(&[][..], Vec::as_slice);
+            ids.extend_from_slice(row);
+            ids.resize(ids.len() + seq + 1 - row.len(), 0);
+            // Label j is id j + 1: it counts while that id is the row's.
+            let counted = row.len().saturating_sub(1);
+            ignored.extend((0..seq).map(|j| j >= counted));
+        }
+        Batch::from_windows(&ids, &ignored, batch, self.seq)
     }
 }
 
@@ -837,6 +966,46 @@ mod tests {
         let want = per_token.sum(Kind::Float).double_value(&[]) / n as f64;
         assert!((loss.double_value(&[]) - want).abs() < 1e-6);
         assert_eq!(n, 8);
+    }
+
+    #[test]
+    fn json_rows_predict_their_own_next_tokens_padded_to_the_plan() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let path = tmp.path().join("rows.json");
+        std::fs::write(
+            &path,
+            r#"{"input_ids": [[5, 6, 7], [1, 2, 3, 4, 9], [8, 8]]}"#,
+        )
+        .expect("w");
+        let mut set = EvalSet::open(&path, TokenDtype::U16, 10, 4).expect("open");
+        assert_eq!(set.batches(2), 2);
+        let b = set.batch(0, 2).expect("batch 0");
+        assert_eq!(rows(&b.tokens), vec![vec![5, 6, 7, 0], vec![1, 2, 3, 4]]);
+        let i = IGNORE_INDEX;
+        assert_eq!(rows(&b.labels), vec![vec![6, 7, i, i], vec![2, 3, 4, 9]]);
+        assert_eq!(b.loss_tokens().expect("count"), 6);
+        assert_eq!(b.loss_rows().expect("rows"), 2);
+        let b = set.batch(1, 2).expect("batch 1");
+        assert_eq!(
+            rows(&b.labels),
+            vec![vec![8, i, i, i], vec![i; 4]],
+            "a padding row"
+        );
+        assert_eq!(b.loss_rows().expect("rows"), 1);
+
+        let err = |text: &str, seq: i64| {
+            std::fs::write(&path, text).expect("w");
+            let e = EvalSet::open(&path, TokenDtype::U16, 10, seq).expect_err(text);
+            let msg = e.to_string();
+            assert!(msg.contains("rows.json"), "{msg}");
+            msg
+        };
+        assert!(err(r#"{"input_ids": [[1, 2, 3, 4, 5, 6]]}"#, 4).contains("--seq-len 5"));
+        assert!(err(r#"{"input_ids": [[1, 12]]}"#, 4).contains("id 12 is outside"));
+        assert!(err(r#"{"input_ids": [[1]]}"#, 4).contains("row 0 holds 1 ids"));
+        assert!(err(r#"{"input_ids": []}"#, 4).contains("no rows"));
+        assert!(err(r#"{"ids": [[1, 2]]}"#, 4).contains("expected {\"input_ids\""));
+        assert!(err("[1, 2", 4).contains("expected"));
     }
 
     #[test]

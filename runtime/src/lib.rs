@@ -29,6 +29,7 @@ pub mod checkpoint;
 pub mod comm;
 pub mod data;
 pub mod exec;
+pub mod generate;
 pub mod init;
 pub mod mesh;
 pub mod metrics;

@@ -3,6 +3,10 @@ parity tests (tests/tests/hf.rs). Run with the project venv's python.
 
   hf_tiny.py make llama|llama-tied|gpt2 OUT [--shard-bytes N] [--config-style 4|5]
   hf_tiny.py loss DIR TOKENS SEQ BATCH   # prints transformers' loss on step 0's batch
+  hf_tiny.py loss-rows DIR ROWS.json     # transformers' mean loss over {"input_ids": [[...], ...]} rows
+  hf_tiny.py generate DIR IDS N          # greedy generate(do_sample=False) of N new ids after IDS (1,2,3); prints them as JSON
+  hf_tiny.py tokenizer OUT               # a word-level tokenizer.json of 40 words (ids below 64)
+  hf_tiny.py encode TOK TEXT | decode TOK IDS   # prints the ids (JSON) / the text
   hf_tiny.py compare A B                 # from_pretrained both; prints the tensor count if all are equal
   hf_tiny.py drop DIR NAME               # rewrites DIR/model.safetensors without NAME
 """
@@ -93,6 +97,49 @@ def loss(d, tokens_path, seq, batch):
     print(repr(float(out.loss)))
 
 
+def model_of(d):
+    cls = GPT2LMHeadModel if json.load(open(f"{d}/config.json"))["model_type"] == "gpt2" else LlamaForCausalLM
+    model = cls.from_pretrained(d, attn_implementation="eager", dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def loss_rows(d, rows_path):
+    # Rows of any length, right-padded: the padding's labels are -100, and
+    # causal attention keeps it out of the real positions.
+    rows = json.load(open(rows_path))["input_ids"]
+    n = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (n - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in rows])
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        out = model_of(d)(input_ids=ids, attention_mask=mask, labels=labels)
+    print(repr(float(out.loss)))
+
+
+def generate(d, ids, n):
+    prompt = torch.tensor([[int(x) for x in ids.split(",")]])
+    with torch.no_grad():
+        out = model_of(d).generate(prompt, max_new_tokens=int(n), do_sample=False)
+    print(json.dumps(out[0, prompt.shape[1]:].tolist()))
+
+
+WORDS = ("the a cat dog sat ran on under mat tree and then it was big small red blue "
+         "fast slow house garden bird sang sun moon over near happy sad old new one two "
+         "three saw ate fish bread water").split()
+
+
+def tokenizer(out):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for w in WORDS:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()
+    tok.save(out)
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "make":
@@ -130,5 +177,18 @@ if __name__ == "__main__":
         print(len(sa))
     elif cmd == "loss":
         loss(*sys.argv[2:6])
+    elif cmd == "loss-rows":
+        loss_rows(*sys.argv[2:4])
+    elif cmd == "generate":
+        generate(*sys.argv[2:5])
+    elif cmd == "tokenizer":
+        tokenizer(sys.argv[2])
+    elif cmd == "encode":
+        from tokenizers import Tokenizer
+        print(json.dumps(Tokenizer.from_file(sys.argv[2]).encode(sys.argv[3]).ids))
+    elif cmd == "decode":
+        from tokenizers import Tokenizer
+        ids = [int(x) for x in sys.argv[3].split(",") if x]
+        print(Tokenizer.from_file(sys.argv[2]).decode(ids, skip_special_tokens=True))
     else:
         sys.exit(f"unknown command {cmd}")

@@ -30,7 +30,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use autopart_tests::plans::{DP2_ZERO3, PP2_1F1B, SINGLE, TP2};
-use autopart_tests::{autopart, autopart_home, compile_model, launch, read_metrics};
+use autopart_tests::{
+    autopart, autopart_bin, autopart_home, compile_model, launch, launch_binary, read_metrics,
+};
 
 const RTOL: f64 = 1e-5;
 const SEQ: usize = 16;
@@ -142,6 +144,151 @@ fn assert_close(what: &str, got: f64, want: f64) {
     );
 }
 
+/// Rows of 2 to SEQ + 1 ids (below 256) of varied lengths, as
+/// `autopart eval --data` and transformers read them.
+fn rows_file(dir: &Path) -> Result<PathBuf> {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let rows: Vec<Vec<u64>> = [17usize, 2, 9, 17, 5, 12, 3, 16, 11, 17, 7]
+        .iter()
+        .map(|&n| {
+            (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x % 256
+                })
+                .collect()
+        })
+        .collect();
+    let path = dir.join("rows.json");
+    std::fs::write(&path, serde_json::json!({ "input_ids": rows }).to_string())?;
+    Ok(path)
+}
+
+/// transformers' mean loss over the rows of `rows` (labels=input_ids,
+/// right padding masked).
+fn reference_rows_loss(model: &Path, rows: &Path) -> Result<f64> {
+    let text = hf_tiny(&[
+        "loss-rows",
+        &model.display().to_string(),
+        &rows.display().to_string(),
+    ])?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("transformers printed {text:?}"))
+}
+
+/// transformers' loss over every window of SEQ + 1 ids of a token file of
+/// `n` ids (what `autopart eval --data FILE` reads).
+fn reference_windows_loss(model: &Path, tokens: &Path, n: usize) -> Result<f64> {
+    let text = hf_tiny(&[
+        "loss",
+        &model.display().to_string(),
+        &tokens.display().to_string(),
+        &SEQ.to_string(),
+        &((n - 1) / SEQ).to_string(),
+    ])?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("transformers printed {text:?}"))
+}
+
+/// `autopart ARGS` on `np` processes (mpirun above one); the JSON object of
+/// its last stdout line.
+fn autopart_json(np: usize, args: &[String]) -> Result<serde_json::Value> {
+    let output = launch_binary(np, &autopart_bin()?, args, Duration::from_secs(600))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!(
+            "autopart {} failed:\n{stdout}\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let line = stdout.lines().last().unwrap_or("");
+    serde_json::from_str(line).with_context(|| format!("not one JSON line: {stdout:?}"))
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(ToString::to_string).collect()
+}
+
+/// `autopart eval [OUT] --init-from FROM --data DATA --json EXTRA` on `np`
+/// processes: its loss, checked against its perplexity and token count.
+fn eval_loss(
+    np: usize,
+    out: Option<&Path>,
+    from: &Path,
+    data: &Path,
+    extra: &[&str],
+) -> Result<f64> {
+    let mut args = vec!["eval".to_string()];
+    args.extend(out.map(|o| o.display().to_string()));
+    args.extend(strings(&[
+        "--init-from",
+        &from.display().to_string(),
+        "--data",
+        &data.display().to_string(),
+        "--json",
+    ]));
+    args.extend(strings(extra));
+    let v = autopart_json(np, &args)?;
+    let loss = v["loss"]
+        .as_f64()
+        .with_context(|| format!("no loss in {v}"))?;
+    let ppl = v["perplexity"]
+        .as_f64()
+        .with_context(|| format!("no perplexity in {v}"))?;
+    assert!(
+        (ppl - loss.exp()).abs() <= 1e-9 * ppl,
+        "perplexity {ppl} is not exp(loss {loss})"
+    );
+    assert!(v["tokens"].as_u64().is_some_and(|t| t > 0), "{v}");
+    Ok(loss)
+}
+
+/// The ids of the rows file (their count of predicted tokens, sum of len - 1).
+fn rows_tokens(rows: &Path) -> Result<u64> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(rows)?)?;
+    Ok(v["input_ids"]
+        .as_array()
+        .context("input_ids")?
+        .iter()
+        .map(|r| r.as_array().map_or(0, |r| r.len() as u64 - 1))
+        .sum())
+}
+
+/// `autopart generate [OUT] --init-from FROM --json ARGS`: its JSON.
+fn generate(out: Option<&Path>, from: &Path, args: &[&str]) -> Result<serde_json::Value> {
+    let mut all = vec!["generate".to_string()];
+    all.extend(out.map(|o| o.display().to_string()));
+    all.extend(strings(&[
+        "--init-from",
+        &from.display().to_string(),
+        "--json",
+    ]));
+    all.extend(strings(args));
+    autopart_json(1, &all)
+}
+
+fn ids_of(v: &serde_json::Value) -> Vec<i64> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(serde_json::Value::as_i64).collect())
+        .unwrap_or_default()
+}
+
+/// transformers' greedy `generate(do_sample=False)` of `n` ids after `prompt`.
+fn reference_generate(model: &Path, prompt: &str, n: usize) -> Result<Vec<i64>> {
+    let text = hf_tiny(&[
+        "generate",
+        &model.display().to_string(),
+        prompt,
+        &n.to_string(),
+    ])?;
+    Ok(ids_of(&serde_json::from_str(text.trim())?))
+}
+
 /// Llama with GQA, head_dim, llama3 rope scaling, 10 shards, 4.x config.
 #[test]
 fn llama_from_hf_equals_transformers_under_every_plan() -> Result<()> {
@@ -159,6 +306,9 @@ fn llama_from_hf_equals_transformers_under_every_plan() -> Result<()> {
     assert!(model.join("model.safetensors.index.json").is_file());
     let tokens = token_file(dir.path(), 400)?;
     let want = reference_loss(&model, &tokens)?;
+    let rows = rows_file(dir.path())?;
+    let want_rows = reference_rows_loss(&model, &rows)?;
+    let want_windows = reference_windows_loss(&model, &tokens, 400)?;
     for (name, plan, np) in [
         ("one process", SINGLE, 1),
         ("tp2+sp", TP2, 2),
@@ -168,7 +318,150 @@ fn llama_from_hf_equals_transformers_under_every_plan() -> Result<()> {
         let out = dir.path().join(format!("out-{}", name.replace(' ', "-")));
         let got = autopart_loss(&model, &tokens, &out, plan, np)?;
         assert_close(&format!("llama, {name}"), got, want);
+        // autopart eval under the same plan: JSON rows of varied lengths
+        // (padded) and every window of a token file.
+        let got = eval_loss(np, Some(&out), &model, &rows, &[])?;
+        assert_close(&format!("llama, eval rows, {name}"), got, want_rows);
+        let got = eval_loss(np, Some(&out), &model, &tokens, &[])?;
+        assert_close(&format!("llama, eval windows, {name}"), got, want_windows);
     }
+    // Greedy generation with the KV cache, token for token, on the
+    // one-process plan.
+    let single = dir.path().join("out-one-process");
+    let want = reference_generate(&model, "1,5,9", 16)?;
+    let got = generate(
+        Some(&single),
+        &model,
+        &["--prompt-ids", "1,5,9", "--max-new-tokens", "16"],
+    )?;
+    assert_eq!(
+        ids_of(&got["new_ids"]),
+        want,
+        "llama greedy vs transformers"
+    );
+    assert_eq!(want.len(), 16, "{want:?}");
+    // A text prompt through a tokenizer.json: the same ids and text as the
+    // tokenizers library's.
+    let tok = dir.path().join("tokenizer.json");
+    hf_tiny(&["tokenizer", &tok.display().to_string()])?;
+    let tok_s = tok.display().to_string();
+    let text = "the cat sat on the mat and then";
+    let prompt = ids_of(&serde_json::from_str(
+        hf_tiny(&["encode", &tok_s, text])?.trim(),
+    )?);
+    let list = prompt
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let want = reference_generate(&model, &list, 8)?;
+    let got = generate(
+        Some(&single),
+        &model,
+        &[
+            "--tokenizer",
+            &tok_s,
+            "--prompt",
+            text,
+            "--max-new-tokens",
+            "8",
+        ],
+    )?;
+    assert_eq!(ids_of(&got["prompt_ids"]), prompt);
+    assert_eq!(ids_of(&got["new_ids"]), want, "text prompt");
+    let want_list = want
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let want_text = hf_tiny(&["decode", &tok_s, &want_list])?;
+    assert_eq!(
+        got["text"].as_str(),
+        Some(want_text.trim_end_matches('\n')),
+        "{got}"
+    );
+    // Sampling: seeded, so repeatable; another seed may differ.
+    let sampled = |seed: &str| -> Result<Vec<i64>> {
+        let v = generate(
+            Some(&single),
+            &model,
+            &[
+                "--prompt-ids",
+                "1,5,9",
+                "--max-new-tokens",
+                "16",
+                "--temperature",
+                "1.5",
+                "--top-p",
+                "0.9",
+                "--seed",
+                seed,
+                "--ignore-eos",
+            ],
+        )?;
+        Ok(ids_of(&v["new_ids"]))
+    };
+    let a = sampled("3")?;
+    assert_eq!(a.len(), 16);
+    assert_eq!(a, sampled("3")?, "the same seed draws the same ids");
+    Ok(())
+}
+
+/// `autopart eval` and `autopart generate` without a plan make a
+/// one-process one (and reuse it).
+#[test]
+fn eval_and_generate_make_a_plan_when_given_none() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("llama-tied");
+    hf_tiny(&["make", "llama-tied", &model.display().to_string()])?;
+    let rows = rows_file(dir.path())?;
+    let want = reference_rows_loss(&model, &rows)?;
+    let plan = dir.path().join("plan");
+    let plan_s = plan.display().to_string();
+    let extra = ["--plan-dir", plan_s.as_str(), "--build-profile", "dev"];
+    let got = eval_loss(1, None, &model, &rows, &extra)?;
+    assert_close("tied llama, eval without a plan", got, want);
+    assert!(plan.join("plan.ron").is_file() && plan.join("autopart-plan").is_file());
+    let again = eval_loss(1, None, &model, &rows, &extra)?;
+    assert_eq!(again, got, "the plan made is reused");
+    // The rows' shape: seq 16 (the longest row less one).
+    let plan_text = std::fs::read_to_string(plan.join("plan.ron"))?;
+    assert!(plan_text.contains("seq_len: 16"), "{plan_text}");
+    let v = autopart_json(
+        1,
+        &strings(&[
+            "eval",
+            "--init-from",
+            &model.display().to_string(),
+            "--data",
+            &rows.display().to_string(),
+            "--json",
+            "--plan-dir",
+            &plan_s,
+            "--build-profile",
+            "dev",
+        ]),
+    )?;
+    assert_eq!(v["tokens"].as_u64(), Some(rows_tokens(&rows)?), "{v}");
+    assert_eq!(v["rows"].as_u64(), Some(11), "{v}");
+
+    let gplan = dir.path().join("gplan");
+    let want = reference_generate(&model, "4,8,15,16,23", 16)?;
+    let got = generate(
+        None,
+        &model,
+        &[
+            "--prompt-ids",
+            "4,8,15,16,23",
+            "--max-new-tokens",
+            "16",
+            "--plan-dir",
+            &gplan.display().to_string(),
+            "--build-profile",
+            "dev",
+        ],
+    )?;
+    assert_eq!(ids_of(&got["new_ids"]), want, "tied llama greedy");
     Ok(())
 }
 
@@ -195,11 +488,23 @@ fn gpt2_from_hf_equals_transformers() -> Result<()> {
     hf_tiny(&["make", "gpt2", &model.display().to_string()])?;
     let tokens = token_file(dir.path(), 400)?;
     let want = reference_loss(&model, &tokens)?;
+    let rows = rows_file(dir.path())?;
+    let want_rows = reference_rows_loss(&model, &rows)?;
     for (name, plan, np) in [("one process", SINGLE, 1), ("tp2", TP2, 2)] {
         let out = dir.path().join(format!("out-{}", name.replace(' ', "-")));
         let got = autopart_loss(&model, &tokens, &out, plan, np)?;
         assert_close(&format!("gpt2, {name}"), got, want);
+        let got = eval_loss(np, Some(&out), &model, &rows, &[])?;
+        assert_close(&format!("gpt2, eval rows, {name}"), got, want_rows);
     }
+    let prompt = "3,100,7,42,250,18";
+    let want = reference_generate(&model, prompt, 16)?;
+    let got = generate(
+        Some(&dir.path().join("out-one-process")),
+        &model,
+        &["--prompt-ids", prompt, "--max-new-tokens", "16"],
+    )?;
+    assert_eq!(ids_of(&got["new_ids"]), want, "gpt2 greedy vs transformers");
     Ok(())
 }
 
@@ -298,6 +603,86 @@ fn wrong_folders_get_errors_naming_the_file() -> Result<()> {
     std::fs::copy(model.join("config.json"), empty.join("config.json"))?;
     let e = init_error(&out, &empty, &tokens)?;
     assert!(e.contains("model.safetensors"), "no weights:\n{e}");
+
+    // autopart eval: a row longer than the plan's sequences (16 tokens), a
+    // token file without a sequence length and no plan, a missing file.
+    let fails = |args: &[String]| -> Result<String> {
+        let o = launch_binary(1, &autopart_bin()?, args, Duration::from_secs(120))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            !o.status.success() && !text.contains("panicked"),
+            "{args:?}:\n{text}"
+        );
+        Ok(text)
+    };
+    let long = dir.path().join("long.json");
+    std::fs::write(
+        &long,
+        format!("{{\"input_ids\": [{:?}]}}", (0..18).collect::<Vec<u32>>()),
+    )?;
+    let (out_s, model_s) = (out.display().to_string(), model.display().to_string());
+    let e = fails(&strings(&[
+        "eval",
+        &out_s,
+        "--init-from",
+        &model_s,
+        "--data",
+        &long.display().to_string(),
+    ]))?;
+    assert!(
+        e.contains("long.json") && e.contains("--seq-len 17"),
+        "long row:\n{e}"
+    );
+    let e = fails(&strings(&[
+        "eval",
+        "--init-from",
+        &model_s,
+        "--data",
+        &tokens.display().to_string(),
+        "--plan-dir",
+        &dir.path().join("p").display().to_string(),
+    ]))?;
+    assert!(
+        e.contains("tokens.bin") && e.contains("--seq-len"),
+        "token file, no plan:\n{e}"
+    );
+    let e = fails(&strings(&[
+        "eval",
+        &out_s,
+        "--init-from",
+        &model_s,
+        "--data",
+        "no-such.json",
+    ]))?;
+    assert!(e.contains("no-such.json"), "missing data:\n{e}");
+    let e = fails(&strings(&[
+        "generate",
+        &out_s,
+        "--init-from",
+        &model_s,
+        "--prompt",
+        "hi",
+    ]))?;
+    assert!(
+        e.contains("--tokenizer"),
+        "text prompt without a tokenizer:\n{e}"
+    );
+    let e = fails(&strings(&[
+        "generate",
+        &out_s,
+        "--init-from",
+        &model_s,
+        "--prompt-ids",
+        "1,300",
+    ]))?;
+    assert!(
+        e.contains("300") && e.contains("vocabulary"),
+        "id out of range:\n{e}"
+    );
 
     // An unsupported model type is refused when compiling.
     let mistral = dir.path().join("mistral");
@@ -437,17 +822,23 @@ fn a_model_fine_tuned_under_tp2_pp2_exports_to_transformers() -> Result<()> {
     );
     let exported = dir.path().join("hf");
     export(&ck.join("step_10"), &exported, &[])?;
-    let want = reference_loss(&exported, &held_out)?;
+    // transformers' loss over every held-out window equals autopart eval's,
+    // from the checkpoint and from the exported folder.
+    let want = reference_windows_loss(&exported, &held_out, 400)?;
     let single = dir.path().join("out-single");
     compile_model(
         &single,
         &model.join("config.json").display().to_string(),
         SINGLE,
     )?;
-    let got = train_from(&single, 1, &ck.join("step_10"), &held_out, 1, &[])?;
-    assert_close("fine-tuned, held out", got, want);
-    // The exported folder reads back into autopart with the same loss.
-    let again = train_from(&single, 1, &exported, &held_out, 1, &[])?;
-    assert_close("exported, read back", again, want);
+    let got = eval_loss(1, Some(&single), &ck.join("step_10"), &held_out, &[])?;
+    assert_close("fine-tuned, held out, from the checkpoint", got, want);
+    let again = eval_loss(1, Some(&single), &exported, &held_out, &[])?;
+    assert_close("fine-tuned, held out, exported", again, want);
+    let before = reference_windows_loss(&model, &held_out, 400)?;
+    assert!(
+        (before - want).abs() > 1e-3,
+        "the fine-tune changed the held-out loss: {before} vs {want}"
+    );
     Ok(())
 }

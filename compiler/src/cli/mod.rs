@@ -12,7 +12,9 @@ use clap::{Args, Parser, Subcommand};
 
 mod ckpt;
 mod data;
+mod eval;
 mod export;
+mod generate;
 mod launch;
 mod run;
 
@@ -50,6 +52,15 @@ enum Command {
     /// FILE... --seq-len L --out DIR` (text or JSONL; `--format instruction` for
     /// instruction / response records with a loss mask).
     Data(data::DataArgs),
+    /// Evaluate weights: mean next-token loss and perplexity over a data set,
+    /// as transformers computes with labels=input_ids: `autopart eval
+    /// --init-from DIR --data rows.json [--json]` (one process, a plan made
+    /// for it) or `mpirun -np N autopart eval OUT --init-from DIR --data FILE`.
+    Eval(Box<eval::EvalArgs>),
+    /// Continue a prompt with a model's weights (KV cache, greedy unless
+    /// --temperature): `autopart generate --init-from DIR --prompt TEXT
+    /// --max-new-tokens 32 [--json]` (or --prompt-ids 1,2,3).
+    Generate(Box<generate::GenerateArgs>),
     /// Run a job and restart it when it fails: `autopart launch --max-restarts 3 --
     /// mpirun -np 8 autopart run OUT --checkpoint-dir ck --checkpoint-every 50 --resume auto`.
     Launch(launch::LaunchArgs),
@@ -470,6 +481,8 @@ pub fn main() -> ExitCode {
         Command::Ckpt(args) => ckpt::ckpt(args),
         Command::Data(args) => data::data(args),
         Command::Launch(args) => launch::launch(args),
+        Command::Eval(args) => eval::eval(args),
+        Command::Generate(args) => generate::generate(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

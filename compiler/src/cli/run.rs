@@ -13,6 +13,15 @@ use crate::plan::read_plan;
 /// Checks the launcher's world size against the plan, then replaces this
 /// process with the plan binary.
 pub fn run(out: &Path, args: &[String]) -> Result<()> {
+    let (mut cmd, binary) = plan_command(out, args)?;
+    use std::os::unix::process::CommandExt;
+    let err = cmd.exec();
+    Err(err).with_context(|| format!("starting {}", binary.display()))
+}
+
+/// The plan binary of `out` with `args`, once the plan folder and the
+/// launcher's world size are checked; and the binary's path.
+pub fn plan_command(out: &Path, args: &[String]) -> Result<(Command, std::path::PathBuf)> {
     let plan_path = out.join("plan.ron");
     let plan = read_plan(&plan_path).with_context(|| {
         format!(
@@ -59,7 +68,7 @@ pub fn run(out: &Path, args: &[String]) -> Result<()> {
         ),
         (None, _) => {}
     }
-    use std::os::unix::process::CommandExt;
-    let err = Command::new(&binary).args(args).exec();
-    Err(err).with_context(|| format!("starting {}", binary.display()))
+    let mut cmd = Command::new(&binary);
+    cmd.args(args);
+    Ok((cmd, binary))
 }

@@ -1368,8 +1368,12 @@ torch-sys = "0.24"
 [workspace]
 
 # As the autopart workspace, so that a shared target folder reuses its builds.
+[profile.dev]
+debug = "line-tables-only"
+
 [profile.dev.package."*"]
 opt-level = 2
+debug = false
 "#,
         header(options, "#")
     )

@@ -165,6 +165,11 @@ pub fn write_files(files: &[GeneratedFile], dir: &Path) -> Result<(), CodegenErr
     }
     for f in files {
         let path = dir.join(&f.path);
+        // An unchanged file keeps its mtime, so that compiling the same
+        // plan again does not rebuild its binary.
+        if std::fs::read(&path).is_ok_and(|old| old == f.text.as_bytes()) {
+            continue;
+        }
         autopart_vocab::fs::write_atomic(&path, f.text.as_bytes()).map_err(io(&path))?;
     }
     Ok(())
