@@ -163,6 +163,7 @@ pub fn read_runs(path: &Path) -> Result<Vec<Run>, ValidateError> {
                 vocab,
                 n_positions: seq_len,
                 layer_norm_eps: 1e-5,
+                token_ids: Default::default(),
             }),
             "llama" => ModelConfig::Llama(LlamaConfig {
                 name,
@@ -179,6 +180,7 @@ pub fn read_runs(path: &Path) -> Result<Vec<Run>, ValidateError> {
                 rope_scaling: None,
                 tie_embeddings: false,
                 loss_op: None,
+                token_ids: Default::default(),
             }),
             other => return Err(row_err(format!("family '{other}': expected gpt or llama"))),
         };

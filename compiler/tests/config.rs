@@ -37,7 +37,42 @@ fn llama3_config_json_equals_the_preset() {
         panic!("a llama preset")
     };
     got.name = want.name.clone();
+    // The special token ids are the file's (a preset has none).
+    assert_eq!(
+        got.token_ids.0,
+        vec![
+            ("bos_token_id".to_string(), serde_json::json!(128000)),
+            ("eos_token_id".to_string(), serde_json::json!(128001)),
+        ]
+    );
+    got.token_ids = want.token_ids.clone();
     assert_eq!(got, want);
+}
+
+/// The plan's config.json (what checkpoints carry and `ckpt export --hf`
+/// writes) reads back to the same config, special token ids included.
+#[test]
+fn the_plans_config_json_reads_back_with_its_token_ids() {
+    for text in [
+        llama_with(
+            "eos_token_id",
+            Some(serde_json::json!([128001, 128008, 128009])),
+        ),
+        llama_with("pad_token_id", Some(serde_json::json!("not an id"))),
+        std::fs::read_to_string(data("gpt2.config.json")).expect("test data"),
+    ] {
+        let cfg = parse(&text).expect("valid");
+        let json = cfg.to_hf_json();
+        let again = parse(&json.to_string()).expect("its own config.json");
+        assert_eq!(again, cfg, "{json}");
+        let given: serde_json::Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(json["eos_token_id"], given["eos_token_id"], "{json}");
+        assert_eq!(
+            json.get("pad_token_id"),
+            None,
+            "only ids are carried: {json}"
+        );
+    }
 }
 
 #[test]

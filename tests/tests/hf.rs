@@ -749,6 +749,22 @@ fn import_then_export_gives_back_the_original_tensors() -> Result<()> {
                 "60 kB shards: an index"
             );
         }
+        // The special token ids travel with the config (generation stops
+        // at the exported folder's EOS as at the original's).
+        let config = |d: &Path| -> Result<serde_json::Value> {
+            Ok(serde_json::from_str(&std::fs::read_to_string(
+                d.join("config.json"),
+            )?)?)
+        };
+        let (a, b) = (config(&model)?, config(&exported)?);
+        for k in ["bos_token_id", "eos_token_id"] {
+            assert!(
+                !a[k].is_null() && a[k] == b[k],
+                "{kind} {k}: {} vs {}",
+                a[k],
+                b[k]
+            );
+        }
         let n = hf_tiny(&[
             "compare",
             &model.display().to_string(),

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 use thiserror::Error;
 
-use super::models::{GptConfig, LlamaConfig, RopeScaling};
+use super::models::{GptConfig, LlamaConfig, RopeScaling, TokenIds};
 
 /// A model of one of the supported families.
 #[derive(Clone, Debug, PartialEq)]
@@ -273,7 +273,7 @@ impl ModelConfig {
                 } else {
                     Value::Null
                 };
-                serde_json::json!({
+                let mut json = serde_json::json!({
                     "architectures": ["LlamaForCausalLM"],
                     "model_type": "llama",
                     "hidden_size": c.hidden,
@@ -293,9 +293,12 @@ impl ModelConfig {
                     "attention_bias": false,
                     "mlp_bias": false,
                     "torch_dtype": "float32",
-                })
+                });
+                c.token_ids.write_into(&mut json);
+                json
             }
-            ModelConfig::Gpt(c) => serde_json::json!({
+            ModelConfig::Gpt(c) => {
+                let mut json = serde_json::json!({
                 "architectures": ["GPT2LMHeadModel"],
                 "model_type": "gpt2",
                 "n_embd": c.hidden,
@@ -308,7 +311,10 @@ impl ModelConfig {
                 "activation_function": "gelu_new",
                 "tie_word_embeddings": true,
                 "torch_dtype": "float32",
-            }),
+                });
+                c.token_ids.write_into(&mut json);
+                json
+            }
         }
     }
 
@@ -387,6 +393,7 @@ impl ModelConfig {
                     rope_scaling,
                     tie_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
                     loss_op: None,
+                    token_ids: TokenIds::of(&obj),
                 })
             }
             "gpt2" => {
@@ -421,6 +428,7 @@ impl ModelConfig {
                     vocab: f.uint("vocab_size")?,
                     n_positions: f.opt_uint("n_positions")?.unwrap_or(1024),
                     layer_norm_eps: f.opt_float("layer_norm_epsilon")?.unwrap_or(1e-5),
+                    token_ids: TokenIds::of(&obj),
                 })
             }
             other => {

@@ -22,7 +22,9 @@ use crate::anno::{Registry, RegistryError};
 use crate::ir::{AttrValue, DType, Graph, Op, OpKind, Role, Tensor, TensorId, VerifyError, verify};
 
 pub use config::{ConfigError, ModelConfig};
-pub use models::{GptConfig, LlamaConfig, PRESETS, RopeScaling, load_model, preset, trace_model};
+pub use models::{
+    GptConfig, LlamaConfig, PRESETS, RopeScaling, TokenIds, load_model, preset, trace_model,
+};
 pub use summary::{Summary, SummaryError};
 
 /// Tracing inputs that are not part of the model: batch, sequence, dtype.

@@ -37,6 +37,44 @@ pub struct LlamaConfig {
     /// cross-entropy (`hidden, head weight, labels -> per-token loss`), e.g.
     /// `chunked_ce`; `None` keeps `lm_head` + `cross_entropy`.
     pub loss_op: Option<String>,
+    /// The config.json's special token ids, carried into the plan's own.
+    pub token_ids: TokenIds,
+}
+
+/// A config.json's `bos_token_id`, `eos_token_id` and `pad_token_id` (a
+/// number or a list of numbers), as given: the compiler does not use them,
+/// but the config.json the plan carries (and `ckpt export --hf` writes)
+/// keeps them, so that generation stops where transformers' would.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TokenIds(pub Vec<(String, serde_json::Value)>);
+
+impl TokenIds {
+    /// The keys this carries.
+    pub const KEYS: [&'static str; 3] = ["bos_token_id", "eos_token_id", "pad_token_id"];
+
+    /// The ids of `obj` (other shapes of those fields are left out).
+    pub fn of(obj: &serde_json::Map<String, serde_json::Value>) -> Self {
+        let id = |v: &serde_json::Value| v.as_u64().is_some();
+        Self(
+            Self::KEYS
+                .iter()
+                .filter_map(|&k| {
+                    let v = obj.get(k)?;
+                    let ok = id(v)
+                        || v.as_array()
+                            .is_some_and(|a| !a.is_empty() && a.iter().all(id));
+                    ok.then(|| (k.to_string(), v.clone()))
+                })
+                .collect(),
+        )
+    }
+
+    /// Adds the ids to a config.json object.
+    pub fn write_into(&self, json: &mut serde_json::Value) {
+        for (k, v) in &self.0 {
+            json[k.as_str()] = v.clone();
+        }
+    }
 }
 
 /// How the rotary frequencies are rescaled for longer contexts, as
@@ -68,6 +106,8 @@ pub struct GptConfig {
     pub vocab: u64,
     pub n_positions: u64,
     pub layer_norm_eps: f64,
+    /// The config.json's special token ids, carried into the plan's own.
+    pub token_ids: TokenIds,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -98,6 +138,7 @@ fn llama(
         rope_scaling: None,
         tie_embeddings: false,
         loss_op: None,
+        token_ids: TokenIds::default(),
     })
 }
 
@@ -126,6 +167,7 @@ fn gpt(name: &str, n_layers: u64, hidden: u64, n_heads: u64, vocab: u64, seq: u6
         vocab,
         n_positions: seq,
         layer_norm_eps: 1e-5,
+        token_ids: TokenIds::default(),
     })
 }
 
