@@ -1292,7 +1292,12 @@ fn train(
             None => vec![opts.prompt_ids.clone()],
         };
         let mut all = Vec::with_capacity(prompts.len());
-        for p in &prompts {
+        let mut shown = Instant::now();
+        for (i, p) in prompts.iter().enumerate() {
+            if shown.elapsed().as_secs_f64() >= 10.0 {
+                shown = Instant::now();
+                eprintln!("generate: prompt {i}/{}", prompts.len());
+            }
             all.push(decoder.generate(p, &sampling)?);
         }
         let s = t0.elapsed().as_secs_f64();
@@ -1325,6 +1330,7 @@ fn train(
             set,
             meta.runtime_batch(),
             opts.eval_batches,
+            rank0,
         )?;
         if rank0 {
             let perplexity = e.loss.exp();
@@ -1500,6 +1506,7 @@ fn train(
                     set,
                     batch_rows,
                     opts.eval_batches,
+                    false,
                 )?;
                 eval_line = Some(format!(
                     "eval after step {done}: loss {:.4} over {} tokens ({} batches, {:.2} s)",
@@ -1630,6 +1637,7 @@ struct EvalLoss {
 /// count of labels that count. Nothing of the training state changes: no
 /// gradient is made and the optimizer is not stepped (under ZeRO-3 the
 /// parameters are gathered for it and released after). Collective.
+#[allow(clippy::too_many_arguments)]
 fn evaluate(
     stage: &mut dyn StageModule,
     plan: &PipelinePlan,
@@ -1638,11 +1646,22 @@ fn evaluate(
     set: &mut EvalSet,
     rows: i64,
     max_batches: Option<u64>,
+    progress: bool,
 ) -> Result<EvalLoss, AppError> {
     let batches = set.batches(rows).min(max_batches.unwrap_or(u64::MAX));
     opt.gather_params(stage.params_mut(), g.dp)?;
     let (mut sum, mut tokens, mut counted_rows) = (0.0, 0u64, 0u64);
+    let (t0, mut shown) = (Instant::now(), Instant::now());
     for k in 0..batches {
+        // A long evaluation says where it is (stderr, every 10 s).
+        if progress && shown.elapsed().as_secs_f64() >= 10.0 {
+            shown = Instant::now();
+            let rate = k as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+            eprintln!(
+                "eval: batch {k}/{batches}, {tokens} tokens so far, about {:.0} s left",
+                (batches - k) as f64 / rate.max(1e-9)
+            );
+        }
         let batch = set.batch(k, rows)?;
         let count = batch.loss_tokens().map_err(ExecError::from)?;
         if count == 0 {

@@ -208,8 +208,9 @@ pub const MAX_BATCH_TOKENS: i64 = 1 << 28;
 fn check_shape(batch: i64, seq: i64) -> Result<(), DataError> {
     if batch < 1
         || seq < 1
-        || batch
-            .checked_mul(seq + 1)
+        || seq
+            .checked_add(1)
+            .and_then(|w| batch.checked_mul(w))
             .is_none_or(|n| n > MAX_BATCH_TOKENS)
     {
         return Err(DataError::BadShape { batch, seq });
@@ -704,6 +705,10 @@ impl JsonRows {
 
     /// The rows of `path` for a plan of sequence length `seq`.
     pub fn open(path: &Path, vocab: i64, seq: i64) -> Result<Self, DataError> {
+        check_shape(1, seq).map_err(|e| DataError::Json {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
         let rows = Self::read(path, vocab, 2)?;
         if let Some((i, row)) = rows
             .iter()

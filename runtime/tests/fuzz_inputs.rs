@@ -5,7 +5,7 @@
 //! goes through the code downstream of it without one. See docs/fuzzing.md.
 
 use autopart_runtime::app::{Command, Options, parse_args};
-use autopart_runtime::data::{MAX_BATCH_TOKENS, TokenDtype, TokenFile};
+use autopart_runtime::data::{EvalSet, JsonRows, MAX_BATCH_TOKENS, TokenDtype, TokenFile};
 use autopart_runtime::metrics::MetricsLog;
 use autopart_runtime::vocab::ZeroStage;
 use proptest::prelude::*;
@@ -74,6 +74,9 @@ const NUMERIC_FLAGS: &[&str] = &[
     "--keep",
     "--exit-at-step",
     "--collective-timeout",
+    "--max-new-tokens",
+    "--temperature",
+    "--top-p",
 ];
 
 /// A command line of numeric flags (with `=` or as the next argument), a
@@ -92,6 +95,12 @@ fn command_line() -> impl Strategy<Value = Vec<String>> {
             }
         });
     let other = prop::sample::select(vec![
+        vec!["--generate", "--prompt-ids", "1,2,3"],
+        vec!["--generate", "--prompt-ids", "1,-2,x"],
+        vec!["--generate", "--prompts", "p.json"],
+        vec!["--eval-only", "--eval-data", "rows.json"],
+        vec!["--json"],
+        vec!["--eos-ids", "2,3"],
         vec!["--checkpoint-dir", "ck"],
         vec!["--resume", "auto"],
         vec!["--resume", "7"],
@@ -256,6 +265,58 @@ proptest! {
                 Err(e) => {
                     let msg = e.to_string();
                     prop_assert!(!msg.is_empty());
+                }
+            }
+        }
+    }
+
+    /// JSON rows (`eval --data rows.json`, `--prompts`) never panic: any
+    /// bytes, other JSON, rows of any length and ids of any value are read
+    /// or refused with a message naming the file; an accepted set gives
+    /// batches of `[batch, seq]` whose counted labels are the rows' own
+    /// next ids.
+    #[test]
+    fn json_rows_read_or_refuse(
+        rows in prop::collection::vec(prop::collection::vec(-3i64..300, 0..24), 0..6),
+        raw in prop::option::of(prop_oneof![
+            "[ -~]{0,40}",
+            Just("{\"input_ids\": [[1, 2], 3]}".to_string()),
+            Just("{\"input_ids\": [[1e400, 2]]}".to_string()),
+            Just("{\"input_ids\": [[18446744073709551616, 2]]}".to_string()),
+            Just("{\"input_ids\": null}".to_string()),
+        ]),
+        vocab in 1i64..400,
+        seq in size_i64(),
+        batch in size_i64(),
+        index in step_u64(),
+    ) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let text = raw.unwrap_or_else(|| serde_json::json!({ "input_ids": rows }).to_string());
+        let path = temp_file(&dir, "rows.json", text.as_bytes());
+        if let Err(e) = JsonRows::read(&path, vocab, 1) {
+            prop_assert!(e.to_string().contains("rows.json"), "{e}");
+        }
+        match EvalSet::open(&path, TokenDtype::U16, vocab, seq) {
+            Err(e) => prop_assert!(e.to_string().contains("rows.json"), "{e}"),
+            Ok(mut set) => {
+                let n = set.batches(batch);
+                prop_assert!(n >= 1);
+                match set.batch(index.min(n), batch) {
+                    Ok(b) => {
+                        prop_assert_eq!(b.tokens.size(), vec![batch, seq]);
+                        let t = Vec::<Vec<i64>>::try_from(&b.tokens).expect("rows");
+                        let l = Vec::<Vec<i64>>::try_from(&b.labels).expect("rows");
+                        for (tr, lr) in t.iter().zip(&l) {
+                            for j in 0..lr.len() {
+                                let id = lr[j];
+                                prop_assert!(id == -100 || (0..vocab).contains(&id));
+                                if id != -100 && j + 1 < tr.len() {
+                                    prop_assert_eq!(tr[j + 1], id);
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => prop_assert!(!e.to_string().is_empty()),
                 }
             }
         }
