@@ -92,7 +92,9 @@ impl LrSchedule {
     /// The learning rate of optimizer step `step` (from 0).
     pub fn lr(&self, step: u64) -> f64 {
         if step < self.warmup_steps {
-            return self.peak_lr * (step + 1) as f64 / self.warmup_steps as f64;
+            // The fraction first: peak * (step + 1) overflows for a peak
+            // near f64::MAX / warmup_steps.
+            return self.peak_lr * ((step + 1) as f64 / self.warmup_steps as f64);
         }
         if step >= self.total_steps {
             return self.min_lr;

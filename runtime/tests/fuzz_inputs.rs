@@ -368,6 +368,21 @@ proptest! {
     }
 }
 
+/// Found by `run_flags_parse_or_refuse` in CI: `--lr 1e300 --warmup
+/// 179769314` made the warm-up's learning rate infinite (the peak was
+/// multiplied by the step before the division).
+#[test]
+fn regression_warm_up_of_a_huge_peak_stays_finite() {
+    let Ok(Command::Train(o)) = parse_args(
+        ["--lr", "1e300", "--warmup", "179769314"]
+            .iter()
+            .map(ToString::to_string),
+    ) else {
+        panic!("accepted flags")
+    };
+    exercise(&o);
+}
+
 /// Found reading the flags for the fuzz test: `--collective-timeout 1e300` was
 /// accepted and panicked in `Duration::from_secs_f64` when the watchdog
 /// started; now a usage error.

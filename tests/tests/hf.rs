@@ -76,18 +76,23 @@ fn token_file(dir: &Path, n: usize) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The number `hf_tiny.py args...` prints.
+fn hf_number(args: &[&str]) -> Result<f64> {
+    let text = hf_tiny(args)?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("transformers printed {text:?}"))
+}
+
 /// transformers' loss on the rows step 0 trains on.
 fn reference_loss(model: &Path, tokens: &Path) -> Result<f64> {
-    let text = hf_tiny(&[
+    hf_number(&[
         "loss",
         &model.display().to_string(),
         &tokens.display().to_string(),
         &SEQ.to_string(),
         &BATCH.to_string(),
-    ])?;
-    text.trim()
-        .parse()
-        .with_context(|| format!("transformers printed {text:?}"))
+    ])
 }
 
 /// Compiles `model`'s config.json under `plan` into `out`, trains one step
@@ -169,29 +174,23 @@ fn rows_file(dir: &Path) -> Result<PathBuf> {
 /// transformers' mean loss over the rows of `rows` (labels=input_ids,
 /// right padding masked).
 fn reference_rows_loss(model: &Path, rows: &Path) -> Result<f64> {
-    let text = hf_tiny(&[
+    hf_number(&[
         "loss-rows",
         &model.display().to_string(),
         &rows.display().to_string(),
-    ])?;
-    text.trim()
-        .parse()
-        .with_context(|| format!("transformers printed {text:?}"))
+    ])
 }
 
 /// transformers' loss over every window of SEQ + 1 ids of a token file of
 /// `n` ids (what `autopart eval --data FILE` reads).
 fn reference_windows_loss(model: &Path, tokens: &Path, n: usize) -> Result<f64> {
-    let text = hf_tiny(&[
+    hf_number(&[
         "loss",
         &model.display().to_string(),
         &tokens.display().to_string(),
         &SEQ.to_string(),
         &((n - 1) / SEQ).to_string(),
-    ])?;
-    text.trim()
-        .parse()
-        .with_context(|| format!("transformers printed {text:?}"))
+    ])
 }
 
 /// `autopart ARGS` on `np` processes (mpirun above one); the JSON object of

@@ -164,23 +164,6 @@ fn records(dir: &Path) -> Result<(Vec<Record>, autopart_vocab::data::Manifest)> 
     Ok((out, m))
 }
 
-/// Runs the plan binary with `flags` (its stderr passed through); the JSON
-/// object of its last stdout line.
-fn plan_json(out: &Path, flags: &[String]) -> Result<serde_json::Value> {
-    let (mut cmd, binary) = super::run::plan_command(out, flags)?;
-    let output = cmd
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .with_context(|| format!("starting {}", binary.display()))?;
-    if !output.status.success() {
-        bail!("{} failed ({})", binary.display(), output.status);
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let line = stdout.lines().last().unwrap_or("");
-    serde_json::from_str(line)
-        .with_context(|| format!("{} printed {line:?}, not its JSON result", binary.display()))
-}
-
 /// `eval --rouge`: the loss (the plan binary's --eval-only), then a greedy
 /// generation per record (its --generate --prompts), decoded and scored.
 fn rouge(args: &EvalArgs, out: &Path, eval_flags: &[String]) -> Result<()> {
@@ -210,7 +193,7 @@ fn rouge(args: &EvalArgs, out: &Path, eval_flags: &[String]) -> Result<()> {
     let mut flags: Vec<String> = eval_flags.to_vec();
     flags.push("--json".into());
     flags.dedup();
-    let loss = plan_json(out, &flags)?;
+    let loss = super::run::plan_json(out, &flags)?;
 
     let prompts = dir_for_prompts()?;
     let prompts_file = prompts.path().join("prompts.json");
@@ -245,7 +228,7 @@ fn rouge(args: &EvalArgs, out: &Path, eval_flags: &[String]) -> Result<()> {
         "generating responses to {} prompts (greedy, at most {max_new} ids)",
         recs.len()
     );
-    let generated = plan_json(out, &gen_flags)?;
+    let generated = super::run::plan_json(out, &gen_flags)?;
     let lists = generated["new_ids"]
         .as_array()
         .context("the plan binary printed no new_ids")?;

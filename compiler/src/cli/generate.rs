@@ -9,7 +9,6 @@
 //! config.json, as transformers' `generate` takes them.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -165,21 +164,10 @@ pub(super) fn generate(args: &GenerateArgs) -> Result<()> {
     if !eos.is_empty() {
         flags.extend(["--eos-ids".into(), list(&eos)]);
     }
-    let (mut cmd, binary) = super::run::plan_command(&out, &flags)?;
-    let output = cmd
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("starting {}", binary.display()))?;
-    if !output.status.success() {
-        bail!("{} failed ({})", binary.display(), output.status);
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let line = stdout.lines().last().unwrap_or("");
-    let v: Value = serde_json::from_str(line)
-        .with_context(|| format!("{} printed {line:?}, not its JSON result", binary.display()))?;
+    let v = super::run::plan_json(&out, &flags)?;
     let new_ids: Vec<i64> = v["new_ids"]
         .as_array()
-        .with_context(|| format!("{} printed no new_ids: {line}", binary.display()))?
+        .with_context(|| format!("the plan binary printed no new_ids: {v}"))?
         .iter()
         .filter_map(Value::as_i64)
         .collect();

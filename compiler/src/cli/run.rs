@@ -72,3 +72,20 @@ pub fn plan_command(out: &Path, args: &[String]) -> Result<(Command, std::path::
     cmd.args(args);
     Ok((cmd, binary))
 }
+
+/// Runs the plan binary with `flags` (its stderr passed through); the JSON
+/// object of its last stdout line.
+pub fn plan_json(out: &Path, flags: &[String]) -> Result<serde_json::Value> {
+    let (mut cmd, binary) = plan_command(out, flags)?;
+    let output = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    if !output.status.success() {
+        bail!("{} failed ({})", binary.display(), output.status);
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().last().unwrap_or("");
+    serde_json::from_str(line)
+        .with_context(|| format!("{} printed {line:?}, not its JSON result", binary.display()))
+}
