@@ -70,7 +70,8 @@ pub(super) struct EvalArgs {
     /// the one the folder's manifest names.
     #[arg(long, value_name = "FILE", requires = "rouge", help_heading = "ROUGE")]
     tokenizer: Option<PathBuf>,
-    /// The most ids a generation may have. Default: the longest reference's.
+    /// The most ids a generation may have. Default: one more than the
+    /// longest reference's (room for its EOS).
     #[arg(long, value_name = "N", requires = "rouge", help_heading = "ROUGE")]
     max_new_tokens: Option<u32>,
     /// Write one JSON line per record (prompt, reference, generation and

@@ -62,8 +62,8 @@ pub(super) struct GenerateArgs {
     /// Generate --max-new-tokens ids whatever they are.
     #[arg(long, conflicts_with = "eos_ids")]
     ignore_eos: bool,
-    /// Print one JSON object {"new_ids": [...], "text": ...} (text null
-    /// without a tokenizer).
+    /// Print one JSON object {"prompt_ids": [...], "new_ids": [...],
+    /// "text": ...} (text null without a tokenizer).
     #[arg(long)]
     json: bool,
     /// Where the plan made is kept. Default: $XDG_CACHE_HOME/autopart/generate/HASH.
