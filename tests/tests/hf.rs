@@ -658,6 +658,28 @@ fn wrong_folders_get_errors_naming_the_file() -> Result<()> {
         "no-such.json",
     ]))?;
     assert!(e.contains("no-such.json"), "missing data:\n{e}");
+    // Without OUT under a launcher of 2: refused before any rank compiles.
+    let p2 = dir.path().join("p2");
+    let o = launch_binary(
+        2,
+        &autopart_bin()?,
+        &strings(&[
+            "eval",
+            "--init-from",
+            &model_s,
+            "--data",
+            &long.display().to_string(),
+            "--plan-dir",
+            &p2.display().to_string(),
+        ]),
+        Duration::from_secs(120),
+    )?;
+    let text = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && text.contains("one-process plan") && text.contains("started 2"),
+        "{text}"
+    );
+    assert!(!p2.exists(), "nothing was compiled");
     let e = fails(&strings(&[
         "generate",
         &out_s,

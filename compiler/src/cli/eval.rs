@@ -401,6 +401,16 @@ pub(super) fn one_process_plan(
     profile: BuildProfile,
     purpose: &str,
 ) -> Result<PathBuf> {
+    // Every rank of a launch would compile into the same folder at once.
+    if let (Some(n), var) = {
+        let l = autopart_vocab::launcher::Launcher::from_env();
+        (l.size.filter(|&n| n > 1), l.size_var)
+    } {
+        bail!(
+            "without OUT, `autopart {purpose}` makes a one-process plan, but the launcher started {n} processes ({}={n}): run it without mpirun/srun, or compile a plan for {n} and pass its folder as OUT",
+            var.unwrap_or("launcher")
+        );
+    }
     let text = model_config(init_from)?;
     let dir = match plan_dir {
         Some(d) => d.to_path_buf(),
