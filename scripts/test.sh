@@ -8,6 +8,10 @@ bash scripts/setup.sh
 source scripts/env.sh
 # One build from scratch: incremental caches only cost disk (GBs) here.
 export CARGO_INCREMENTAL=0
+# The fuzz tests draw the same cases on every run (a random seed turned CI
+# red on inputs unrelated to the change); explore with another seed, e.g.
+# PROPTEST_RNG_SEED=$RANDOM PROPTEST_CASES=30000 cargo nextest run ...
+export PROPTEST_RNG_SEED="${PROPTEST_RNG_SEED:-20261201}"
 # tests/tests/slurm.rs starts a single-node Slurm (scripts/slurm.sh); stop it
 # afterwards unless it was already running.
 if ! pgrep -x slurmctld >/dev/null 2>&1; then

@@ -1198,7 +1198,12 @@ fn check_plan(text: &str, p: &mut Pick) -> Result<(), TestCaseError> {
     };
     let _ = plan.replicas();
     let _ = plan.tokens_per_step();
-    let _ = plan.stages.iter().map(|s| s.n_layers()).sum::<u32>();
+    // u64: a mutated plan's stages may hold 2^32 layers between them.
+    let _ = plan
+        .stages
+        .iter()
+        .map(|s| u64::from(s.n_layers()))
+        .sum::<u64>();
     // What parses writes back and reads back as the same text.
     let written = plan_to_ron(&plan).expect("a parsed plan writes");
     let back = parse_plan(&written, Path::new("written.ron")).expect("a written plan reads");
@@ -1935,6 +1940,20 @@ fn tiny_request(plan_gpus: u32, out: &Path) -> Request {
 /// of the recursive-descent parser (an abort, not a panic). Nesting and
 /// operator counts are bounded now, with an error at the char past the
 /// bound.
+/// Found by `plan_mutations_never_panic` in a CI run: a stage of layers
+/// 0..2^32-1 next to another; the test's own sum of layers overflowed u32.
+/// The plan must still be read, written back and lowered (or refused)
+/// without a panic.
+#[test]
+fn regression_stage_layers_past_u32() {
+    let text = std::fs::read_to_string(format!(
+        "{}/tests/data/fuzz/stage-layers-past-u32.plan.ron",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .expect("test data");
+    check_plan(&text, &mut Pick(1)).expect("no failure");
+}
+
 #[test]
 fn regression_deeply_nested_formula_is_refused() {
     let deep = format!("{}a{}", "(".repeat(100_000), ")".repeat(100_000));
