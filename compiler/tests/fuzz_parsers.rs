@@ -1946,7 +1946,7 @@ fn tiny_request(plan_gpus: u32, out: &Path) -> Request {
 /// without a panic.
 #[test]
 fn regression_stage_layers_past_u32() {
-    let text = std::fs::read_to_string(format!(
+    let text = fs::read_to_string(format!(
         "{}/tests/data/fuzz/stage-layers-past-u32.plan.ron",
         env!("CARGO_MANIFEST_DIR")
     ))
