@@ -191,9 +191,12 @@ fn rouge(args: &EvalArgs, out: &Path, eval_flags: &[String]) -> Result<()> {
     };
     let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
         .map_err(|e| anyhow::anyhow!("{}: not a tokenizer.json: {e}", tok_path.display()))?;
+    // The loss comes back as JSON whatever --json says (a second --json
+    // would be a usage error, wherever it lands among the flags).
     let mut flags: Vec<String> = eval_flags.to_vec();
-    flags.push("--json".into());
-    flags.dedup();
+    if !flags.iter().any(|f| f == "--json") {
+        flags.push("--json".into());
+    }
     let loss = super::run::plan_json(out, &flags)?;
 
     let prompts = dir_for_prompts()?;
