@@ -31,6 +31,7 @@ fn bench(c: &mut Criterion) {
                 batch: 1,
                 seq_len: Some(8192),
                 dtype: DType::Bf16,
+                kv_copies: 1,
             },
             &registry,
         )
@@ -45,6 +46,7 @@ fn bench(c: &mut Criterion) {
             global_batch,
             constraints: &constraints,
             top_k: 5,
+            kv_graphs: &std::collections::BTreeMap::new(),
         };
         group.bench_function(format!("{model}/{gpus}gpus"), |b| {
             b.iter(|| search(&input).expect("a plan fits"))

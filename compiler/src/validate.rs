@@ -411,8 +411,18 @@ pub fn validate_run(
         batch: 1,
         seq_len: Some(run.seq_len),
         dtype: DType::Bf16,
+        kv_copies: 1,
     };
     let graph = trace_model(&run.model, &options, registry).map_err(|e| e.to_string())?;
+    let kv_graphs = crate::driver::trace_kv_graphs(
+        &run.model,
+        registry,
+        run.n_gpus,
+        None,
+        run.seq_len,
+        DType::Bf16,
+    )
+    .map_err(|e| format!("{e:#}"))?;
     let fixed = Constraints {
         tp: Some(run.tp),
         pp: Some(run.pp),
@@ -434,6 +444,7 @@ pub fn validate_run(
         run: &'a Run,
         cluster: &'a Cluster,
         c: &'a Constraints,
+        kv_graphs: &'a std::collections::BTreeMap<u64, crate::ir::Graph>,
     ) -> SearchInput<'a> {
         SearchInput {
             graph,
@@ -445,11 +456,12 @@ pub fn validate_run(
             global_batch: run.global_batch,
             constraints: c,
             top_k: 1,
+            kv_graphs,
         }
     }
     // The published configuration ran, so it fits: evaluate it even where
     // the memory model disagrees, by lifting capacity (and say so).
-    let fixed_plan = match search(&mk(&graph, registry, run, cluster, &fixed)) {
+    let fixed_plan = match search(&mk(&graph, registry, run, cluster, &fixed, &kv_graphs)) {
         Ok(r) => r.plans.into_iter().next(),
         Err(_) => None,
     };
@@ -458,7 +470,8 @@ pub fn validate_run(
         None => {
             let mut big = cluster.clone();
             big.memory_bytes *= 4;
-            let r = search(&mk(&graph, registry, run, &big, &fixed)).map_err(|e| e.to_string())?;
+            let r = search(&mk(&graph, registry, run, &big, &fixed, &kv_graphs))
+                .map_err(|e| e.to_string())?;
             let p = r
                 .plans
                 .into_iter()
@@ -469,7 +482,7 @@ pub fn validate_run(
     };
     let free = Constraints::default();
     let free_plan = if free_search {
-        search(&mk(&graph, registry, run, cluster, &free))
+        search(&mk(&graph, registry, run, cluster, &free, &kv_graphs))
             .map_err(|e| e.to_string())?
             .plans
             .into_iter()

@@ -1182,6 +1182,7 @@ fn plan_graph(plan: &Plan) -> Option<Graph> {
                 batch: key.1,
                 seq_len: Some(key.2),
                 dtype: key.3.into(),
+                kv_copies: 1,
             };
             trace_model(&model, &options, registry()).ok()
         })
@@ -1216,6 +1217,7 @@ fn check_plan(text: &str, p: &mut Pick) -> Result<(), TestCaseError> {
                     batch: 8,
                     seq_len: Some(16),
                     dtype: GraphDType::F32,
+                    kv_copies: 1,
                 };
                 let model = preset("llama-mini").expect("preset");
                 trace_model(&model, &options, registry()).expect("traces")

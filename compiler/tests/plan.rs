@@ -24,6 +24,7 @@ fn trace(model: &str, micro_batch: u64, seq_len: u64) -> Graph {
         batch: micro_batch,
         seq_len: Some(seq_len),
         dtype: DType::Bf16,
+        kv_copies: 1,
     };
     trace_model(&config, &options, &builtin_registry()).expect("traces")
 }
@@ -190,6 +191,7 @@ fn llama_mini_plan(graph: &Graph) -> Plan {
         trace: TraceSpec {
             seq_len: 128,
             dtype: autopart::plan::DType::Bf16,
+            kv_copies: 1,
         },
         cluster: "h100".to_string(),
         plan_gpus: 4,

@@ -188,6 +188,7 @@ fn param(name: &str, shape: &[u64], tp_dim: Option<usize>, block: BlockKind) -> 
         init: ParamInit::Normal { std: 0.02 },
         tp_dim,
         tp_grad_partial: false,
+        copies: 1,
     }
 }
 
@@ -605,6 +606,7 @@ fn lowered(model: &str, tp: u32, sp: bool, seq_len: u64, cluster: &Cluster) -> E
             batch,
             seq_len: Some(seq_len),
             dtype,
+            kv_copies: 1,
         };
         trace_model(&cfg, &options, &registry).expect("traces")
     };
@@ -627,6 +629,7 @@ fn lowered(model: &str, tp: u32, sp: bool, seq_len: u64, cluster: &Cluster) -> E
         global_batch,
         constraints: &constraints,
         top_k: 1,
+        kv_graphs: &BTreeMap::new(),
     };
     let result = search(&input).expect("a plan");
     let ctx = PlanContext {

@@ -19,6 +19,7 @@ fn traced(model: &str, seq: u64, dtype: DType) -> (ModelConfig, Graph, Registry)
             batch: 1,
             seq_len: Some(seq),
             dtype,
+            kv_copies: 1,
         },
         &registry,
     )
@@ -151,6 +152,7 @@ fn search_matches_brute_force() {
             global_batch,
             constraints: &constraints,
             top_k: 3,
+            kv_graphs: &NO_KV_GRAPHS,
         };
         let found = search(&input).map(|r| r.plans[0].eval.step_s);
 
@@ -239,6 +241,9 @@ fn search_matches_brute_force() {
     }
 }
 
+/// No graphs with copied kv heads: these tests search tp up to the kv heads.
+static NO_KV_GRAPHS: std::collections::BTreeMap<u64, Graph> = std::collections::BTreeMap::new();
+
 fn compile_input<'a>(
     graph: &'a Graph,
     registry: &'a Registry,
@@ -258,6 +263,7 @@ fn compile_input<'a>(
         global_batch,
         constraints,
         top_k: 3,
+        kv_graphs: &NO_KV_GRAPHS,
     }
 }
 

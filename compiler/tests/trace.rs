@@ -12,6 +12,7 @@ fn trace(name: &str, batch: u64, seq: u64) -> autopart::ir::Graph {
         batch,
         seq_len: Some(seq),
         dtype: DType::Bf16,
+        kv_copies: 1,
     };
     trace_model(&model, &options, &builtin_registry()).expect("traces")
 }
@@ -23,6 +24,7 @@ fn llama_mini_ir_snapshot() {
         batch: 2,
         seq_len: Some(16),
         dtype: DType::F32,
+        kv_copies: 1,
     };
     let graph = trace_model(&model, &options, &builtin_registry()).expect("traces");
     // UPDATE_EXPECT=1 cargo test -p autopart --test trace  re-blesses it.

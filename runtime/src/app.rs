@@ -1609,7 +1609,7 @@ fn model_params(params: &[Param], comms: &MeshComms<MpiComm>) -> Result<u64, App
     let mine: usize = if comms.coord.dp == 0 {
         params
             .iter()
-            .filter(|p| p.spec.tp_dim.is_some() || comms.coord.tp == 0)
+            .filter(|p| p.spec.counted_on(comms.coord.tp))
             .map(|p| p.tensor.numel())
             .sum()
     } else {

@@ -497,6 +497,11 @@ pub enum TpGrad {
     /// Each rank holds a partial sum (a replicated weight applied to a
     /// sequence shard): all-reduce over tp.
     Partial,
+    /// The tp group holds `tp / m` blocks of `tp_dim`, block `j` on the `m`
+    /// consecutive ranks `m·j .. m·j + m` (GQA kv heads copied so that tp
+    /// may exceed their count, NxD's `kv_size_multiplier`): each copy's
+    /// gradient is a partial sum over those ranks.
+    Copies(usize),
 }
 
 /// A parameter as the single-device model sees it, plus how it is split over tp.
@@ -528,6 +533,37 @@ fn seed_of(seed: u64, name: &str) -> i64 {
 }
 
 impl ParamSpec {
+    /// Ranks holding each block: `m` for [`TpGrad::Copies`], else 1.
+    pub fn copies(&self) -> usize {
+        match self.tp_grad {
+            TpGrad::Copies(m) => m.max(1),
+            _ => 1,
+        }
+    }
+
+    /// The block of `tp_dim` a tp rank holds and how many blocks there are
+    /// (`(0, 1)` for a replicated parameter).
+    pub fn block_of(&self, tp_rank: usize, tp_size: usize) -> (usize, usize) {
+        match self.tp_dim {
+            None => (0, 1),
+            Some(_) => {
+                let m = self.copies();
+                (tp_rank / m, (tp_size / m).max(1))
+            }
+        }
+    }
+
+    /// Whether tp rank `tp_rank` counts (and writes) this parameter's
+    /// values, so that each element counts once over the tp group: every
+    /// rank of a split tensor, the first of each copied block's ranks, tp
+    /// rank 0 of a replicated one.
+    pub fn counted_on(&self, tp_rank: usize) -> bool {
+        match self.tp_dim {
+            Some(_) => tp_rank % self.copies() == 0,
+            None => tp_rank == 0,
+        }
+    }
+
     /// The full tensor, the same on every rank and under every partition.
     pub fn init_full(&self, seed: u64) -> Result<Tensor, ExecError> {
         let opts = (Kind::Float, tch::Device::Cpu);
@@ -551,20 +587,21 @@ impl ParamSpec {
         let Some(dim) = self.tp_dim else {
             return Ok(full.shallow_clone());
         };
+        let (block, parts) = self.block_of(tp_rank, tp_size);
         let len = usize::try_from(dim)
             .ok()
             .and_then(|d| self.shape.get(d).copied())
-            .filter(|len| len % tp_size as i64 == 0);
+            .filter(|len| tp_size % self.copies() == 0 && len % parts as i64 == 0);
         let Some(len) = len else {
             return Err(ExecError::Split {
                 what: self.name.clone(),
                 dim,
                 shape: self.shape.clone(),
-                parts: tp_size,
+                parts,
             });
         };
-        let n = len / tp_size as i64;
-        Ok(full.f_narrow(dim, tp_rank as i64 * n, n)?.f_contiguous()?)
+        let n = len / parts as i64;
+        Ok(full.f_narrow(dim, block as i64 * n, n)?.f_contiguous()?)
     }
 
     /// The initialised shard as a leaf parameter.
@@ -589,11 +626,24 @@ impl Param {
         self.tensor.zero_grad();
     }
 
-    /// The full tensor, all-gathered over `tp` when split. Collective over `tp`.
+    /// The full tensor, all-gathered over `tp` when split (each copied
+    /// block once). Collective over `tp`.
     pub fn gather_full(&self, tp: &dyn Communicator) -> Result<Tensor, ExecError> {
         let t = self.tensor.detach();
         match self.spec.tp_dim {
-            Some(dim) if tp.size() > 1 => Ok(tp.all_gather(&t, dim)?),
+            Some(dim) if tp.size() > 1 => {
+                let all = tp.all_gather(&t, dim)?;
+                let m = self.spec.copies();
+                if m == 1 {
+                    return Ok(all);
+                }
+                let blocks: Vec<Tensor> = all
+                    .f_chunk(tp.size() as i64, dim)?
+                    .into_iter()
+                    .step_by(m)
+                    .collect();
+                Ok(Tensor::f_cat(&blocks, dim)?)
+            }
             _ => Ok(t),
         }
     }
@@ -634,12 +684,40 @@ pub fn complete_tp_grads(params: &mut [Param], tp: &dyn Communicator) -> Result<
                 .f_sum(Kind::Float)?
                 .f_backward()?;
         }
-        if p.spec.tp_grad == TpGrad::Partial && tp.size() > 1 {
-            let cur = p.tensor.grad();
-            let sum = tp.all_reduce(&cur.detach())?;
-            tch::no_grad(|| cur.detach().f_copy_(&sum))?;
+        match p.spec.tp_grad {
+            TpGrad::Partial if tp.size() > 1 => {
+                let cur = p.tensor.grad();
+                let sum = tp.all_reduce(&cur.detach())?;
+                tch::no_grad(|| cur.detach().f_copy_(&sum))?;
+            }
+            TpGrad::Copies(m) if m > 1 && tp.size() > 1 => sum_copies(p, tp)?,
+            _ => {}
         }
     }
+    Ok(())
+}
+
+/// Sums the gradients of a [`TpGrad::Copies`] parameter over the ranks
+/// holding its block: an all-reduce over tp of the model's tensor, each
+/// rank's gradient placed at its block (zeros elsewhere), then this rank's
+/// block taken back.
+fn sum_copies(p: &Param, tp: &dyn Communicator) -> Result<(), ExecError> {
+    let Some(dim) = p.spec.tp_dim else {
+        return Ok(());
+    };
+    let (block, parts) = p.spec.block_of(tp.rank(), tp.size());
+    let cur = p.tensor.grad();
+    let g = cur.detach();
+    let mut shape = g.size();
+    let n = shape.get(dim as usize).copied().unwrap_or(0);
+    if let Some(len) = shape.get_mut(dim as usize) {
+        *len = n * parts as i64;
+    }
+    let placed = Tensor::f_zeros(shape.as_slice(), (g.kind(), g.device()))?;
+    placed.f_narrow(dim, block as i64 * n, n)?.f_copy_(&g)?;
+    let sum = tp.all_reduce(&placed)?;
+    let mine = sum.f_narrow(dim, block as i64 * n, n)?;
+    tch::no_grad(|| cur.detach().f_copy_(&mine))?;
     Ok(())
 }
 

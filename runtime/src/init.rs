@@ -318,12 +318,13 @@ impl HfModel {
 pub fn shard_region(p: &Param, tp_rank: usize, tp_size: usize) -> Region {
     let mut offset = vec![0u64; p.spec.shape.len()];
     let mut shape: Vec<u64> = p.spec.shape.iter().map(|&x| x.max(0) as u64).collect();
+    let (block, parts) = p.spec.block_of(tp_rank, tp_size);
     if let Some(d) = p.spec.tp_dim.and_then(|d| usize::try_from(d).ok())
         && d < shape.len()
-        && tp_size > 1
+        && parts > 1
     {
-        shape[d] /= tp_size as u64;
-        offset[d] = tp_rank as u64 * shape[d];
+        shape[d] /= parts as u64;
+        offset[d] = block as u64 * shape[d];
     }
     Region { offset, shape }
 }

@@ -33,7 +33,8 @@
 //! (computed every step, reported in [`StepStats`] and used for clipping when
 //! it is on) is the norm of the model's gradient after that average, each element counted
 //! once: a tp-replicated parameter (no `tp_dim`) is counted on tp rank 0
-//! only, dp replicas are counted once (replicated stages: the sum of squares
+//! only, a copied block on the first of its ranks (`ParamSpec::counted_on`),
+//! dp replicas are counted once (replicated stages: the sum of squares
 //! is all-reduced over tp and pp only; sharded stages: each dp rank counts its
 //! own slice and the sum is all-reduced over dp, tp and pp).
 //!
@@ -204,7 +205,7 @@ fn bucket_layout(params: &[Param], tp_rank: usize, dp: usize, bucket_bytes: usiz
             close(&mut slots, used, &mut buckets);
             (used, bytes) = (0, 0);
         }
-        let share = if p.spec.tp_dim.is_some() || tp_rank == 0 {
+        let share = if p.spec.counted_on(tp_rank) {
             NormShare::Counted
         } else {
             NormShare::Replica

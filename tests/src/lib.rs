@@ -400,6 +400,17 @@ pub mod plans {
         "--schedule",
         "interleaved-2",
     ];
+    /// tp beyond llama-mini's 2 kv heads: each copied twice.
+    pub const TP4_KV_COPIES: &[&str] = &[
+        "--plan-ngpus",
+        "4",
+        "--tp",
+        "4",
+        "--pp",
+        "1",
+        "--sp",
+        "false",
+    ];
     pub const TP2: &[&str] = &[
         "--plan-ngpus",
         "2",

@@ -14,7 +14,7 @@
 //! from the folder's weights on a token file, and its step-0 loss must equal
 //! transformers' loss (`labels=input_ids`) on the same rows within 1e-5
 //! relative: on one process and under tp2 (with sequence parallelism), pp2
-//! (1F1B) and dp2 (ZeRO-3) for Llama, one process and tp2 for GPT-2.
+//! (1F1B), dp2 (ZeRO-3) and tp4 on its 2 kv heads (each copied twice) for Llama, one process and tp2 for GPT-2.
 //! Wrong folders get errors naming the file and what was expected.
 //!
 //! HF weights out: `autopart ckpt export DIR/step_N --hf OUT` of a run that
@@ -29,7 +29,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use autopart_tests::plans::{DP2_ZERO3, PP2_1F1B, SINGLE, TP2};
+use autopart_tests::plans::{DP2_ZERO3, PP2_1F1B, SINGLE, TP2, TP4_KV_COPIES};
 use autopart_tests::{
     autopart, autopart_bin, autopart_home, compile_model, launch, launch_binary, read_metrics,
 };
@@ -313,6 +313,8 @@ fn llama_from_hf_equals_transformers_under_every_plan() -> Result<()> {
         ("tp2+sp", TP2, 2),
         ("pp2 1f1b", PP2_1F1B, 2),
         ("dp2 zero3", DP2_ZERO3, 2),
+        // tp beyond the 2 kv heads: each rank reads its kv head's rows.
+        ("tp4 on 2 kv heads", TP4_KV_COPIES, 4),
     ] {
         let out = dir.path().join(format!("out-{}", name.replace(' ', "-")));
         let got = autopart_loss(&model, &tokens, &out, plan, np)?;

@@ -692,14 +692,17 @@ fn init_expr(init: ParamInit) -> String {
 }
 
 fn spec_expr(p: &ParamDecl, name: Expr) -> Expr {
-    let shape: Vec<String> = p.shape.iter().map(u64::to_string).collect();
+    // The model's shape: the runtime holds a copied block once.
+    let shape: Vec<String> = p.model_shape().iter().map(u64::to_string).collect();
     let tp_dim = p
         .tp_dim
         .map_or_else(|| "None".into(), |d| format!("Some({d})"));
-    let grad = if p.tp_grad_partial {
-        "TpGrad::Partial"
+    let grad = if p.copies > 1 {
+        format!("TpGrad::Copies({})", p.copies)
+    } else if p.tp_grad_partial {
+        "TpGrad::Partial".into()
     } else {
-        "TpGrad::Complete"
+        "TpGrad::Complete".into()
     };
     Expr::call(
         "spec",

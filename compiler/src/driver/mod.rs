@@ -290,6 +290,7 @@ pub fn trace_at(
         batch,
         seq_len,
         dtype: dtype.into(),
+        kv_copies: 1,
     };
     let graph = trace_model(model, &options, registry)
         .with_context(|| format!("tracing {}", model.name()))?;
@@ -583,6 +584,10 @@ fn verify_custom_ops(c: &CustomOps, graph: &Graph) -> Result<()> {
 pub struct Searched {
     pub result: SearchResult,
     pub seconds: f64,
+    /// The graphs with kv heads copied the search sharded, by degree
+    /// ([`trace_kv_graphs`]): a plan with `kv_copies > 1` is checked against
+    /// its own.
+    pub kv_graphs: BTreeMap<u64, Graph>,
 }
 
 impl fmt::Display for Searched {
@@ -614,6 +619,39 @@ impl fmt::Display for Searched {
     }
 }
 
+/// The model traced at batch 1 with each kv head copied `m` times, for
+/// every degree `m` a tp of `plan_gpus` (or the pinned `tp`) needs: the
+/// graphs [`SearchInput::kv_graphs`] holds.
+pub fn trace_kv_graphs(
+    model: &ModelConfig,
+    registry: &Registry,
+    plan_gpus: u32,
+    tp: Option<u32>,
+    seq_len: u64,
+    dtype: crate::ir::DType,
+) -> Result<BTreeMap<u64, Graph>> {
+    let mut graphs = BTreeMap::new();
+    for m in crate::search::kv_copy_degrees(model, plan_gpus, tp) {
+        let options = TraceOptions {
+            batch: 1,
+            seq_len: Some(seq_len),
+            dtype,
+            kv_copies: m,
+        };
+        let graph = trace_model(model, &options, registry)
+            .with_context(|| format!("tracing {} with {m} copies of each kv head", model.name()))?;
+        crate::ir::verify(&graph).map_err(|errors| {
+            let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            anyhow!(
+                "the graph with {m} copies of each kv head does not verify:\n  {}",
+                lines.join("\n  ")
+            )
+        })?;
+        graphs.insert(m, graph);
+    }
+    Ok(graphs)
+}
+
 /// `search`: the plan space under the constraints and ties.
 pub fn search_plans(
     inputs: &Inputs,
@@ -621,7 +659,16 @@ pub fn search_plans(
     ties: &Ties,
     top_k: usize,
 ) -> Result<Searched> {
+    let kv_graphs = trace_kv_graphs(
+        &inputs.model,
+        &inputs.registry,
+        inputs.plan_gpus,
+        ties.constraints.tp,
+        inputs.seq_len,
+        inputs.dtype.into(),
+    )?;
     let input = SearchInput {
+        kv_graphs: &kv_graphs,
         graph: &traced.graph,
         registry: &inputs.registry,
         model: &inputs.model,
@@ -641,7 +688,11 @@ pub fn search_plans(
         seconds,
         "search finished"
     );
-    Ok(Searched { result, seconds })
+    Ok(Searched {
+        result,
+        seconds,
+        kv_graphs,
+    })
 }
 
 fn verify_searched(s: &Searched, traced: &Traced, ties: &Ties) -> Result<()> {
@@ -740,8 +791,15 @@ pub fn plan(inputs: &Inputs, traced: &Traced, searched: &Searched) -> Result<Pla
     Ok(Planned { plans, ron, hash })
 }
 
-fn verify_planned(p: &Planned, traced: &Traced) -> Result<()> {
-    validate_plan(p.best(), &traced.graph, None).context("checking the chosen plan")?;
+fn verify_planned(p: &Planned, traced: &Traced, searched: &Searched) -> Result<()> {
+    let graph = match p.best().trace.kv_copies {
+        1 => &traced.graph,
+        m => searched
+            .kv_graphs
+            .get(&m)
+            .with_context(|| format!("no graph with {m} copies of each kv head"))?,
+    };
+    validate_plan(p.best(), graph, None).context("checking the chosen plan")?;
     let back = parse_plan(&p.ron, Path::new("plan.ron")).context("reading the plan back")?;
     if &back != p.best() {
         bail!("plan.ron does not read back as the plan it was written from");
@@ -766,10 +824,20 @@ pub fn lower_plan(
     registry: &Registry,
     cluster: &Cluster,
 ) -> Result<ExecProgram> {
+    let want = crate::search::kv_copies(model, plan.mesh.tp);
+    if plan.trace.kv_copies != want {
+        bail!(
+            "the plan traces {} copies of each kv head, but tp={} on {} needs {want}",
+            plan.trace.kv_copies,
+            plan.mesh.tp,
+            model.name()
+        );
+    }
     let options = TraceOptions {
         batch: plan.micro_batch,
         seq_len: Some(plan.trace.seq_len),
         dtype: plan.trace.dtype.into(),
+        kv_copies: plan.trace.kv_copies,
     };
     let graph = trace_model(model, &options, registry).with_context(|| {
         format!(
@@ -1073,7 +1141,7 @@ pub fn compile(req: &Request, obs: &mut dyn Observer) -> Result<Compiled> {
         obs,
         Pass::Plan,
         || plan(&c.inputs, &c.traced, searched),
-        |p| verify_planned(p, &c.traced),
+        |p| verify_planned(p, &c.traced, searched),
         |p| {
             std::fs::create_dir_all(&paths.out)
                 .with_context(|| format!("creating {}", paths.out.display()))?;

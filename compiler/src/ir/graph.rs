@@ -317,6 +317,12 @@ pub struct Graph {
     producer: Vec<Option<OpId>>,
     /// Side table: the ops reading each tensor, in op order.
     consumers: Vec<Vec<OpId>>,
+    /// Parameters traced as copies: `(dim, m)` says that along `dim` each
+    /// block of the model's tensor appears `m` times in a row (GQA kv heads
+    /// replicated so that tp may exceed their count, NxD's
+    /// `kv_size_multiplier`). The model holds one block where the graph
+    /// shows `m`; their gradients sum.
+    copies: BTreeMap<TensorId, (usize, u64)>,
 }
 
 impl Graph {
@@ -403,9 +409,25 @@ impl Graph {
         self.tensors().filter(|(_, t)| t.role == Role::Parameter)
     }
 
-    /// Total number of trainable parameters (a tied weight counts once).
+    /// Total number of trainable parameters (a tied weight counts once, a
+    /// parameter traced as copies once).
     pub fn n_params(&self) -> u64 {
-        self.parameters().map(|(_, t)| t.numel()).sum()
+        self.parameters()
+            .map(|(id, t)| t.numel() / self.copies(id).map_or(1, |(_, m)| m.max(1)))
+            .sum()
+    }
+
+    /// Marks parameter `id` as traced with `m` copies of each block along
+    /// `dim` (see the field's doc).
+    pub fn set_copies(&mut self, id: TensorId, dim: usize, m: u64) {
+        if m > 1 {
+            self.copies.insert(id, (dim, m));
+        }
+    }
+
+    /// `(dim, m)` when parameter `id` was traced as copies.
+    pub fn copies(&self, id: TensorId) -> Option<(usize, u64)> {
+        self.copies.get(&id).copied()
     }
 
     /// Number of transformer layers (one more than the largest layer index).
@@ -487,6 +509,9 @@ impl fmt::Display for Graph {
             if self.producer(id).is_none() {
                 write!(f, "  {id} {} {}: ", t.role.name(), t.name)?;
                 write_shape(f, t)?;
+                if let Some((dim, m)) = self.copies(id) {
+                    write!(f, " (each block of dim {dim} {m} times)")?;
+                }
                 writeln!(f)?;
             }
         }

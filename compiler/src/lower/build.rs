@@ -299,6 +299,22 @@ impl<'c, 'a> BlockBuilder<'c, 'a> {
             init: param_init(op, index),
             tp_dim,
             tp_grad_partial: want.grad == Layout::V,
+            copies: 1,
+        };
+        let decl = match self.ctx.graph.copies(t) {
+            None => decl,
+            Some((d, m)) if tp_dim == Some(d) && u64::from(self.ctx.tp) % m == 0 => {
+                ParamDecl { copies: m, ..decl }
+            }
+            Some((d, m)) => {
+                return Err(op_err(
+                    op,
+                    format!(
+                        "reads parameter {} ({m} copies of each block of dim {d}) in state {want} at tp={}; copies are split on dim {d} at a tp that {m} divides",
+                        tensor.name, self.ctx.tp
+                    ),
+                ));
+            }
         };
         match self.ctx.params.get(&tensor.name) {
             Some(old) if old.block != decl.block && self.ctx.pp > 1 => {

@@ -158,6 +158,21 @@ impl fmt::Display for ExecProgram {
         } else {
             writeln!(f, "  tp all-reduce (partial sums): {}", partial.join(", "))?;
         }
+        let copied: Vec<String> = self
+            .params
+            .iter()
+            .filter(|p| p.copies > 1)
+            .map(|p| format!("{} (x{})", p.pattern, p.copies))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if !copied.is_empty() {
+            writeln!(
+                f,
+                "  tp sum over the ranks holding one copied block: {}",
+                copied.join(", ")
+            )?;
+        }
         let dp = self.dp * self.runtime_gpus.checked_div(self.plan_gpus).unwrap_or(1);
         writeln!(
             f,

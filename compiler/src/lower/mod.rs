@@ -196,6 +196,33 @@ pub struct ParamDecl {
     /// Read replicated by ops on shards: each tp rank's gradient is a partial
     /// sum, all-reduced over tp after backward.
     pub tp_grad_partial: bool,
+    /// Traced as copies ([`crate::ir::Graph::copies`]): `shape` holds each
+    /// block of `tp_dim` this many times in a row, the model's tensor once;
+    /// tp ranks `m·j .. m·j+m` hold block `j` and their gradients sum.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub copies: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_one(n: &u64) -> bool {
+    *n == 1
+}
+
+impl ParamDecl {
+    /// The model's shape: `shape` with each copied block once.
+    pub fn model_shape(&self) -> Vec<u64> {
+        let mut shape = self.shape.clone();
+        if let Some(d) = self.tp_dim
+            && let Some(len) = shape.get_mut(d)
+        {
+            *len /= self.copies.max(1);
+        }
+        shape
+    }
 }
 
 /// One pipeline stage.

@@ -51,6 +51,19 @@ pub struct TraceSpec {
     pub seq_len: u64,
     /// Written as its name: `bf16`, `f16` or `f32`.
     pub dtype: DType,
+    /// Copies of each GQA kv head in the traced graph (1, not written,
+    /// unless tp exceeds the kv heads: then tp / kv, one kv head per tp rank).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub kv_copies: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_one(n: &u64) -> bool {
+    *n == 1
 }
 
 /// Mesh axes. `order` lists them innermost first (tp innermost keeps tensor

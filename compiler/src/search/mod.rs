@@ -109,6 +109,20 @@ pub struct SearchInput<'a> {
     pub global_batch: u64,
     pub constraints: &'a Constraints,
     pub top_k: usize,
+    /// The same model traced with each kv head copied `m` times, by `m`
+    /// ([`kv_copy_degrees`]): the graph a tp beyond the kv-head count
+    /// shards. A tp whose degree is missing here is not searched.
+    pub kv_graphs: &'a BTreeMap<u64, Graph>,
+}
+
+impl SearchInput<'_> {
+    /// The graph tp shards: the model's, or the one with kv heads copied.
+    pub fn graph_for(&self, tp: u32) -> Option<&Graph> {
+        match kv_copies(self.model, tp) {
+            1 => Some(self.graph),
+            m => self.kv_graphs.get(&m),
+        }
+    }
 }
 
 #[derive(Debug, Error)]
@@ -128,6 +142,8 @@ pub struct Candidate {
     pub eval: Evaluation,
     /// Per op of the graph: the split chosen for its segment.
     pub splits: Vec<OpSplitOf>,
+    /// Copies of each kv head the graph was traced with ([`kv_copies`]).
+    pub kv_copies: u64,
 }
 
 /// An op's tp split and the layouts it gives: (op, split identifier,
@@ -178,22 +194,51 @@ fn head_counts(model: &ModelConfig) -> (u64, u64) {
     }
 }
 
-/// Checks a tp degree against the model; the error says why not.
+/// Checks a tp degree against the model; the error says why not. tp must
+/// divide the query heads and either divide the kv heads or be a multiple
+/// of them (each kv head then copied `tp / kv` times, [`kv_copies`]).
 pub fn check_tp(model: &ModelConfig, tp: u32) -> Result<(), String> {
     let (heads, kv) = head_counts(model);
     let tp64 = u64::from(tp);
     if tp == 0 {
         return Err("tp must be at least 1".into());
     }
-    if kv % tp64 != 0 {
-        return Err(format!(
-            "tp={tp} does not divide {kv} kv heads (autopart does not replicate kv heads)"
-        ));
-    }
     if heads % tp64 != 0 {
         return Err(format!("tp={tp} does not divide {heads} attention heads"));
     }
+    if kv % tp64 != 0 && tp64 % kv != 0 {
+        return Err(format!(
+            "tp={tp} neither divides {kv} kv heads nor is a multiple of them (to copy each kv head tp/{kv} times)"
+        ));
+    }
     Ok(())
+}
+
+/// How many copies of each kv head tp needs: 1 when tp divides the kv
+/// heads, else `tp / kv` (one kv head per tp rank; [`check_tp`] holds).
+pub fn kv_copies(model: &ModelConfig, tp: u32) -> u64 {
+    let (_, kv) = head_counts(model);
+    let tp = u64::from(tp.max(1));
+    if kv == 0 || kv % tp == 0 {
+        1
+    } else {
+        (tp / kv).max(1)
+    }
+}
+
+/// The kv-copy degrees (above 1) that some tp of `plan_gpus` GPUs needs,
+/// for the graphs [`SearchInput::kv_graphs`] must hold; `tp` restricts to
+/// one degree.
+pub fn kv_copy_degrees(model: &ModelConfig, plan_gpus: u32, tp: Option<u32>) -> Vec<u64> {
+    let mut out: Vec<u64> = divisors(u64::from(plan_gpus))
+        .into_iter()
+        .filter_map(|d| u32::try_from(d).ok())
+        .filter(|&d| tp.is_none_or(|t| t == d) && check_tp(model, d).is_ok())
+        .map(|d| kv_copies(model, d))
+        .filter(|&m| m > 1)
+        .collect();
+    out.dedup();
+    out
 }
 
 /// The three segments of a graph: ops before the first layer, the ops of
@@ -232,7 +277,7 @@ fn solve_range(
     sp: bool,
     mbs: &[u64],
 ) -> Result<Vec<(u64, SegmentCost)>, SearchError> {
-    let graph = input.graph;
+    let graph = input.graph_for(tp).ok_or_else(|| no_kv_graph(input, tp))?;
     let boundary = if sp { Layout::D(1) } else { Layout::R };
     let (bin, bout) = boundaries(graph, ops);
     let build = |mb: u64| -> Result<Segment, SearchError> {
@@ -307,7 +352,8 @@ pub fn solve_segments(
     sp: bool,
     mbs: &[u64],
 ) -> Result<BTreeMap<u64, Solved>, SearchError> {
-    let (pre, layer, post) = segments(input.graph);
+    let graph = input.graph_for(tp).ok_or_else(|| no_kv_graph(input, tp))?;
+    let (pre, layer, post) = segments(graph);
     let pre = solve_range(input, &pre, tp, sp, mbs)?;
     let layer = solve_range(input, &layer, tp, sp, mbs)?;
     let post = solve_range(input, &post, tp, sp, mbs)?;
@@ -317,6 +363,13 @@ pub fn solve_segments(
         .zip(post)
         .map(|(((mb, pre), (_, layer)), (_, post))| (mb, Solved { pre, layer, post }))
         .collect())
+}
+
+fn no_kv_graph(input: &SearchInput<'_>, tp: u32) -> SearchError {
+    SearchError::Constraint(format!(
+        "tp={tp} needs the model traced with {} copies of each kv head, which the search was not given",
+        kv_copies(input.model, tp)
+    ))
 }
 
 /// Choice indices pinned by `constraints.splits` for the ops of `seg`.
@@ -404,6 +457,9 @@ pub fn search(input: &SearchInput<'_>) -> Result<SearchResult, SearchError> {
     let n_layers = input.graph.n_layers();
     if let Some(tp) = c.tp {
         check_tp(input.model, tp).map_err(SearchError::Constraint)?;
+        if input.graph_for(tp).is_none() {
+            return Err(no_kv_graph(input, tp));
+        }
         if n % tp != 0 {
             return Err(SearchError::Constraint(format!(
                 "tp={tp} does not divide {n} plan GPUs"
@@ -442,7 +498,7 @@ pub fn search(input: &SearchInput<'_>) -> Result<SearchResult, SearchError> {
     let tps: Vec<u32> = divisors(u64::from(n))
         .into_iter()
         .map(|d| d as u32)
-        .filter(|&tp| check_tp(input.model, tp).is_ok())
+        .filter(|&tp| check_tp(input.model, tp).is_ok() && input.graph_for(tp).is_some())
         .collect();
     for tp in pick(tps, c.tp) {
         let pps: Vec<u32> = divisors(u64::from(n / tp))
@@ -615,8 +671,9 @@ pub fn search(input: &SearchInput<'_>) -> Result<SearchResult, SearchError> {
         .into_iter()
         .map(|(config, eval)| {
             let seg = &solved[&(config.tp, config.sp, config.micro_batch)];
+            let graph = input.graph_for(config.tp).unwrap_or(input.graph);
             let mut splits = Vec::new();
-            for (id, op) in input.graph.ops() {
+            for (id, op) in graph.ops() {
                 let segc = match op.layer {
                     Some(_) => &seg.layer,
                     None if seg.pre.splits.iter().any(|s| s.op == id) => &seg.pre,
@@ -625,11 +682,7 @@ pub fn search(input: &SearchInput<'_>) -> Result<SearchResult, SearchError> {
                 // Layer ops map onto the template layer by position.
                 let choice = match op.layer {
                     Some(l) => {
-                        let pos = input
-                            .graph
-                            .layer_ops(l)
-                            .position(|(o, _)| o == id)
-                            .unwrap_or(0);
+                        let pos = graph.layer_ops(l).position(|(o, _)| o == id).unwrap_or(0);
                         segc.splits.get(pos)
                     }
                     None => segc.splits.iter().find(|s| s.op == id),
@@ -639,6 +692,7 @@ pub fn search(input: &SearchInput<'_>) -> Result<SearchResult, SearchError> {
                 }
             }
             Candidate {
+                kv_copies: kv_copies(input.model, config.tp),
                 config,
                 eval,
                 splits,

@@ -118,6 +118,12 @@ pub struct SegTensor {
     pub consumers: Vec<(usize, usize)>,
     /// Set when the tensor leaves the segment as the residual stream.
     pub leaves_as: Option<Layout>,
+    /// A parameter traced as copies ([`Graph::copies`]): the once-a-step sum
+    /// of its copies' gradients, an all-reduce over tp of the model's
+    /// tensor as the runtime does it. The same under every legal choice
+    /// (copies are always split on their copy dim), so only the breakdown
+    /// carries it, not the solver's objective.
+    pub copies_sync: Ps,
 }
 
 /// A sharding problem over a slice of the graph at one tp degree.
@@ -273,6 +279,17 @@ impl Segment {
                 // a weight matrix replicated is data parallelism in disguise
                 // (full weights, gradients and optimizer state on every tp
                 // rank), which the dp axis and ZeRO already cover.
+                // A parameter traced as copies is held one block per rank:
+                // split on its copy dim, never replicated (that would hold
+                // every copy) nor split elsewhere.
+                let breaks_copies = op.inputs.iter().zip(&inputs).any(|(t, l)| {
+                    graph
+                        .copies(*t)
+                        .is_some_and(|(dim, _)| *l != Layout::D(dim))
+                });
+                if breaks_copies {
+                    continue;
+                }
                 let replicates_matrix = split.is_some()
                     && op.inputs.iter().zip(&inputs).any(|(t, l)| {
                         let t = graph.tensor(*t);
@@ -352,12 +369,22 @@ impl Segment {
                                 _ => Source::Data,
                             },
                         };
+                        let copies_sync = graph.copies(t).map_or(0, |(_, m)| {
+                            let model_bytes = tensor.size_bytes() as f64 / m.max(1) as f64;
+                            ps(collective_time(
+                                ctx.cluster,
+                                Collective::AllReduce,
+                                &Group::placed(ctx.cluster, ctx.tp, 1),
+                                model_bytes,
+                            ))
+                        });
                         tensors.push(SegTensor {
                             id: t,
                             bytes: tensor.size_bytes() as f64 * ctx.scale,
                             source,
                             consumers: Vec::new(),
                             leaves_as: None,
+                            copies_sync,
                         });
                         tensors.len() - 1
                     }
@@ -372,6 +399,7 @@ impl Segment {
                         source: Source::Op(oi, out),
                         consumers: Vec::new(),
                         leaves_as: None,
+                        copies_sync: 0,
                     });
                 }
             }
@@ -472,7 +500,10 @@ impl Segment {
                 .min()
                 .unwrap_or(0);
             if t.source == Source::Param {
-                b.param_sync = b.param_sync.saturating_add(cost);
+                b.param_sync = b
+                    .param_sync
+                    .saturating_add(cost)
+                    .saturating_add(t.copies_sync);
             } else {
                 b.bwd_comm = b.bwd_comm.saturating_add(cost);
             }
@@ -737,6 +768,7 @@ mod tests {
                 batch: 1,
                 seq_len: Some(seq),
                 dtype: DType::Bf16,
+                kv_copies: 1,
             },
             &registry,
         )

@@ -87,6 +87,7 @@ pub fn to_plan(ctx: &PlanContext<'_>, candidate: &Candidate) -> Plan {
         trace: TraceSpec {
             seq_len: ctx.seq_len,
             dtype: ctx.dtype,
+            kv_copies: candidate.kv_copies,
         },
         cluster: ctx.cluster.to_string(),
         plan_gpus: ctx.plan_gpus,

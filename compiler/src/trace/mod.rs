@@ -36,6 +36,11 @@ pub struct TraceOptions {
     pub seq_len: Option<u64>,
     /// Dtype of parameters and activations.
     pub dtype: DType,
+    /// Copies of each GQA kv head (1: none). With `m` copies the graph has
+    /// `m` times the kv heads, each query group reading its own copy, so
+    /// that tp may be up to `m` times the model's kv-head count; the kv
+    /// projections are marked as copies ([`crate::ir::Graph::copies`]).
+    pub kv_copies: u64,
 }
 
 impl Default for TraceOptions {
@@ -44,6 +49,7 @@ impl Default for TraceOptions {
             batch: 1,
             seq_len: None,
             dtype: DType::Bf16,
+            kv_copies: 1,
         }
     }
 }
@@ -139,6 +145,11 @@ impl<'r> Tracer<'r> {
     /// Declares a trainable parameter.
     pub fn param(&mut self, name: &str, shape: &[u64], dtype: DType) -> Sym {
         self.input(name, shape, dtype, Role::Parameter)
+    }
+
+    /// Marks parameter `s` as `m` copies of each block along `dim`.
+    pub fn set_copies(&mut self, s: Sym, dim: usize, m: u64) {
+        self.graph.set_copies(s.0, dim, m);
     }
 
     /// Ops recorded from now on belong to transformer layer `layer`.

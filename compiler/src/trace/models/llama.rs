@@ -13,12 +13,16 @@ pub(super) fn trace(
     batch: u64,
     seq: u64,
     dtype: DType,
+    kv_copies: u64,
 ) -> Result<(), TraceError> {
     let (h, v) = (c.hidden, c.vocab);
     // Saturating: an overflowing width makes a tensor that `finish` refuses
     // as too large.
     let q_width = c.n_heads.saturating_mul(c.head_dim);
-    let kv_width = c.n_kv_heads.saturating_mul(c.head_dim);
+    // Each kv head traced `kv_copies` times in a row (the caller checked
+    // that the copies divide a group's query heads).
+    let n_kv = c.n_kv_heads.saturating_mul(kv_copies);
+    let kv_width = n_kv.saturating_mul(c.head_dim);
     let eps = || ("eps", AttrValue::Float(c.rms_norm_eps));
 
     let tokens = t.input("tokens", &[batch, seq], DType::I64, Role::Input);
@@ -42,6 +46,8 @@ pub(super) fn trace(
         let wq = t.param(&p("self_attn.q_proj.weight"), &[q_width, h], dtype);
         let wk = t.param(&p("self_attn.k_proj.weight"), &[kv_width, h], dtype);
         let wv = t.param(&p("self_attn.v_proj.weight"), &[kv_width, h], dtype);
+        t.set_copies(wk, 0, kv_copies);
+        t.set_copies(wv, 0, kv_copies);
         let wo = t.param(&p("self_attn.o_proj.weight"), &[h, q_width], dtype);
         let q = t.op(OpKind::Linear, &n("self_attn.q_proj"), &[hn, wq], &[])?;
         let k = t.op(OpKind::Linear, &n("self_attn.k_proj"), &[hn, wk], &[])?;
@@ -55,8 +61,8 @@ pub(super) fn trace(
             )
         };
         let q = heads(t, q, &n("self_attn.q_heads"), c.n_heads)?;
-        let k = heads(t, k, &n("self_attn.k_heads"), c.n_kv_heads)?;
-        let vv = heads(t, vv, &n("self_attn.v_heads"), c.n_kv_heads)?;
+        let k = heads(t, k, &n("self_attn.k_heads"), n_kv)?;
+        let vv = heads(t, vv, &n("self_attn.v_heads"), n_kv)?;
         let rope = rope_attrs(c);
         let q = t.op(OpKind::Rope, &n("self_attn.rope_q"), &[q], &rope)?;
         let k = t.op(OpKind::Rope, &n("self_attn.rope_k"), &[k], &rope)?;
@@ -65,8 +71,8 @@ pub(super) fn trace(
             &n("self_attn.attn"),
             &[q, k, vv],
             &[
-                ("g", AttrValue::Int(c.n_kv_heads as i64)),
-                ("r", AttrValue::Int((c.n_heads / c.n_kv_heads) as i64)),
+                ("g", AttrValue::Int(n_kv as i64)),
+                ("r", AttrValue::Int((c.n_heads / n_kv) as i64)),
                 ("causal", AttrValue::Bool(true)),
             ],
         )?;

@@ -266,7 +266,21 @@ pub fn trace_model(
     }
     let mut tracer = Tracer::new(model.name(), registry);
     match model {
-        ModelConfig::Llama(c) => llama::trace(&mut tracer, c, options.batch, seq, options.dtype)?,
+        ModelConfig::Llama(c) => {
+            let m = options.kv_copies;
+            if m == 0 || (c.n_heads / c.n_kv_heads.max(1)) % m != 0 {
+                return Err(TraceError::Option(format!(
+                    "{m} copies of each kv head do not divide the {} query heads of a kv group",
+                    c.n_heads / c.n_kv_heads.max(1)
+                )));
+            }
+            llama::trace(&mut tracer, c, options.batch, seq, options.dtype, m)?
+        }
+        ModelConfig::Gpt(_) if options.kv_copies != 1 => {
+            return Err(TraceError::Option(
+                "GPT models have no grouped kv heads to copy".into(),
+            ));
+        }
         ModelConfig::Gpt(c) => {
             if seq > c.n_positions {
                 return Err(TraceError::Option(format!(
