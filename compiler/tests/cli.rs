@@ -171,13 +171,13 @@ fn compile_rejects_impossible_requests_cleanly() {
             "--model",
             "llama3-8b",
             "--plan-ngpus",
-            "16",
+            "64",
             "--tp",
-            "16",
+            "64",
             "--out",
             "/tmp/autopart-never",
         ],
-        "tp=16 does not divide 8 kv heads",
+        "tp=64 does not divide 32 attention heads",
     );
     fails_with(
         &[

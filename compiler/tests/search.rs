@@ -7,7 +7,9 @@ use autopart::ir::{DType, Graph, OpId};
 use autopart::plan::{Recompute, Schedule, ZeroStage};
 use autopart::search::model::{Config, evaluate_fixed};
 use autopart::search::sharding::{Segment, SegmentCtx, boundaries};
-use autopart::search::{Constraints, SearchInput, check_tp, search, solve_segments};
+use autopart::search::{
+    Constraints, SearchInput, check_tp, kv_copies, kv_copy_degrees, search, solve_segments,
+};
 use autopart::trace::{ModelConfig, TraceOptions, preset, trace_model};
 
 fn traced(model: &str, seq: u64, dtype: DType) -> (ModelConfig, Graph, Registry) {
@@ -140,6 +142,11 @@ fn search_matches_brute_force() {
     let global_batch = 8u64;
     let constraints = Constraints::default();
     let full = [Recompute::None, Recompute::Selective, Recompute::Full];
+    // tp 4 on the 2 kv heads shards the graph with each copied twice.
+    let kv_graphs =
+        autopart::driver::trace_kv_graphs(&model, &registry, gpus, None, 128, DType::F32)
+            .expect("kv graphs");
+    assert_eq!(kv_graphs.keys().copied().collect::<Vec<_>>(), vec![2]);
     for memory in [64u64 << 20, 9 << 20, 5 << 20] {
         let cluster = tight_cluster(memory);
         let input = SearchInput {
@@ -152,7 +159,7 @@ fn search_matches_brute_force() {
             global_batch,
             constraints: &constraints,
             top_k: 3,
-            kv_graphs: &NO_KV_GRAPHS,
+            kv_graphs: &kv_graphs,
         };
         let found = search(&input).map(|r| r.plans[0].eval.step_s);
 
@@ -281,12 +288,28 @@ fn impossible_constraints_say_which_and_why() {
     };
     let msg = err(
         Constraints {
+            tp: Some(64),
+            ..Constraints::default()
+        },
+        64,
+    );
+    assert!(
+        msg.contains("tp=64 does not divide 32 attention heads"),
+        "{msg}"
+    );
+    // tp=16 copies each of the 8 kv heads twice: legal, but this input
+    // carries no graph traced that way.
+    let msg = err(
+        Constraints {
             tp: Some(16),
             ..Constraints::default()
         },
         16,
     );
-    assert!(msg.contains("tp=16 does not divide 8 kv heads"), "{msg}");
+    assert!(
+        msg.contains("tp=16 needs the model traced with 2 copies of each kv head"),
+        "{msg}"
+    );
     let msg = err(
         Constraints {
             tp: Some(1),
@@ -387,4 +410,60 @@ fn pinned_split_is_respected_and_illegal_one_rejected() {
         msg.contains("split d of layers.*.mlp.down_proj is not legal"),
         "{msg}"
     );
+}
+
+/// A tp beyond the kv heads copies each kv head tp / kv times; the graph
+/// traced so has that many kv heads, its kv projections marked as copies,
+/// and the model's parameter count.
+#[test]
+fn tp_beyond_the_kv_heads_copies_them() {
+    let model = preset("llama3-8b").expect("preset"); // 32 heads, 8 kv heads
+    assert_eq!([4, 8, 16, 32].map(|tp| kv_copies(&model, tp)), [1, 1, 2, 4]);
+    assert!(check_tp(&model, 16).is_ok() && check_tp(&model, 32).is_ok());
+    assert!(check_tp(&model, 64).is_err());
+    assert_eq!(kv_copy_degrees(&model, 64, None), vec![2, 4]);
+    assert_eq!(kv_copy_degrees(&model, 64, Some(16)), vec![2]);
+    assert_eq!(kv_copy_degrees(&model, 8, None), Vec::<u64>::new());
+    // 24 heads in 6 kv groups: tp 4 neither divides 6 nor is a multiple.
+    let mut odd = model.clone();
+    if let ModelConfig::Llama(c) = &mut odd {
+        c.n_heads = 24;
+        c.n_kv_heads = 6;
+    }
+    let msg = check_tp(&odd, 4).expect_err("tp 4 on 6 kv heads");
+    assert!(msg.contains("neither divides 6 kv heads"), "{msg}");
+
+    let registry = builtin_registry();
+    let mini = preset("llama-mini").expect("preset"); // 4 heads, 2 kv heads of 16
+    let at = |m: u64| {
+        trace_model(
+            &mini,
+            &TraceOptions {
+                batch: 1,
+                seq_len: Some(16),
+                dtype: DType::F32,
+                kv_copies: m,
+            },
+            &registry,
+        )
+    };
+    let (base, copied) = (at(1).expect("trace"), at(2).expect("trace with copies"));
+    assert_eq!(base.n_params(), copied.n_params());
+    let k = |g: &Graph| {
+        g.parameters()
+            .find(|(_, t)| t.name == "model.layers.0.self_attn.k_proj.weight")
+            .map(|(id, t)| (t.shape.clone(), g.copies(id)))
+            .expect("k_proj")
+    };
+    assert_eq!(k(&base), (vec![32, 64], None));
+    assert_eq!(k(&copied), (vec![64, 64], Some((0, 2))));
+    let attn = copied
+        .ops()
+        .find(|(_, o)| o.name == "layers.0.self_attn.attn")
+        .map(|(_, o)| o.int_attrs())
+        .expect("attention");
+    assert_eq!((attn["g"], attn["r"]), (4, 1));
+    // Copies must divide a group's 2 query heads.
+    let err = at(3).expect_err("3 copies of 2-head groups");
+    assert!(err.to_string().contains("do not divide"), "{err}");
 }

@@ -331,6 +331,17 @@ pub struct Options {
         help_heading = "Evaluation"
     )]
     pub eval_batches: Option<u64>,
+    /// With --eval-only: also write the logits of the first evaluation
+    /// batch to FILE, a safetensors file holding `logits`, `[rows, seq,
+    /// vocab]` in f32 (the whole batch, gathered from the last pipeline
+    /// stage's ranks), to compare with another implementation's.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "eval_only",
+        help_heading = "Evaluation"
+    )]
+    pub logits: Option<PathBuf>,
     /// Seed of the parameters and of the synthetic data.
     #[arg(long, value_name = "S", default_value_t = 0)]
     pub seed: u64,
@@ -676,6 +687,11 @@ pub enum AppError {
     InitElsewhere(usize),
     #[error("--save-params: {}: {source}", path.display())]
     SaveParams {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--logits: {}: {source}", path.display())]
+    Logits {
         path: PathBuf,
         source: std::io::Error,
     },
@@ -1331,6 +1347,7 @@ fn train(
             meta.runtime_batch(),
             opts.eval_batches,
             rank0,
+            opts.logits.as_deref(),
         )?;
         if rank0 {
             let perplexity = e.loss.exp();
@@ -1507,6 +1524,7 @@ fn train(
                     batch_rows,
                     opts.eval_batches,
                     false,
+                    None,
                 )?;
                 eval_line = Some(format!(
                     "eval after step {done}: loss {:.4} over {} tokens ({} batches, {:.2} s)",
@@ -1647,6 +1665,7 @@ fn evaluate(
     rows: i64,
     max_batches: Option<u64>,
     progress: bool,
+    logits: Option<&Path>,
 ) -> Result<EvalLoss, AppError> {
     let batches = set.batches(rows).min(max_batches.unwrap_or(u64::MAX));
     opt.gather_params(stage.params_mut(), g.dp)?;
@@ -1668,7 +1687,27 @@ fn evaluate(
             continue;
         }
         counted_rows += batch.loss_rows().map_err(ExecError::from)?;
-        let loss = program::forward_only(&*stage, plan, g, &batch)?;
+        let loss = match logits {
+            Some(path) if k == 0 => {
+                let (loss, all) = program::forward_only_logits(&*stage, plan, g, &batch)?;
+                // One rank of the last stage writes them.
+                if let Some(t) = all
+                    && g.coord.tp == 0
+                    && g.coord.dp == 0
+                {
+                    autopart_vocab::fs::write_atomic_at(path, |tmp| {
+                        Tensor::write_safetensors(&[("logits", t.contiguous())], tmp)
+                            .map_err(|e| std::io::Error::other(e.to_string()))
+                    })
+                    .map_err(|source| AppError::Logits {
+                        path: path.to_path_buf(),
+                        source,
+                    })?;
+                }
+                loss
+            }
+            _ => program::forward_only(&*stage, plan, g, &batch)?,
+        };
         sum += loss * count as f64;
         tokens += count as u64;
     }
@@ -1809,6 +1848,7 @@ mod tests {
                 peak_tflops: None,
                 eval_data: None,
                 eval_only: false,
+                logits: None,
                 json: false,
                 generate: false,
                 prompt_ids: vec![],
@@ -1870,6 +1910,7 @@ mod tests {
                 peak_tflops: Some(312.0),
                 eval_data: Some("val".into()),
                 eval_only: false,
+                logits: None,
                 json: false,
                 generate: false,
                 prompt_ids: vec![],

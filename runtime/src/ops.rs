@@ -365,6 +365,7 @@ pub fn gelu(x: &Tensor) -> Result<Tensor, OpError> {
 /// `[b, l]`; labels equal to [`IGNORE_INDEX`] give 0.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor, OpError> {
     const OP: &str = "cross_entropy";
+    keep_logits(|| Ok(logits.f_detach()?.f_to_kind(Kind::Float)?))?;
     let s = expect_dims(OP, "logits", logits, 3)?;
     let ls = expect_dims(OP, "labels", labels, 2)?;
     if ls[..] != s[..2] {
@@ -382,6 +383,36 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor, OpError
         0.0,
     )?;
     Ok(loss.f_reshape([s[0], s[1]])?)
+}
+
+thread_local! {
+    /// The logits the cross-entropy ops saw while [`capture_logits`] runs.
+    static LOGITS: std::cell::RefCell<Option<Vec<Tensor>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` and returns, with its result, the logits every cross-entropy op
+/// it ran was given (f32, detached), one tensor per call: whole over the
+/// vocabulary (a vocab-parallel op all-gathers its shard over its group, so
+/// every rank of the group must capture alike), and as this rank holds
+/// them over the batch and sequence dims. For `autopart eval --logits`.
+pub fn capture_logits<R>(f: impl FnOnce() -> R) -> (R, Vec<Tensor>) {
+    LOGITS.with(|l| *l.borrow_mut() = Some(Vec::new()));
+    let out = f();
+    let kept = LOGITS.with(|l| l.borrow_mut().take()).unwrap_or_default();
+    (out, kept)
+}
+
+/// Keeps the logits `make` gives when a capture is on.
+fn keep_logits(make: impl FnOnce() -> Result<Tensor, OpError>) -> Result<(), OpError> {
+    if LOGITS.with(|l| l.borrow().is_some()) {
+        let t = make()?;
+        LOGITS.with(|l| {
+            if let Some(v) = l.borrow_mut().as_mut() {
+                v.push(t);
+            }
+        });
+    }
+    Ok(())
 }
 
 /// Cross-entropy when the vocab dim is split over `comm` (the tp group):
@@ -414,6 +445,7 @@ pub fn vocab_parallel_cross_entropy(
         ));
     }
     let n = s[2];
+    keep_logits(|| Ok(comm.all_gather(&local_logits.f_detach()?.f_to_kind(Kind::Float)?, 2)?))?;
     let logits = local_logits.f_to_kind(Kind::Float)?;
     // The max only stabilises exp(); its gradient cancels, so it is a constant.
     let local_max = logits.f_detach()?.f_amax([-1], true)?;

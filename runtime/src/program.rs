@@ -291,12 +291,38 @@ pub fn forward_only<M: StageModule + ?Sized>(
     g: &Groups<'_>,
     batch: &Batch,
 ) -> Result<f64, ExecError> {
+    Ok(forward_pass(m, plan, g, batch, false)?.0)
+}
+
+/// [`forward_only`], also returning the logits of the whole batch,
+/// `[rows, seq, vocab]` (f32), on the ranks of the last pipeline stage
+/// (gathered over tp and dp; `None` elsewhere). A plan whose loss op is
+/// not the built-in cross-entropy (a custom loss op) computes no logits:
+/// an error.
+pub fn forward_only_logits<M: StageModule + ?Sized>(
+    m: &M,
+    plan: &PipelinePlan,
+    g: &Groups<'_>,
+    batch: &Batch,
+) -> Result<(f64, Option<Tensor>), ExecError> {
+    forward_pass(m, plan, g, batch, true)
+}
+
+fn forward_pass<M: StageModule + ?Sized>(
+    m: &M,
+    plan: &PipelinePlan,
+    g: &Groups<'_>,
+    batch: &Batch,
+    want_logits: bool,
+) -> Result<(f64, Option<Tensor>), ExecError> {
     let Mesh { tp, dp, pp } = plan.mesh;
     check_groups(plan, g)?;
     let s = Step::of(m, plan, g, batch)?;
     let stage = plan.coord.pp;
     let chunks = m.n_chunks();
+    let seq = batch.tokens.size().get(1).copied().unwrap_or(0);
     let mut loss = Tensor::f_zeros([], cpu_f32())?;
+    let mut logits: Vec<Tensor> = Vec::new();
     tch::no_grad(|| -> Result<(), ExecError> {
         for mb in 0..plan.micro_batches {
             // Without pp, a chunk's output goes straight to the next chunk.
@@ -311,10 +337,19 @@ pub fn forward_only<M: StageModule + ?Sized>(
                 } else {
                     Some(g.pp.recv(&s.shape, Kind::Float, (stage + pp - 1) % pp)?)
                 };
-                let (tape, _, out) = s.forward(chunk, mb, input)?;
+                let last = s.is_last(chunk);
+                let (run, kept) = if want_logits && last {
+                    crate::ops::capture_logits(|| s.forward(chunk, mb, input))
+                } else {
+                    (s.forward(chunk, mb, input), Vec::new())
+                };
+                let (tape, _, out) = run?;
                 let value = tape.value(out)?;
-                if s.is_last(chunk) {
+                if last {
                     loss = loss.f_add(value)?;
+                    if want_logits {
+                        logits.push(whole_rows(kept, s.mbs, seq, g.tp)?);
+                    }
                 } else if pp == 1 {
                     carried = Some(value.shallow_clone());
                 } else {
@@ -333,7 +368,41 @@ pub fn forward_only<M: StageModule + ?Sized>(
     if pp > 1 {
         loss = g.pp.broadcast(&loss, pp - 1)?;
     }
-    Ok(loss.f_double_value(&[])?)
+    let logits = if want_logits && stage + 1 == pp {
+        let mine = Tensor::f_cat(&logits, 0)?;
+        // dp ranks hold consecutive rows of the batch.
+        Some(if dp > 1 {
+            g.dp.all_gather(&mine, 0)?
+        } else {
+            mine
+        })
+    } else {
+        None
+    };
+    Ok((loss.f_double_value(&[])?, logits))
+}
+
+/// One micro-batch's logits as the cross-entropy saw them, made whole over
+/// its rows and positions: a shard over the batch or sequence dim (the op
+/// split there) is all-gathered over tp.
+fn whole_rows(
+    kept: Vec<Tensor>,
+    rows: i64,
+    seq: i64,
+    tp: &dyn Communicator,
+) -> Result<Tensor, ExecError> {
+    let [t]: [Tensor; 1] = kept.try_into().map_err(|k: Vec<Tensor>| {
+        plan_error(format!(
+            "the head ran {} cross-entropy ops, not one: its loss op computes no logits to return (a custom loss op?)",
+            k.len()
+        ))
+    })?;
+    let size = t.size();
+    Ok(match (size.first().copied(), size.get(1).copied()) {
+        (Some(b), _) if b < rows => tp.all_gather(&t, 0)?,
+        (_, Some(l)) if l < seq => tp.all_gather(&t, 1)?,
+        _ => t,
+    })
 }
 
 /// Refuses groups that are not those of `plan`'s mesh at its coordinate.

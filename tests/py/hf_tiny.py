@@ -97,6 +97,21 @@ def loss(d, tokens_path, seq, batch):
     print(repr(float(out.loss)))
 
 
+def logits(d, tokens_path, seq, batch, path):
+    # transformers' logits on the first `batch` windows of the token file
+    # (what `autopart eval --logits` writes for the first batch), against
+    # the file's: the largest difference and the largest logit, as JSON.
+    from safetensors.numpy import load_file
+    got = load_file(path)["logits"]
+    x = windows(tokens_path, int(seq), int(batch))[:, :-1]
+    with torch.no_grad():
+        want = model_of(d)(input_ids=x).logits.numpy()
+    if got.shape != want.shape:
+        print(json.dumps({"error": f"shape {list(got.shape)} vs transformers' {list(want.shape)}"}))
+        return
+    print(json.dumps({"max_abs_diff": float(np.abs(got - want).max()), "max_abs": float(np.abs(want).max())}))
+
+
 def model_of(d):
     cls = GPT2LMHeadModel if json.load(open(f"{d}/config.json"))["model_type"] == "gpt2" else LlamaForCausalLM
     model = cls.from_pretrained(d, attn_implementation="eager", dtype=torch.float32)
@@ -177,6 +192,8 @@ if __name__ == "__main__":
         print(len(sa))
     elif cmd == "loss":
         loss(*sys.argv[2:6])
+    elif cmd == "logits":
+        logits(*sys.argv[2:7])
     elif cmd == "loss-rows":
         loss_rows(*sys.argv[2:4])
     elif cmd == "generate":

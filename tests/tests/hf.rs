@@ -288,6 +288,31 @@ fn reference_generate(model: &Path, prompt: &str, n: usize) -> Result<Vec<i64>> 
     Ok(ids_of(&serde_json::from_str(text.trim())?))
 }
 
+/// The logits `eval --logits` wrote for the first batch of `tokens`'
+/// windows against transformers' on the same rows: within 1e-5 of the
+/// largest logit (at least 1).
+fn assert_logits_close(what: &str, model: &Path, tokens: &Path, logits: &Path) -> Result<()> {
+    let text = hf_tiny(&[
+        "logits",
+        &model.display().to_string(),
+        &tokens.display().to_string(),
+        &SEQ.to_string(),
+        &BATCH.to_string(),
+        &logits.display().to_string(),
+    ])?;
+    let v: serde_json::Value = serde_json::from_str(text.trim())?;
+    let (diff, scale) = (v["max_abs_diff"].as_f64(), v["max_abs"].as_f64());
+    let (Some(diff), Some(scale)) = (diff, scale) else {
+        bail!("{what}: logits not compared: {v}");
+    };
+    eprintln!("{what}: logits differ by at most {diff:.2e} (largest {scale:.2})");
+    assert!(
+        diff <= RTOL * scale.max(1.0),
+        "{what}: logits differ from transformers' by {diff:e} (largest logit {scale})"
+    );
+    Ok(())
+}
+
 /// Llama with GQA, head_dim, llama3 rope scaling, 10 shards, 4.x config.
 #[test]
 fn llama_from_hf_equals_transformers_under_every_plan() -> Result<()> {
@@ -323,8 +348,11 @@ fn llama_from_hf_equals_transformers_under_every_plan() -> Result<()> {
         // (padded) and every window of a token file.
         let got = eval_loss(np, Some(&out), &model, &rows, &[])?;
         assert_close(&format!("llama, eval rows, {name}"), got, want_rows);
-        let got = eval_loss(np, Some(&out), &model, &tokens, &[])?;
+        let logits = out.join("logits.safetensors");
+        let logits_s = logits.display().to_string();
+        let got = eval_loss(np, Some(&out), &model, &tokens, &["--logits", &logits_s])?;
         assert_close(&format!("llama, eval windows, {name}"), got, want_windows);
+        assert_logits_close(&format!("llama, {name}"), &model, &tokens, &logits)?;
     }
     // Greedy generation with the KV cache, token for token, on the
     // one-process plan.
@@ -497,6 +525,10 @@ fn gpt2_from_hf_equals_transformers() -> Result<()> {
         assert_close(&format!("gpt2, {name}"), got, want);
         let got = eval_loss(np, Some(&out), &model, &rows, &[])?;
         assert_close(&format!("gpt2, eval rows, {name}"), got, want_rows);
+        let logits = out.join("logits.safetensors");
+        let logits_s = logits.display().to_string();
+        eval_loss(np, Some(&out), &model, &tokens, &["--logits", &logits_s])?;
+        assert_logits_close(&format!("gpt2, {name}"), &model, &tokens, &logits)?;
     }
     let prompt = "3,100,7,42,250,18";
     let want = reference_generate(&model, prompt, 16)?;

@@ -43,6 +43,11 @@ pub(super) struct EvalArgs {
     /// Evaluate the first K batches only.
     #[arg(long, value_name = "K")]
     batches: Option<u64>,
+    /// Also write the logits of the first batch (`--batch` rows) to FILE:
+    /// safetensors holding `logits`, [rows, seq, vocab] f32, to compare with
+    /// another implementation's (tests compare them with transformers').
+    #[arg(long, value_name = "FILE")]
+    logits: Option<PathBuf>,
     /// Tokens per sequence of the plan made. Default: the longest JSON row
     /// less one, a prepared folder's; required for a token file.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
@@ -101,6 +106,9 @@ pub(super) fn eval(args: &EvalArgs) -> Result<()> {
     }
     if let Some(k) = args.batches {
         flags.extend(["--eval-batches".into(), k.to_string()]);
+    }
+    if let Some(f) = &args.logits {
+        flags.extend(["--logits".into(), f.display().to_string()]);
     }
     if !args.rouge {
         return super::run::run(&out, &flags);
