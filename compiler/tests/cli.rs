@@ -221,21 +221,6 @@ fn compile_rejects_impossible_requests_cleanly() {
             "--model",
             "gpt-mini",
             "--plan-ngpus",
-            "2",
-            "--pp",
-            "2",
-            "--no-build",
-            "--out",
-            "/tmp/autopart-never",
-        ],
-        "tied weights need pp=1",
-    );
-    fails_with(
-        &[
-            "compile",
-            "--model",
-            "gpt-mini",
-            "--plan-ngpus",
             "1",
             "--loss",
             "chunked_ce",

@@ -109,7 +109,8 @@ fn tied_weights_are_a_stage_resolved_per_tp() {
     let ties = done.ties.as_ref().expect("ties");
     assert_eq!(ties.tied.len(), 1);
     assert_eq!(ties.tied[0].param, "transformer.wte.weight");
-    assert_eq!(ties.constraints.pp, Some(1));
+    // pp stays free: the runtime sums the copies' gradients across stages.
+    assert_eq!(ties.constraints.pp, None);
     let text = &rec
         .0
         .iter()
@@ -174,14 +175,30 @@ fn tied_weights_are_a_stage_resolved_per_tp() {
         "{err:#}"
     );
 
-    // pp > 1 is refused by the stage itself, before any search.
-    let mut req = mini("gpt-mini", 2, &dir.path().join("c"));
+    // pp > 1: the first stage's embedding and the last stage's head each
+    // hold the tied weight; the generated stages say so to the runtime.
+    let out = dir.path().join("c");
+    let mut req = mini("gpt-mini", 2, &out);
     req.constraints.pp = Some(2);
-    let err = driver::compile(&req, &mut driver::Quiet).expect_err("tied pp");
+    req.stop_after = Some(Pass::Codegen);
+    let done = driver::compile(&req, &mut driver::Quiet).expect("tied across stages");
+    assert_eq!(done.planned.as_ref().expect("plan").best().mesh.pp, 2);
+    let stage = |k: u32| {
+        std::fs::read_to_string(out.join(format!("gencode/src/stage_{k}.rs"))).expect("stage file")
+    };
+    let (first, last) = (stage(0), stage(1));
     assert!(
-        format!("{err:#}").contains("tied weights need pp=1"),
-        "{err:#}"
+        last.contains("specs.extend(blocks::head_tied_params());"),
+        "{last}"
     );
+    assert!(!first.contains("head_tied_params"), "{first}");
+    for s in [&first, &last] {
+        assert!(
+            s.contains("fn pp_tied(&self) -> Vec<String>")
+                && s.contains("\"transformer.wte.weight\""),
+            "{s}"
+        );
+    }
 }
 
 #[test]

@@ -189,6 +189,7 @@ fn param(name: &str, shape: &[u64], tp_dim: Option<usize>, block: BlockKind) -> 
         tp_dim,
         tp_grad_partial: false,
         copies: 1,
+        tied_blocks: Vec::new(),
     }
 }
 

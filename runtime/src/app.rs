@@ -1177,8 +1177,14 @@ fn train(
     };
     // Counted before ZeRO-3 releases the parameters.
     let n_params: usize = stage.params().iter().map(|p| p.tensor.numel()).sum();
+    // Tied weights' copies on the last stage are counted by the first.
+    let uncounted = if comms.coord.pp > 0 {
+        stage.pp_tied()
+    } else {
+        Vec::new()
+    };
     let flops = FlopCount::of_model(
-        model_params(stage.params(), comms)?,
+        model_params(stage.params(), comms, &uncounted)?,
         meta.seq_len as u64,
         meta.hf_config,
     );
@@ -1210,7 +1216,12 @@ fn train(
             );
         }
     }
-    let mut opt = DpOptimizer::new(opts.optim_config(meta.zero), stage.params_mut(), &g)?;
+    let mut opt = DpOptimizer::with_uncounted(
+        opts.optim_config(meta.zero),
+        stage.params_mut(),
+        &g,
+        &uncounted,
+    )?;
     if rank0 {
         note(
             &opts,
@@ -1623,11 +1634,15 @@ fn scalars(r: &StepRecord) -> Vec<(&'static str, f64)> {
 /// The model's parameters, each counted once over the world: a tp-split
 /// tensor's shards add up to it, a replicated one counts on tp rank 0,
 /// and dp replicas count on dp rank 0. Collective over the world.
-fn model_params(params: &[Param], comms: &MeshComms<MpiComm>) -> Result<u64, AppError> {
+fn model_params(
+    params: &[Param],
+    comms: &MeshComms<MpiComm>,
+    uncounted: &[String],
+) -> Result<u64, AppError> {
     let mine: usize = if comms.coord.dp == 0 {
         params
             .iter()
-            .filter(|p| p.spec.counted_on(comms.coord.tp))
+            .filter(|p| p.spec.counted_on(comms.coord.tp) && !uncounted.contains(&p.spec.name))
             .map(|p| p.tensor.numel())
             .sum()
     } else {

@@ -72,6 +72,44 @@ pub trait StageModule: std::fmt::Debug {
         let _ = tp_size;
         false
     }
+    /// Parameters this stage shares with the other end of the pipeline
+    /// (tied weights: GPT's embedding, held by the first stage and by the
+    /// last stage's head), by name, the same list on both ends; empty for
+    /// the stages between and with one stage. Their gradients are summed
+    /// between the two ends after backward (Megatron's embedding group), and
+    /// only the first stage counts them (gradient norm, checkpoints).
+    fn pp_tied(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// Sums the gradients of the tied parameters ([`StageModule::pp_tied`])
+/// between the first and the last pipeline stage (the same tp and dp
+/// coordinates), so that both copies take the same update.
+pub fn sum_tied_grads<M: StageModule + ?Sized>(
+    m: &mut M,
+    plan: &PipelinePlan,
+    g: &Groups<'_>,
+) -> Result<(), ExecError> {
+    let pp = plan.mesh.pp;
+    let stage = plan.coord.pp;
+    if pp < 2 || (stage != 0 && stage + 1 != pp) {
+        return Ok(());
+    }
+    let peer = if stage == 0 { pp - 1 } else { 0 };
+    for name in m.pp_tied() {
+        let p = m
+            .params_mut()
+            .iter_mut()
+            .find(|p| p.spec.name == name)
+            .ok_or_else(|| plan_error(format!("tied parameter {name} is not on stage {stage}")))?;
+        let cur = p.tensor.grad();
+        let mine = cur.detach();
+        let theirs =
+            g.pp.send_recv(&mine, peer, &mine.size(), mine.kind(), peer)?;
+        let _ = tch::no_grad(|| cur.detach().f_add_(&theirs))?;
+    }
+    Ok(())
 }
 
 /// How a step is pipelined: the mesh, this rank's coordinate on it, the
@@ -181,6 +219,7 @@ pub fn forward_backward<M: StageModule + ?Sized>(
     check_groups(plan, g)?;
     let mut loss = run_pipeline(&*m, plan, g, batch)?;
     complete_tp_grads(m.params_mut(), g.tp)?;
+    sum_tied_grads(m, plan, g)?;
     if m.loss_is_partial() && tp > 1 {
         loss = g.tp.all_reduce(&loss)?;
     }

@@ -184,7 +184,13 @@ pub struct DpOptimizer {
     master: Vec<Tensor>,
 }
 
-fn bucket_layout(params: &[Param], tp_rank: usize, dp: usize, bucket_bytes: usize) -> Vec<Bucket> {
+fn bucket_layout(
+    params: &[Param],
+    tp_rank: usize,
+    dp: usize,
+    bucket_bytes: usize,
+    uncounted: &[String],
+) -> Vec<Bucket> {
     let mut buckets = Vec::new();
     let mut slots: Vec<Slot> = Vec::new();
     let (mut used, mut bytes) = (0i64, 0usize);
@@ -205,7 +211,7 @@ fn bucket_layout(params: &[Param], tp_rank: usize, dp: usize, bucket_bytes: usiz
             close(&mut slots, used, &mut buckets);
             (used, bytes) = (0, 0);
         }
-        let share = if p.spec.counted_on(tp_rank) {
+        let share = if p.spec.counted_on(tp_rank) && !uncounted.contains(&p.spec.name) {
             NormShare::Counted
         } else {
             NormShare::Replica
@@ -231,9 +237,21 @@ impl DpOptimizer {
     /// on every dp rank). Under [`ZeroStage::Three`] it takes the owned
     /// slices and releases the parameters' data.
     pub fn new(cfg: OptimConfig, params: &mut [Param], g: &Groups<'_>) -> Result<Self, OptimError> {
+        Self::with_uncounted(cfg, params, g, &[])
+    }
+
+    /// [`DpOptimizer::new`] where the parameters named in `uncounted` are
+    /// copies another stage counts (tied weights on the last pipeline
+    /// stage): left out of the gradient norm and of checkpoints.
+    pub fn with_uncounted(
+        cfg: OptimConfig,
+        params: &mut [Param],
+        g: &Groups<'_>,
+        uncounted: &[String],
+    ) -> Result<Self, OptimError> {
         cfg.validate()?;
         let (dp_rank, dp_size) = (g.dp.rank(), g.dp.size());
-        let buckets = bucket_layout(params, g.tp.rank(), dp_size, cfg.bucket_bytes);
+        let buckets = bucket_layout(params, g.tp.rank(), dp_size, cfg.bucket_bytes, uncounted);
         let mut master = Vec::new();
         let state = match cfg.zero {
             ZeroStage::Off => {
@@ -547,7 +565,7 @@ mod tests {
     fn buckets_cover_every_parameter_once_padded_to_the_dp_size() {
         let ps = params(&[&[5, 3], &[7], &[2, 2], &[100]]);
         // 64 bytes: 16 f32 per bucket; the 100-element parameter gets its own.
-        let buckets = bucket_layout(&ps, 0, 4, 64);
+        let buckets = bucket_layout(&ps, 0, 4, 64, &[]);
         let layout: Vec<Vec<(usize, i64)>> = buckets
             .iter()
             .map(|b| b.slots.iter().map(|s| (s.param, s.offset)).collect())

@@ -719,6 +719,26 @@ fn spec_expr(p: &ParamDecl, name: Expr) -> Expr {
     )
 }
 
+/// The embedding's parameters the head reads too (tied weights), when
+/// they sit on different stages (pp > 1); other ties across stages are
+/// not supported.
+fn head_tied(program: &ExecProgram) -> Result<Vec<&ParamDecl>, CodegenError> {
+    if program.pp < 2 {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for p in program.params.iter().filter(|p| !p.tied_blocks.is_empty()) {
+        if p.block != BlockKind::Embed || p.tied_blocks != [BlockKind::Head] {
+            return Err(CodegenError::Unsupported(format!(
+                "parameter {} is tied between the {:?} block and {:?}; across pipeline stages only the embedding and the head may share a weight",
+                p.name, p.block, p.tied_blocks
+            )));
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
 fn params_fn(program: &ExecProgram, kind: BlockKind, w: &mut Writer) {
     let (fname, doc, arg) = match kind {
         BlockKind::Embed => ("embed_params", "Parameters of the embedding block.", ""),
@@ -895,6 +915,20 @@ fn blocks_rs(program: &ExecProgram, options: &CodegenOptions) -> Result<String, 
     for kind in [BlockKind::Embed, BlockKind::Layer, BlockKind::Head] {
         params_fn(program, kind, &mut w);
     }
+    let tied = head_tied(program)?;
+    if !tied.is_empty() {
+        w.blank();
+        w.line("/// Parameters the head shares with the embedding (tied weights): the");
+        w.line("/// last stage holds a copy, whose gradient the runtime sums with the");
+        w.line("/// first stage's.");
+        w.open("pub fn head_tied_params() -> Vec<ParamSpec>");
+        let specs = tied
+            .iter()
+            .map(|p| spec_expr(p, Expr::atom(format!("\"{}\".to_string()", p.pattern))))
+            .collect();
+        w.stmt(&Stmt::Expr(Expr::square("vec!", specs), ""));
+        w.close();
+    }
     let gens: Vec<BlockGen> = program
         .blocks()
         .into_iter()
@@ -1029,8 +1063,13 @@ fn stage_rs(program: &ExecProgram, stage: &StageProgram, options: &CodegenOption
         w.line("specs.extend(blocks::layer_params(i));");
         w.close();
     }
+    // `head_tied` was checked when blocks.rs was generated.
+    let tied = head_tied(program).unwrap_or_default();
     if stage.head {
         w.line("specs.extend(blocks::head_params());");
+        if !stage.embedding && !tied.is_empty() {
+            w.line("specs.extend(blocks::head_tied_params());");
+        }
     }
     w.line("let w = Weights::new(specs, seed, tp_rank, tp)?;");
     if stage.embedding {
@@ -1193,6 +1232,16 @@ fn stage_rs(program: &ExecProgram, stage: &StageProgram, options: &CodegenOption
     w.open(format!("fn fusable(&self, {arg}) -> bool"));
     w.line(body);
     w.close();
+    if !tied.is_empty() && stage.embedding != stage.head {
+        w.blank();
+        w.open("fn pp_tied(&self) -> Vec<String>");
+        let names = tied
+            .iter()
+            .map(|p| Expr::atom(format!("\"{}\".to_string()", p.pattern)))
+            .collect();
+        w.stmt(&Stmt::Expr(Expr::square("vec!", names), ""));
+        w.close();
+    }
     w.close();
     w.finish()
 }

@@ -4,7 +4,7 @@
 //! ```text
 //! Request ──resolve──▶ Inputs
 //!   trace      Inputs                          ─▶ Traced     (graph, summary)     verify: ir::verify
-//!   ties       Traced, constraints             ─▶ Ties       (tied params, pins)  verify: readers exist, pp = 1
+//!   ties       Traced, constraints             ─▶ Ties       (tied params, pins)  verify: readers exist
 //!   custom-ops Traced, registry                ─▶ CustomOps  (crate, fn, attrs)   verify: every custom op resolved
 //!   search     Traced, Ties                    ─▶ Searched   (candidates)         verify: tied readers agree
 //!   plan       Searched                        ─▶ Planned    (plan.ron, report)   verify: validate_plan, RON round trip
@@ -345,27 +345,18 @@ impl fmt::Display for Ties {
         }
         writeln!(
             f,
-            "pp pinned to 1 (the runtime does not exchange tied gradients between stages)"
+            "with pp > 1 the first and the last stage each hold a copy; their gradients are summed between them after backward (Megatron's embedding group)"
         )
     }
 }
 
-/// `ties`: finds tied parameters and pins what they need. Every reader of a
-/// tied parameter must read it in the same layout and, until the runtime
-/// exchanges tied gradients between pipeline stages, on one stage.
+/// `ties`: finds tied parameters and pins what they need: every reader of
+/// a tied parameter reads it in the same layout. Readers on different
+/// pipeline stages (the embedding and the head) each hold a copy, whose
+/// gradients the runtime sums between the stages.
 pub fn ties(traced: &Traced, constraints: &Constraints) -> Result<Ties> {
     let tied = tied_weights(&traced.graph, constraints);
     let mut constraints = constraints.clone();
-    if !tied.is_empty() {
-        let names: Vec<&str> = tied.iter().map(|t| t.param.as_str()).collect();
-        match constraints.pp {
-            Some(pp) if pp > 1 => bail!(
-                "{} tied between ops; tied weights need pp=1 for now (the runtime does not exchange their gradients between pipeline stages), got --pp {pp}",
-                names.join(", ")
-            ),
-            _ => constraints.pp = Some(1),
-        }
-    }
     // A user's pin on one reader decides for them all: every reader splits
     // its tied dim, or every reader runs replicated.
     for tie in tied.iter().filter(|t| t.user_pinned) {
@@ -476,9 +467,6 @@ fn verify_ties(t: &Ties, graph: &Graph) -> Result<()> {
                 r.op
             );
         }
-    }
-    if !t.tied.is_empty() && t.constraints.pp != Some(1) {
-        bail!("tied weights are present but pp is not pinned to 1");
     }
     Ok(())
 }

@@ -38,7 +38,6 @@ fn op_err(op: &Op, msg: impl Into<String>) -> LowerError {
 struct Ctx<'a> {
     graph: &'a Graph,
     tp: u64,
-    pp: u32,
     splits: BTreeMap<String, Option<String>>,
     cost: AdapterCost<'a>,
     /// Parameters by full name.
@@ -300,6 +299,7 @@ impl<'c, 'a> BlockBuilder<'c, 'a> {
             tp_dim,
             tp_grad_partial: want.grad == Layout::V,
             copies: 1,
+            tied_blocks: Vec::new(),
         };
         let decl = match self.ctx.graph.copies(t) {
             None => decl,
@@ -317,12 +317,6 @@ impl<'c, 'a> BlockBuilder<'c, 'a> {
             }
         };
         match self.ctx.params.get(&tensor.name) {
-            Some(old) if old.block != decl.block && self.ctx.pp > 1 => {
-                return Err(LowerError::Unsupported(format!(
-                    "parameter {} is tied between the {:?} and the {:?} block; with pp={} they sit on different stages, and tied weights across stages need a gradient exchange the runtime does not do yet (use pp=1, or untie the embeddings)",
-                    tensor.name, old.block, decl.block, self.ctx.pp
-                )));
-            }
             Some(old)
                 if (old.tp_dim, old.tp_grad_partial) != (decl.tp_dim, decl.tp_grad_partial) =>
             {
@@ -342,7 +336,16 @@ impl<'c, 'a> BlockBuilder<'c, 'a> {
                     ),
                 ));
             }
-            Some(_) => {}
+            Some(old) => {
+                // Tied between blocks (GPT's embedding and head): with pp > 1
+                // the stages of both blocks hold it.
+                if old.block != decl.block && !old.tied_blocks.contains(&decl.block) {
+                    let block = decl.block;
+                    if let Some(p) = self.ctx.params.get_mut(&tensor.name) {
+                        p.tied_blocks.push(block);
+                    }
+                }
+            }
             None => {
                 self.ctx.param_order.push(tensor.name.clone());
                 self.ctx.params.insert(tensor.name.clone(), decl);
@@ -534,7 +537,6 @@ pub fn lower(graph: &Graph, plan: &Plan, cluster: &Cluster) -> Result<ExecProgra
     let mut ctx = Ctx {
         graph,
         tp,
-        pp: plan.mesh.pp,
         splits,
         cost: AdapterCost {
             cluster,

@@ -201,6 +201,11 @@ pub struct ParamDecl {
     /// tp ranks `m·j .. m·j+m` hold block `j` and their gradients sum.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub copies: u64,
+    /// Other blocks reading it (tied weights: GPT's embedding read by the
+    /// head). With pp > 1 the stage of each holds a copy, and the runtime
+    /// sums their gradients between the stages.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tied_blocks: Vec<BlockKind>,
 }
 
 fn one() -> u64 {
