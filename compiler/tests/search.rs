@@ -446,6 +446,7 @@ fn tp_beyond_the_kv_heads_copies_them() {
             },
             &registry,
         )
+        .map_err(|e| e.to_string())
     };
     let (base, copied) = (at(1).expect("trace"), at(2).expect("trace with copies"));
     assert_eq!(base.n_params(), copied.n_params());
@@ -465,5 +466,5 @@ fn tp_beyond_the_kv_heads_copies_them() {
     assert_eq!((attn["g"], attn["r"]), (4, 1));
     // Copies must divide a group's 2 query heads.
     let err = at(3).expect_err("3 copies of 2-head groups");
-    assert!(err.to_string().contains("do not divide"), "{err}");
+    assert!(err.contains("do not divide"), "{err}");
 }

@@ -187,6 +187,36 @@ fn gpt_mini_pp2_tied_embeddings() {
     same_steps_and_weights(2, &out, "gpt-mini", &args);
 }
 
+/// The same at tp2·pp2: the tied embedding vocab-parallel on both ends.
+#[test]
+fn gpt_mini_tp2_pp2_tied_embeddings() {
+    let args = [
+        "--plan-ngpus",
+        "4",
+        "--tp",
+        "2",
+        "--pp",
+        "2",
+        "--micro-batch",
+        "2",
+        "--schedule",
+        "1f1b",
+    ];
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("plan");
+    compile_model(&out, "gpt-mini", &args).expect("compile the plan");
+    let plan = std::fs::read_to_string(out.join("plan.ron")).expect("plan.ron");
+    for op in ["wte", "lm_head"] {
+        let at = plan.find(&format!("op: \"{op}\"")).expect("the op's entry");
+        let entry = &plan[at..plan[at..].find(')').map_or(plan.len(), |e| at + e)];
+        assert!(
+            entry.contains("split: Some(\"n\")"),
+            "{op} vocab-parallel: {entry}"
+        );
+    }
+    same_steps_and_weights(4, &out, "gpt-mini", &args);
+}
+
 #[test]
 fn dp2() {
     same_as_single_device(

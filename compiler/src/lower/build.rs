@@ -303,7 +303,7 @@ impl<'c, 'a> BlockBuilder<'c, 'a> {
         };
         let decl = match self.ctx.graph.copies(t) {
             None => decl,
-            Some((d, m)) if tp_dim == Some(d) && u64::from(self.ctx.tp) % m == 0 => {
+            Some((d, m)) if tp_dim == Some(d) && self.ctx.tp % m == 0 => {
                 ParamDecl { copies: m, ..decl }
             }
             Some((d, m)) => {
