@@ -1146,11 +1146,13 @@ proptest! {
 // ============================================================================
 // plan.ron (`plan::parse_plan`, then `validate_plan` and lowering)
 
-const PLAN_FILES: [&str; 4] = [
+const PLAN_FILES: [&str; 5] = [
     "compiler/tests/data/plans/tp2.plan.ron",
     "compiler/tests/data/plans/tp2-pp2-full.plan.ron",
     "compiler/tests/data/plans/tp2-sp-selective.plan.ron",
     "compiler/tests/data/plans/pp2-interleaved.plan.ron",
+    // tp4 on llama-mini's 2 kv heads: `kv_copies: 2`.
+    "compiler/tests/data/fuzz/tp4-kv-copies.plan.ron",
 ];
 
 fn plan_files() -> Vec<String> {
@@ -1160,15 +1162,19 @@ fn plan_files() -> Vec<String> {
 /// The graph a plan is validated against: its preset traced at its
 /// micro-batch and sequence length (small ones only; a cache per key).
 fn plan_graph(plan: &Plan) -> Option<Graph> {
-    type Key = (String, u64, u64, DType);
+    type Key = (String, u64, u64, DType, u64);
     static CACHE: OnceLock<Mutex<HashMap<Key, Option<Graph>>>> = OnceLock::new();
     let key = (
         plan.model.spec.clone(),
         plan.micro_batch,
         plan.trace.seq_len,
         plan.trace.dtype,
+        plan.trace.kv_copies,
     );
-    let small = key.1 <= 64 && key.2 <= 4096 && ["llama-mini", "gpt-mini"].contains(&&*key.0);
+    let small = key.1 <= 64
+        && key.2 <= 4096
+        && key.4 <= 8
+        && ["llama-mini", "gpt-mini"].contains(&&*key.0);
     if !small {
         return None;
     }
@@ -1182,7 +1188,7 @@ fn plan_graph(plan: &Plan) -> Option<Graph> {
                 batch: key.1,
                 seq_len: Some(key.2),
                 dtype: key.3.into(),
-                kv_copies: 1,
+                kv_copies: key.4,
             };
             trace_model(&model, &options, registry()).ok()
         })
