@@ -1171,10 +1171,8 @@ fn plan_graph(plan: &Plan) -> Option<Graph> {
         plan.trace.dtype,
         plan.trace.kv_copies,
     );
-    let small = key.1 <= 64
-        && key.2 <= 4096
-        && key.4 <= 8
-        && ["llama-mini", "gpt-mini"].contains(&&*key.0);
+    let small =
+        key.1 <= 64 && key.2 <= 4096 && key.4 <= 8 && ["llama-mini", "gpt-mini"].contains(&&*key.0);
     if !small {
         return None;
     }

@@ -167,24 +167,13 @@ fn same_steps_and_weights(np: usize, out: &Path, model: &str, args: &[&str]) {
 /// summed between the stages (Megatron's embedding group).
 #[test]
 fn gpt_mini_pp2_tied_embeddings() {
-    let args = [
-        "--plan-ngpus",
-        "2",
-        "--tp",
-        "1",
-        "--pp",
-        "2",
-        "--micro-batch",
-        "2",
-        "--schedule",
-        "1f1b",
-    ];
+    let args = autopart_tests::plans::PP2_1F1B;
     let dir = tempfile::tempdir().expect("temp dir");
     let out = dir.path().join("plan");
-    compile_model(&out, "gpt-mini", &args).expect("compile the plan");
+    compile_model(&out, "gpt-mini", args).expect("compile the plan");
     let stage1 = std::fs::read_to_string(out.join("gencode/src/stage_1.rs")).expect("stage_1.rs");
     assert!(stage1.contains("head_tied_params()"), "{stage1}");
-    same_steps_and_weights(2, &out, "gpt-mini", &args);
+    same_steps_and_weights(2, &out, "gpt-mini", args);
 }
 
 /// The same at tp2·pp2: the tied embedding vocab-parallel on both ends.

@@ -14,7 +14,9 @@
 //! from the folder's weights on a token file, and its step-0 loss must equal
 //! transformers' loss (`labels=input_ids`) on the same rows within 1e-5
 //! relative: on one process and under tp2 (with sequence parallelism), pp2
-//! (1F1B), dp2 (ZeRO-3) and tp4 on its 2 kv heads (each copied twice) for Llama, one process and tp2 for GPT-2.
+//! (1F1B), dp2 (ZeRO-3) and tp4 on its 2 kv heads (each copied twice) for Llama, one process,
+//! tp2, pp2 (the tied embedding on both end stages) and dp2 (ZeRO-3) for GPT-2; and the logits
+//! of `eval --logits` equal transformers' within 1e-5 of the largest.
 //! Wrong folders get errors naming the file and what was expected.
 //!
 //! HF weights out: `autopart ckpt export DIR/step_N --hf OUT` of a run that
@@ -519,7 +521,13 @@ fn gpt2_from_hf_equals_transformers() -> Result<()> {
     let want = reference_loss(&model, &tokens)?;
     let rows = rows_file(dir.path())?;
     let want_rows = reference_rows_loss(&model, &rows)?;
-    for (name, plan, np) in [("one process", SINGLE, 1), ("tp2", TP2, 2)] {
+    for (name, plan, np) in [
+        ("one process", SINGLE, 1),
+        ("tp2", TP2, 2),
+        // The tied wte on both end stages, each read from the file.
+        ("pp2 1f1b", PP2_1F1B, 2),
+        ("dp2 zero3", DP2_ZERO3, 2),
+    ] {
         let out = dir.path().join(format!("out-{}", name.replace(' ', "-")));
         let got = autopart_loss(&model, &tokens, &out, plan, np)?;
         assert_close(&format!("gpt2, {name}"), got, want);

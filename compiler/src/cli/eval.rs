@@ -43,7 +43,8 @@ pub(super) struct EvalArgs {
     /// Evaluate the first K batches only.
     #[arg(long, value_name = "K")]
     batches: Option<u64>,
-    /// Also write the logits of the first batch (`--batch` rows) to FILE:
+    /// Also write the logits of the first batch (`--batch` rows, or the
+    /// plan's batch under OUT) to FILE:
     /// safetensors holding `logits`, [rows, seq, vocab] f32, to compare with
     /// another implementation's (tests compare them with transformers').
     #[arg(long, value_name = "FILE")]
