@@ -400,6 +400,18 @@ pub mod plans {
         "--schedule",
         "interleaved-2",
     ];
+    pub const TP2_PP2_1F1B: &[&str] = &[
+        "--plan-ngpus",
+        "4",
+        "--tp",
+        "2",
+        "--pp",
+        "2",
+        "--micro-batch",
+        "2",
+        "--schedule",
+        "1f1b",
+    ];
     /// tp beyond llama-mini's 2 kv heads: each copied twice.
     pub const TP4_KV_COPIES: &[&str] = &[
         "--plan-ngpus",

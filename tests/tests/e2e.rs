@@ -179,21 +179,10 @@ fn gpt_mini_pp2_tied_embeddings() {
 /// The same at tp2·pp2: the tied embedding vocab-parallel on both ends.
 #[test]
 fn gpt_mini_tp2_pp2_tied_embeddings() {
-    let args = [
-        "--plan-ngpus",
-        "4",
-        "--tp",
-        "2",
-        "--pp",
-        "2",
-        "--micro-batch",
-        "2",
-        "--schedule",
-        "1f1b",
-    ];
+    let args = autopart_tests::plans::TP2_PP2_1F1B;
     let dir = tempfile::tempdir().expect("temp dir");
     let out = dir.path().join("plan");
-    compile_model(&out, "gpt-mini", &args).expect("compile the plan");
+    compile_model(&out, "gpt-mini", args).expect("compile the plan");
     let plan = std::fs::read_to_string(out.join("plan.ron")).expect("plan.ron");
     for op in ["wte", "lm_head"] {
         let at = plan.find(&format!("op: \"{op}\"")).expect("the op's entry");
@@ -203,7 +192,7 @@ fn gpt_mini_tp2_pp2_tied_embeddings() {
             "{op} vocab-parallel: {entry}"
         );
     }
-    same_steps_and_weights(4, &out, "gpt-mini", &args);
+    same_steps_and_weights(4, &out, "gpt-mini", args);
 }
 
 #[test]

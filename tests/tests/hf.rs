@@ -859,23 +859,12 @@ fn a_model_fine_tuned_under_tp2_pp2_exports_to_transformers() -> Result<()> {
         std::fs::write(&path, &bytes[bytes.len() / 2..])?;
         path
     };
-    let tp2pp2 = [
-        "--plan-ngpus",
-        "4",
-        "--tp",
-        "2",
-        "--pp",
-        "2",
-        "--micro-batch",
-        "2",
-        "--schedule",
-        "1f1b",
-    ];
+    let tp2pp2 = autopart_tests::plans::TP2_PP2_1F1B;
     let out = dir.path().join("out-tp2pp2");
     compile_model(
         &out,
         &model.join("config.json").display().to_string(),
-        &tp2pp2,
+        tp2pp2,
     )?;
     let ck = dir.path().join("ck");
     let first = train_from(
