@@ -29,20 +29,26 @@ only=""
 common=(--cluster cpu --dtype fp32 --seq-len 256 --global-batch 4 --build-profile release)
 
 # name | plan GPUs | the plan's flags (every dimension fixed, so the
-# search only evaluates it).
+# search only evaluates it) | the model under benches/memory/ when not the
+# default (a GQA copy with 2 kv heads for tp beyond the kv heads; a GPT
+# with tied embeddings for the tied stages).
 plans=(
   "1gpu|1|--tp 1 --pp 1 --dp 1 --micro-batch 4 --recompute none --zero 0"
   "1gpu-selective|1|--tp 1 --pp 1 --dp 1 --micro-batch 4 --recompute selective --zero 0"
   "1gpu-full|1|--tp 1 --pp 1 --dp 1 --micro-batch 4 --recompute full --zero 0"
   "dp2|2|--tp 1 --pp 1 --dp 2 --micro-batch 2 --recompute none --zero 0"
   "dp2-zero1|2|--tp 1 --pp 1 --dp 2 --micro-batch 2 --recompute none --zero 1"
+  "dp2-zero2|2|--tp 1 --pp 1 --dp 2 --micro-batch 2 --recompute none --zero 2"
   "dp2-zero3|2|--tp 1 --pp 1 --dp 2 --micro-batch 2 --recompute none --zero 3"
+  "dp2-zero3-full|2|--tp 1 --pp 1 --dp 2 --micro-batch 2 --recompute full --zero 3"
   "tp2|2|--tp 2 --pp 1 --dp 1 --micro-batch 4 --recompute none --zero 0 --sp false"
   "tp2-sp|2|--tp 2 --pp 1 --dp 1 --micro-batch 4 --recompute none --zero 0 --sp true"
   "tp2-selective|2|--tp 2 --pp 1 --dp 1 --micro-batch 4 --recompute selective --zero 0 --sp false"
   "tp2-full|2|--tp 2 --pp 1 --dp 1 --micro-batch 4 --recompute full --zero 0 --sp false"
   "pp2-1f1b|2|--tp 1 --pp 2 --dp 1 --micro-batch 1 --schedule 1f1b --recompute none --zero 0"
   "pp2-gpipe|2|--tp 1 --pp 2 --dp 1 --micro-batch 1 --schedule gpipe --recompute none --zero 0"
+  "tp4-kv-copies|4|--tp 4 --pp 1 --dp 1 --micro-batch 4 --recompute none --zero 0 --sp false|llama-1024x8-kv2.json"
+  "gpt-pp2-tied|2|--tp 1 --pp 2 --dp 1 --micro-batch 1 --schedule 1f1b --recompute none --zero 0|gpt-1024x8.json"
 )
 
 while [[ $# -gt 0 ]]; do
@@ -65,7 +71,9 @@ say() { echo "[memory-bench $(date +%H:%M:%S)] $*" >&2; }
 
 names=()
 for p in "${plans[@]}"; do
-  IFS='|' read -r name ngpus flags <<<"$p"
+  IFS='|' read -r name ngpus flags model_file <<<"$p"
+  plan_model="$model"
+  if [[ -n "$model_file" ]]; then plan_model="$root/benches/memory/$model_file"; fi
   if [[ -n "$only" && "$only" != *",$name,"* ]]; then continue; fi
   names+=("$name")
   dir="$out/$name"
@@ -73,7 +81,7 @@ for p in "${plans[@]}"; do
   mkdir -p "$dir"
   say "$name: compiling (--plan-ngpus $ngpus $flags)"
   # shellcheck disable=SC2086 # $flags is a list of words
-  if ! "$autopart" compile --model "$model" --plan-ngpus "$ngpus" $flags "${common[@]}" \
+  if ! "$autopart" compile --model "$plan_model" --plan-ngpus "$ngpus" $flags "${common[@]}" \
       --out "$dir" >"$dir/compile.log" 2>&1; then
     say "$name: compile failed (see $dir/compile.log)"
     tail -5 "$dir/compile.log" >&2

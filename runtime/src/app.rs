@@ -1216,11 +1216,13 @@ fn train(
             );
         }
     }
-    let mut opt = DpOptimizer::with_uncounted(
+    let blocks = stage.blocks();
+    let mut opt = DpOptimizer::for_stage(
         opts.optim_config(meta.zero),
         stage.params_mut(),
         &g,
         &uncounted,
+        &blocks,
     )?;
     if rank0 {
         note(
@@ -1439,13 +1441,21 @@ fn train(
         let t0 = Instant::now();
         let batch = data.batch(step, batch_rows)?;
         let loss_tokens = batch.loss_tokens().map_err(ExecError::from)?;
-        opt.gather_params(stage.params_mut(), g.dp)?;
+        opt.gather_for_step(stage.params_mut(), g.dp)?;
         // Every rank reads the same global batch, so all agree on this.
         let all_masked = loss_tokens == 0;
         let (loss, stats) = if all_masked {
             (f64::NAN, opt.skip(stage.params_mut())?)
         } else {
-            let loss = program::forward_backward(stage.as_mut(), &plan, &g, &batch)?;
+            let hooks = opt.hooks(stage.params(), &g);
+            let loss = program::forward_backward_with(
+                stage.as_mut(),
+                &plan,
+                &g,
+                &batch,
+                hooks.as_ref().map(|h| h as &dyn crate::exec::BlockHooks),
+            )?;
+            drop(hooks);
             if nan_at == Some((comms.world.rank(), step + 1)) {
                 poison_a_gradient(stage.params_mut())?;
             }
@@ -1742,9 +1752,13 @@ fn evaluate(
 /// The test hook of `AUTOPART_FAULT_NAN_AT_STEP`: a NaN in the first
 /// element of the first parameter's gradient.
 fn poison_a_gradient(params: &mut [Param]) -> Result<(), AppError> {
-    if let Some(p) = params.first() {
+    // The first gradient in `.grad()` (streamed ones are not there).
+    if let Some(p) = params
+        .iter()
+        .find(|p| p.tensor.grad().defined() && p.tensor.grad().numel() > 0)
+    {
         let g = p.tensor.grad();
-        if g.defined() && g.numel() > 0 {
+        {
             tch::no_grad(|| -> Result<(), tch::TchError> {
                 let _ = g.f_view([-1])?.f_narrow(0, 0, 1)?.f_fill_(f64::NAN)?;
                 Ok(())

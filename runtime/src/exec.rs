@@ -14,6 +14,16 @@
 //! Recompute ([`Keep::Inputs`]): the segment runs under `no_grad` and keeps
 //! only its inputs; backward reruns it with grad before differentiating.
 //!
+//! A **block** ([`Tape::block`]) is a sub-tape (a transformer layer: its
+//! segments and adapters) with one input and one output. Kept whole
+//! ([`Keep::Activations`]) it is the same as recording its steps inline;
+//! recomputed ([`Keep::Inputs`], Megatron's full recompute) it keeps only its
+//! input between forward and backward and reruns one layer at a time in
+//! backward. With [`BlockHooks`] (ZeRO-2/3, [`crate::zero`]) the block's
+//! parameters are acquired before its forward and its recompute and released
+//! after, and backward hands each block's parameter gradients to the hooks
+//! as soon as that block is done instead of accumulating them in `.grad()`.
+//!
 //! [`ParamSpec`] and [`Param`] make parameter initialisation independent of
 //! the partition: each full tensor is drawn from a seed derived from the
 //! global seed and the parameter's name, and each rank keeps its shard.
@@ -153,6 +163,34 @@ pub struct ValueId(usize);
 /// The body of a segment: local ops from leaf inputs to outputs.
 pub type SegmentFn<'a> = dyn Fn(&[Tensor]) -> Result<Vec<Tensor>, ExecError> + 'a;
 
+/// The body of a block: records one layer on a (sub-)tape, from its input
+/// value to its output value.
+pub type BlockFn<'a> = dyn Fn(&mut Tape<'a>, ValueId) -> Result<ValueId, ExecError> + 'a;
+
+/// What runs around each block of a micro-batch (ZeRO-2 and ZeRO-3 in
+/// [`crate::zero`]). Every call is made in the same order on every rank of
+/// a dp group (they run the same schedule), so the hooks may communicate.
+pub trait BlockHooks {
+    /// Before block `block`'s forward and before its recompute: afterwards
+    /// its parameters hold their data (ZeRO-3 all-gathers them).
+    fn acquire(&self, block: usize) -> Result<(), ExecError>;
+    /// After block `block`'s forward when it is recomputed, and after its
+    /// backward: pairs with [`BlockHooks::acquire`].
+    fn release(&self, block: usize) -> Result<(), ExecError>;
+    /// The parameters of block `block` whose gradients backward hands over
+    /// (handles to the stage's own tensors).
+    fn params(&self, block: usize) -> Vec<Tensor>;
+    /// One micro-batch's gradients of [`BlockHooks::params`] (`None`: not
+    /// reached), right after the block's backward.
+    fn grads(&self, block: usize, grads: Vec<Option<Tensor>>) -> Result<(), ExecError>;
+    /// Whether the stage's parameter `param` has its gradient handed to
+    /// these hooks (so it never reaches `.grad()`).
+    fn streams(&self, param: usize) -> bool {
+        let _ = param;
+        false
+    }
+}
+
 enum Saved {
     Graph {
         leaves: Vec<Tensor>,
@@ -175,6 +213,14 @@ enum Step<'a> {
         input: ValueId,
         output: ValueId,
     },
+    Block {
+        block: usize,
+        f: Box<BlockFn<'a>>,
+        input: ValueId,
+        output: ValueId,
+        /// The sub-tape and its input and output ids, when kept.
+        saved: Option<(Box<Tape<'a>>, ValueId, ValueId)>,
+    },
 }
 
 /// The record of one micro-batch's forward pass on one rank.
@@ -192,6 +238,7 @@ pub struct Tape<'a> {
     steps: Vec<Step<'a>>,
     /// Fused mode: each value as autograd sees it (attached).
     attached: Option<Vec<Tensor>>,
+    hooks: Option<&'a dyn BlockHooks>,
 }
 
 fn is_float(t: &Tensor) -> bool {
@@ -215,8 +262,19 @@ impl std::fmt::Debug for Tape<'_> {
         f.debug_struct("Tape")
             .field("values", &self.values.len())
             .field("steps", &self.steps.len())
+            .field("hooks", &self.hooks.is_some())
             .finish()
     }
+}
+
+/// Adds `g` to the gradient slot `slot` (a parameter's, summed over the
+/// segments that read it).
+fn accumulate(slot: &mut Option<Tensor>, g: Tensor) -> Result<(), ExecError> {
+    *slot = Some(match slot.take() {
+        Some(acc) => acc.f_add(&g)?,
+        None => g,
+    });
+    Ok(())
 }
 
 /// Gradients of the values of a tape, from [`Tape::backward`].
@@ -231,11 +289,7 @@ impl Grads {
 
     fn add(&mut self, id: ValueId, g: Tensor) -> Result<(), ExecError> {
         let slot = self.0.get_mut(id.0).ok_or(ExecError::UnknownValue(id.0))?;
-        *slot = Some(match slot.take() {
-            Some(acc) => acc.f_add(&g)?,
-            None => g,
-        });
-        Ok(())
+        accumulate(slot, g)
     }
 }
 
@@ -249,6 +303,14 @@ impl<'a> Tape<'a> {
     pub fn fused() -> Self {
         Self {
             attached: Some(Vec::new()),
+            ..Self::default()
+        }
+    }
+
+    /// A tape whose blocks run `hooks` ([`Tape::block`]).
+    pub fn with_hooks(hooks: &'a dyn BlockHooks) -> Self {
+        Self {
+            hooks: Some(hooks),
             ..Self::default()
         }
     }
@@ -366,10 +428,91 @@ impl<'a> Tape<'a> {
         Ok(output)
     }
 
+    /// Runs block `block` (`f`, one layer) on `input` and records it;
+    /// returns its output. [`Keep::Activations`] without hooks records the
+    /// layer's steps inline. Otherwise the layer runs on a sub-tape between
+    /// [`BlockHooks::acquire`] and [`BlockHooks::release`]; with
+    /// [`Keep::Inputs`] it runs under `no_grad`, only its input stays on
+    /// this tape, and backward reruns it (full recompute).
+    pub fn block(
+        &mut self,
+        block: usize,
+        keep: Keep,
+        input: ValueId,
+        f: impl Fn(&mut Tape<'a>, ValueId) -> Result<ValueId, ExecError> + 'a,
+    ) -> Result<ValueId, ExecError> {
+        if keep == Keep::Activations && self.hooks.is_none() {
+            return f(self, input);
+        }
+        if self.attached.is_some() {
+            return Err(ExecError::Segment {
+                segment: format!("block {block}"),
+                msg: "a fused tape cannot recompute or run block hooks (use Tape::new)".into(),
+            });
+        }
+        let hooks = self.hooks;
+        if let Some(h) = hooks {
+            h.acquire(block)?;
+        }
+        let x = self.value(input)?.shallow_clone();
+        let (out, saved) = match keep {
+            Keep::Activations => {
+                let (sub, sub_in, sub_out) = run_block(&f, &x)?;
+                (sub.value(sub_out)?.shallow_clone(), Some((Box::new(sub), sub_in, sub_out)))
+            }
+            Keep::Inputs => {
+                let out = tch::no_grad(|| -> Result<Tensor, ExecError> {
+                    let (sub, _, sub_out) = run_block(&f, &x)?;
+                    Ok(sub.value(sub_out)?.shallow_clone())
+                })?;
+                if let Some(h) = hooks {
+                    h.release(block)?;
+                }
+                (out, None)
+            }
+        };
+        self.values.push(out);
+        let output = ValueId(self.values.len() - 1);
+        self.steps.push(Step::Block {
+            block,
+            f: Box::new(f),
+            input,
+            output,
+            saved,
+        });
+        Ok(output)
+    }
+
     /// Back-propagates `seeds` (gradients of some values, e.g. 1 for the loss
     /// or the gradient received from the next stage) through the tape, in
     /// reverse order. Parameter gradients accumulate in their `.grad()`.
     pub fn backward(self, seeds: Vec<(ValueId, Tensor)>) -> Result<Grads, ExecError> {
+        Ok(self.backward_impl(seeds, &[])?.0)
+    }
+
+    /// [`Tape::backward`] that hands the gradients of `params` back (summed
+    /// over the segments that read them; `None` where none did) instead of
+    /// accumulating them in their `.grad()`. Not for fused tapes.
+    pub fn backward_collect(
+        self,
+        seeds: Vec<(ValueId, Tensor)>,
+        params: &[Tensor],
+    ) -> Result<(Grads, Vec<Option<Tensor>>), ExecError> {
+        if self.attached.is_some() {
+            return Err(ExecError::Segment {
+                segment: "backward".into(),
+                msg: "a fused tape accumulates parameter gradients (use Tape::new)".into(),
+            });
+        }
+        self.backward_impl(seeds, params)
+    }
+
+    fn backward_impl(
+        self,
+        seeds: Vec<(ValueId, Tensor)>,
+        params: &[Tensor],
+    ) -> Result<(Grads, Vec<Option<Tensor>>), ExecError> {
+        let mut pgrads: Vec<Option<Tensor>> = params.iter().map(|_| None).collect();
         let mut grads = Grads((0..self.values.len()).map(|_| None).collect());
         if let Some(attached) = self.attached {
             // One scalar whose gradient with respect to each seeded value is
@@ -397,11 +540,12 @@ impl<'a> Tape<'a> {
                     }
                 }
             }
-            return Ok(grads);
+            return Ok((grads, pgrads));
         }
         for (id, g) in seeds {
             grads.add(id, g)?;
         }
+        let hooks = self.hooks;
         for step in self.steps.into_iter().rev() {
             match step {
                 Step::Adapter {
@@ -412,6 +556,52 @@ impl<'a> Tape<'a> {
                 } => {
                     if let Some(g) = grads.0[output.0].take() {
                         grads.add(input, adapter.backward(&g, comm)?)?;
+                    }
+                }
+                Step::Block {
+                    block,
+                    f,
+                    input,
+                    output,
+                    saved,
+                } => {
+                    let Some(g) = grads.0[output.0].take() else {
+                        // Nothing downstream depended on the block: it still
+                        // pairs its acquire.
+                        if saved.is_some()
+                            && let Some(h) = hooks
+                        {
+                            h.release(block)?;
+                        }
+                        continue;
+                    };
+                    let (sub, sub_in, sub_out) = match saved {
+                        Some((sub, i, o)) => (*sub, i, o),
+                        None => {
+                            if let Some(h) = hooks {
+                                h.acquire(block)?;
+                            }
+                            let x = self
+                                .values
+                                .get(input.0)
+                                .ok_or(ExecError::UnknownValue(input.0))?
+                                .shallow_clone();
+                            run_block(&*f, &x)?
+                        }
+                    };
+                    let seeds = vec![(sub_out, g)];
+                    let sub_grads = match hooks {
+                        Some(h) => {
+                            let ps = h.params(block);
+                            let (sub_grads, gs) = sub.backward_collect(seeds, &ps)?;
+                            h.release(block)?;
+                            h.grads(block, gs)?;
+                            sub_grads
+                        }
+                        None => sub.backward(seeds)?,
+                    };
+                    if let Some(gx) = sub_grads.get(sub_in) {
+                        grads.add(input, gx.shallow_clone())?;
                     }
                 }
                 Step::Segment {
@@ -462,20 +652,60 @@ impl<'a> Tape<'a> {
                     let Some(surrogate) = surrogate else {
                         continue;
                     };
-                    surrogate.f_backward()?;
-                    for (l, &id) in leaves.iter().zip(&inputs) {
-                        if l.requires_grad() {
-                            let g = l.grad();
-                            if g.defined() {
-                                grads.add(id, g)?;
+                    if params.is_empty() {
+                        surrogate.f_backward()?;
+                        for (l, &id) in leaves.iter().zip(&inputs) {
+                            if l.requires_grad() {
+                                let g = l.grad();
+                                if g.defined() {
+                                    grads.add(id, g)?;
+                                }
                             }
+                        }
+                        continue;
+                    }
+                    // Gradients of the leaves and of `params`, none of them
+                    // accumulated into `.grad()`.
+                    let wanted: Vec<(usize, ValueId)> = leaves
+                        .iter()
+                        .zip(&inputs)
+                        .enumerate()
+                        .filter(|(_, (l, _))| l.requires_grad())
+                        .map(|(i, (_, &id))| (i, id))
+                        .collect();
+                    let mut wrt: Vec<&Tensor> = wanted.iter().map(|&(i, _)| &leaves[i]).collect();
+                    wrt.extend(params.iter().filter(|p| p.requires_grad()));
+                    let mut gs = Tensor::f_run_backward(&[surrogate], &wrt, false, false)?.into_iter();
+                    for &(_, id) in &wanted {
+                        if let Some(g) = gs.next().filter(Tensor::defined) {
+                            grads.add(id, g)?;
+                        }
+                    }
+                    for (slot, p) in pgrads.iter_mut().zip(params) {
+                        if !p.requires_grad() {
+                            continue;
+                        }
+                        if let Some(g) = gs.next().filter(Tensor::defined) {
+                            accumulate(slot, g)?;
                         }
                     }
                 }
             }
         }
-        Ok(grads)
+        Ok((grads, pgrads))
     }
+}
+
+/// Runs a block's body on a fresh sub-tape whose input is `x`; returns the
+/// sub-tape and its input and output ids.
+fn run_block<'a>(
+    f: &(dyn Fn(&mut Tape<'a>, ValueId) -> Result<ValueId, ExecError> + 'a),
+    x: &Tensor,
+) -> Result<(Tape<'a>, ValueId, ValueId), ExecError> {
+    let mut sub = Tape::new();
+    let input = sub.input(x);
+    let output = f(&mut sub, input)?;
+    Ok((sub, input, output))
 }
 
 /// How a parameter's full tensor is initialised.
@@ -675,7 +905,20 @@ pub fn sync_grads(
 /// that afterwards every parameter's `.grad()` is defined and complete for
 /// this rank's share of the batch.
 pub fn complete_tp_grads(params: &mut [Param], tp: &dyn Communicator) -> Result<(), ExecError> {
-    for p in params.iter_mut() {
+    complete_tp_grads_except(params, tp, &|_| false)
+}
+
+/// [`complete_tp_grads`] for the parameters `skip` does not name (their
+/// gradients were streamed, [`BlockHooks::grads`]).
+pub fn complete_tp_grads_except(
+    params: &mut [Param],
+    tp: &dyn Communicator,
+    skip: &dyn Fn(usize) -> bool,
+) -> Result<(), ExecError> {
+    for (i, p) in params.iter_mut().enumerate() {
+        if skip(i) {
+            continue;
+        }
         if !p.tensor.grad().defined() {
             // A parameter no micro-batch reached: give it an explicit zero
             // gradient by differentiating `sum(p * 0)`.
@@ -684,41 +927,48 @@ pub fn complete_tp_grads(params: &mut [Param], tp: &dyn Communicator) -> Result<
                 .f_sum(Kind::Float)?
                 .f_backward()?;
         }
-        match p.spec.tp_grad {
-            TpGrad::Partial if tp.size() > 1 => {
-                let cur = p.tensor.grad();
-                let sum = tp.all_reduce(&cur.detach())?;
-                tch::no_grad(|| cur.detach().f_copy_(&sum))?;
-            }
-            TpGrad::Copies(m) if m > 1 && tp.size() > 1 => sum_copies(p, tp)?,
-            _ => {}
+        if tp.size() > 1 && p.spec.tp_grad != TpGrad::Complete {
+            let cur = p.tensor.grad();
+            let done = complete_tp_grad(&p.spec, cur.detach(), tp)?;
+            tch::no_grad(|| cur.detach().f_copy_(&done))?;
         }
     }
     Ok(())
 }
 
-/// Sums the gradients of a [`TpGrad::Copies`] parameter over the ranks
-/// holding its block: an all-reduce over tp of the model's tensor, each
-/// rank's gradient placed at its block (zeros elsewhere), then this rank's
-/// block taken back.
-fn sum_copies(p: &Param, tp: &dyn Communicator) -> Result<(), ExecError> {
-    let Some(dim) = p.spec.tp_dim else {
-        return Ok(());
-    };
-    let (block, parts) = p.spec.block_of(tp.rank(), tp.size());
-    let cur = p.tensor.grad();
-    let g = cur.detach();
-    let mut shape = g.size();
-    let n = shape.get(dim as usize).copied().unwrap_or(0);
-    if let Some(len) = shape.get_mut(dim as usize) {
-        *len = n * parts as i64;
+/// One gradient `g` of a parameter of `spec`, completed over `tp`:
+/// all-reduced for [`TpGrad::Partial`], each copy's block summed over the
+/// ranks holding it for [`TpGrad::Copies`] (an all-reduce over tp of the
+/// model's tensor, each rank's gradient placed at its block, zeros
+/// elsewhere, then this rank's block taken back), as it is otherwise.
+pub fn complete_tp_grad(
+    spec: &ParamSpec,
+    g: Tensor,
+    tp: &dyn Communicator,
+) -> Result<Tensor, ExecError> {
+    if tp.size() == 1 {
+        return Ok(g);
     }
-    let placed = Tensor::f_zeros(shape.as_slice(), (g.kind(), g.device()))?;
-    placed.f_narrow(dim, block as i64 * n, n)?.f_copy_(&g)?;
-    let sum = tp.all_reduce(&placed)?;
-    let mine = sum.f_narrow(dim, block as i64 * n, n)?;
-    tch::no_grad(|| cur.detach().f_copy_(&mine))?;
-    Ok(())
+    match spec.tp_grad {
+        TpGrad::Complete => Ok(g),
+        TpGrad::Partial => Ok(tp.all_reduce(&g)?),
+        TpGrad::Copies(m) if m > 1 => {
+            let Some(dim) = spec.tp_dim else {
+                return Ok(g);
+            };
+            let (block, parts) = spec.block_of(tp.rank(), tp.size());
+            let mut shape = g.size();
+            let n = shape.get(dim as usize).copied().unwrap_or(0);
+            if let Some(len) = shape.get_mut(dim as usize) {
+                *len = n * parts as i64;
+            }
+            let placed = Tensor::f_zeros(shape.as_slice(), (g.kind(), g.device()))?;
+            placed.f_narrow(dim, block as i64 * n, n)?.f_copy_(&g)?;
+            let sum = tp.all_reduce(&placed)?;
+            Ok(sum.f_narrow(dim, block as i64 * n, n)?.f_contiguous()?)
+        }
+        TpGrad::Copies(_) => Ok(g),
+    }
 }
 
 #[cfg(test)]
@@ -768,6 +1018,99 @@ mod tests {
         for (gw, gx) in grads {
             assert!(gw.allclose(&wr.grad(), 1e-6, 1e-6, false));
             assert!(gx.allclose(&xr.grad(), 1e-6, 1e-6, false));
+        }
+    }
+
+    /// Counts acquires and releases and keeps the gradients handed over.
+    #[derive(Default)]
+    struct Counting {
+        held: std::cell::Cell<i64>,
+        acquired: std::cell::Cell<usize>,
+        params: Vec<Tensor>,
+        got: std::cell::RefCell<Vec<Option<Tensor>>>,
+    }
+
+    impl BlockHooks for Counting {
+        fn acquire(&self, _block: usize) -> Result<(), ExecError> {
+            self.held.set(self.held.get() + 1);
+            self.acquired.set(self.acquired.get() + 1);
+            Ok(())
+        }
+        fn release(&self, _block: usize) -> Result<(), ExecError> {
+            self.held.set(self.held.get() - 1);
+            Ok(())
+        }
+        fn params(&self, _block: usize) -> Vec<Tensor> {
+            self.params.iter().map(Tensor::shallow_clone).collect()
+        }
+        fn grads(&self, _block: usize, grads: Vec<Option<Tensor>>) -> Result<(), ExecError> {
+            self.got.borrow_mut().extend(grads);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn blocks_match_inline_steps_kept_recomputed_and_hooked() {
+        let w = Tensor::from_slice(&[0.5f32, -1.5, 2.0]).set_requires_grad(true);
+        let x = Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
+        let one = || Tensor::ones([], (Kind::Float, tch::Device::Cpu));
+        // One layer: two segments around a solo adapter.
+        fn layer<'a>(w: &'a Tensor, tape: &mut Tape<'a>, v: ValueId) -> Result<ValueId, ExecError> {
+            let h = tape.segment("a", Keep::Activations, &[v], move |i| {
+                Ok(vec![i[0].f_mul(w)?.f_tanh()?])
+            })?;
+            let h = tape.adapt(Adapter::AllReduce, &SoloComm, h[0])?;
+            let y = tape.segment("b", Keep::Activations, &[h, v], move |i| {
+                Ok(vec![i[0].f_mul(&i[1])?.f_mul(w)?])
+            })?;
+            Ok(y[0])
+        }
+        let wr = &w;
+        let run = |keep: Keep, hooks: Option<&dyn BlockHooks>| {
+            let mut tape = match hooks {
+                Some(h) => Tape::with_hooks(h),
+                None => Tape::new(),
+            };
+            let xi = tape.input(&x);
+            let mut v = xi;
+            for b in 0..2 {
+                v = tape.block(b, keep, v, move |t, v| layer(wr, t, v)).expect("block");
+            }
+            let loss = tape
+                .segment("sum", Keep::Activations, &[v], |i| Ok(vec![i[0].f_sum(Kind::Float)?]))
+                .expect("sum");
+            let value = tape.value(loss[0]).expect("loss").double_value(&[]);
+            let grads = tape.backward(vec![(loss[0], one())]).expect("backward");
+            let gx = grads.get(xi).expect("x grad").copy();
+            (value, gx)
+        };
+        let mut w2 = w.shallow_clone();
+        let (want_loss, want_gx) = run(Keep::Activations, None);
+        let want_gw = w.grad().copy();
+        w2.zero_grad();
+        for keep in [Keep::Activations, Keep::Inputs] {
+            let (loss, gx) = run(keep, None);
+            assert_eq!(loss, want_loss);
+            assert!(gx.allclose(&want_gx, 1e-6, 1e-6, false), "{keep:?}");
+            assert!(w.grad().allclose(&want_gw, 1e-6, 1e-6, false), "{keep:?}");
+            w2.zero_grad();
+            let hooks = Counting {
+                params: vec![w.shallow_clone()],
+                ..Counting::default()
+            };
+            let (loss, gx) = run(keep, Some(&hooks));
+            assert_eq!(loss, want_loss);
+            assert!(gx.allclose(&want_gx, 1e-6, 1e-6, false), "{keep:?} hooked");
+            // Handed over, one per block, summing to the whole gradient;
+            // nothing in `.grad()`.
+            assert!(!w.grad().defined() || w.grad().abs().sum(Kind::Float).double_value(&[]) == 0.0);
+            let got = hooks.got.borrow();
+            assert_eq!(got.len(), 2);
+            let sum = got[0].as_ref().expect("block 0").f_add(got[1].as_ref().expect("block 1")).expect("add");
+            assert!(sum.allclose(&want_gw, 1e-6, 1e-6, false), "{keep:?} hooked grads");
+            assert_eq!(hooks.held.get(), 0, "{keep:?}: every acquire released");
+            let per_block = if keep == Keep::Inputs { 2 } else { 1 };
+            assert_eq!(hooks.acquired.get(), 2 * per_block, "{keep:?}");
         }
     }
 

@@ -21,7 +21,7 @@
 
 use crate::comm::{Communicator, Groups};
 pub use crate::data::Batch;
-use crate::exec::{ExecError, Param, Tape, ValueId, complete_tp_grads};
+use crate::exec::{BlockHooks, ExecError, Param, Tape, ValueId, complete_tp_grads_except};
 use crate::mesh::{Coord, Mesh};
 use crate::schedule::{self, Action, ChunkAction, Schedule, Work};
 use crate::zero::{DpOptimizer, StepStats};
@@ -79,6 +79,13 @@ pub trait StageModule: std::fmt::Debug {
     /// between the two ends after backward (Megatron's embedding group), and
     /// only the first stage counts them (gradient norm, checkpoints).
     fn pp_tied(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// The blocks this stage's forward runs through [`Tape::block`] (its
+    /// transformer layers, in the order of their block ids): each block's
+    /// parameter indices into [`StageModule::params`]. ZeRO-2/3 stream
+    /// gradients and gather parameters per block; empty: whole-stage.
+    fn blocks(&self) -> Vec<Vec<usize>> {
         Vec::new()
     }
 }
@@ -141,6 +148,8 @@ struct Step<'s, M: ?Sized> {
     /// `IGNORE_INDEX`), at least 1 so that a batch of masked labels gives a
     /// zero loss rather than a division by zero.
     total_tokens: i64,
+    /// What runs around each block (ZeRO-2/3), if anything.
+    hooks: Option<&'s dyn BlockHooks>,
 }
 
 impl<'s, M: StageModule + ?Sized> Step<'s, M> {
@@ -163,10 +172,10 @@ impl<'s, M: StageModule + ?Sized> Step<'s, M> {
         input: Option<Tensor>,
     ) -> Result<InFlight<'s>, ExecError> {
         let (m, tp) = (self.m, self.g.tp);
-        let mut tape = if m.fusable(tp.size()) {
-            Tape::fused()
-        } else {
-            Tape::new()
+        let mut tape = match self.hooks {
+            Some(h) => Tape::with_hooks(h),
+            None if m.fusable(tp.size()) => Tape::fused(),
+            None => Tape::new(),
         };
         let (inp, out) = m.forward(
             &mut tape,
@@ -215,10 +224,24 @@ pub fn forward_backward<M: StageModule + ?Sized>(
     g: &Groups<'_>,
     batch: &Batch,
 ) -> Result<f64, ExecError> {
+    forward_backward_with(m, plan, g, batch, None)
+}
+
+/// [`forward_backward`] with `hooks` around each block
+/// ([`DpOptimizer::hooks`]): the gradients the hooks take
+/// ([`BlockHooks::streams`]) are theirs, not in `.grad()`, afterwards.
+pub fn forward_backward_with<M: StageModule + ?Sized>(
+    m: &mut M,
+    plan: &PipelinePlan,
+    g: &Groups<'_>,
+    batch: &Batch,
+    hooks: Option<&dyn BlockHooks>,
+) -> Result<f64, ExecError> {
     let Mesh { tp, dp, pp } = plan.mesh;
     check_groups(plan, g)?;
-    let mut loss = run_pipeline(&*m, plan, g, batch)?;
-    complete_tp_grads(m.params_mut(), g.tp)?;
+    let mut loss = run_pipeline(&*m, plan, g, batch, hooks)?;
+    let streams = |i: usize| hooks.is_some_and(|h| h.streams(i));
+    complete_tp_grads_except(m.params_mut(), g.tp, &streams)?;
     sum_tied_grads(m, plan, g)?;
     if m.loss_is_partial() && tp > 1 {
         loss = g.tp.all_reduce(&loss)?;
@@ -244,8 +267,16 @@ pub fn train_step_with<M: StageModule + ?Sized>(
     batch: &Batch,
     opt: &mut DpOptimizer,
 ) -> Result<(f64, StepStats), ExecError> {
-    opt.gather_params(m.params_mut(), g.dp)?;
-    let loss = forward_backward(m, plan, g, batch)?;
+    opt.gather_for_step(m.params_mut(), g.dp)?;
+    let hooks = opt.hooks(m.params(), g);
+    let loss = forward_backward_with(
+        m,
+        plan,
+        g,
+        batch,
+        hooks.as_ref().map(|h| h as &dyn BlockHooks),
+    )?;
+    drop(hooks);
     let stats = opt.step(m.params_mut(), g)?;
     Ok((loss, stats))
 }
@@ -253,13 +284,15 @@ pub fn train_step_with<M: StageModule + ?Sized>(
 /// Runs the forward and backward of every micro-batch of this rank's share
 /// of `batch`, exchanging activations and gradients over pp. Returns the
 /// summed loss of this rank's micro-batches (non-zero on the last stage only).
-fn run_pipeline<M: StageModule + ?Sized>(
-    m: &M,
-    plan: &PipelinePlan,
-    g: &Groups<'_>,
-    batch: &Batch,
+fn run_pipeline<'s, M: StageModule + ?Sized>(
+    m: &'s M,
+    plan: &'s PipelinePlan,
+    g: &'s Groups<'s>,
+    batch: &'s Batch,
+    hooks: Option<&'s dyn BlockHooks>,
 ) -> Result<Tensor, ExecError> {
-    let step = Step::of(m, plan, g, batch)?;
+    let mut step = Step::of(m, plan, g, batch)?;
+    step.hooks = hooks;
     match plan.schedule {
         Schedule::Interleaved { chunks } => run_interleaved(&step, chunks as usize),
         Schedule::GPipe | Schedule::OneFOneB => run_flat(&step),
@@ -313,6 +346,7 @@ impl<'s, M: StageModule + ?Sized> Step<'s, M> {
             mbs,
             shape: m.boundary_shape(mbs, l),
             total_tokens: batch.loss_tokens()?.max(1),
+            hooks: None,
         })
     }
 }

@@ -20,13 +20,20 @@
 //!   the whole step (forward and backward of every micro-batch), and
 //!   [`DpOptimizer::step`] releases them again after the update.
 //!
-//! ZeRO-1 already reduce-scatters, so at the step each rank holds only its
-//! gradient slice as ZeRO-2 prescribes; what a separate ZeRO-2 would add is
-//! freeing each bucket's full gradients during backward, which needs
-//! gradient hooks the tape does not have. Likewise ZeRO-3 keeps parameters
-//! gathered for the whole step rather than gathering each layer's before
-//! its forward and again before its backward: the tape's saved autograd
-//! graphs hold the full weights until backward anyway.
+//! - [`ZeroStage::Two`] and [`ZeroStage::Three`] on a stage that names its
+//!   blocks ([`crate::program::StageModule::blocks`], the transformer
+//!   layers): the buckets are cut at block boundaries and each block's
+//!   gradients are **streamed** ([`ZeroHooks`], the tape's
+//!   [`BlockHooks`]): as soon as a micro-batch's backward has left a
+//!   block, its gradients are completed over tp, reduce-scattered over dp
+//!   bucket by bucket and added to this rank's slice, and the full
+//!   gradients are dropped (they never reach `.grad()`). Under ZeRO-3 a
+//!   block's parameters are all-gathered just before its forward and freed
+//!   after it when the layer is recomputed (full recompute), else after
+//!   its backward (the saved autograd graph holds them until then), and
+//!   gathered again before its recompute. The parameters outside blocks
+//!   (embedding, head) are gathered for the whole step and their gradients
+//!   reduce-scattered at the step, as under ZeRO-1.
 //!
 //! Gradients are summed over dp (each rank's loss is already divided by the
 //! global token count, so the sum is the average). The global gradient norm
@@ -44,8 +51,9 @@
 //! [`DpOptimizer::step`].
 
 use crate::comm::{Communicator, Groups};
-use crate::exec::Param;
+use crate::exec::{BlockHooks, ExecError, Param, ParamSpec, complete_tp_grad};
 use crate::optim::{self, AdamW, AdamWState, LrSchedule, NormShare, OptimError};
+use std::cell::RefCell;
 use tch::{Device, Kind, Tensor};
 
 mod state;
@@ -55,8 +63,8 @@ pub use state::kind_of;
 pub const DEFAULT_BUCKET_BYTES: usize = 25 * 1024 * 1024;
 
 /// How parameters and optimizer state are spread over the dp group (the
-/// plan's ZeRO stage). [`ZeroStage::Two`] runs as [`ZeroStage::One`], which
-/// already leaves each rank only its gradient slice at the step (see above).
+/// plan's ZeRO stage). Without blocks [`ZeroStage::Two`] runs as
+/// [`ZeroStage::One`] (gradients whole until the step's reduce-scatter).
 pub use autopart_vocab::ZeroStage;
 
 /// The optimizer of a training run.
@@ -182,14 +190,25 @@ pub struct DpOptimizer {
     state: AdamWState,
     /// Sharded stages: this rank's f32 slice of each bucket's weights.
     master: Vec<Tensor>,
+    /// Streamed gradients (ZeRO-2/3 with blocks): each block's buckets.
+    block_buckets: Vec<Vec<usize>>,
+    /// Whether each bucket's gradients are streamed.
+    streamed: Vec<bool>,
+    /// Streamed buckets: this rank's slice of the step's summed gradient so far.
+    acc: RefCell<Vec<Option<Tensor>>>,
+    /// ZeRO-3 with blocks: how many in-flight forwards hold each block gathered.
+    held: RefCell<Vec<usize>>,
 }
 
+/// Consecutive parameters in buckets of at most `bucket_bytes`, a bucket
+/// closed wherever `group` changes (so that no bucket spans two blocks).
 fn bucket_layout(
     params: &[Param],
     tp_rank: usize,
     dp: usize,
     bucket_bytes: usize,
     uncounted: &[String],
+    group: &[Option<usize>],
 ) -> Vec<Bucket> {
     let mut buckets = Vec::new();
     let mut slots: Vec<Slot> = Vec::new();
@@ -207,7 +226,10 @@ fn bucket_layout(
         let t = &p.tensor;
         let numel = t.numel() as i64;
         let size = t.numel() * t.kind().elt_size_in_bytes();
-        if !slots.is_empty() && bytes + size > bucket_bytes {
+        let regroup = slots
+            .last()
+            .is_some_and(|s| group.get(s.param) != group.get(idx));
+        if !slots.is_empty() && (bytes + size > bucket_bytes || regroup) {
             close(&mut slots, used, &mut buckets);
             (used, bytes) = (0, 0);
         }
@@ -249,9 +271,55 @@ impl DpOptimizer {
         g: &Groups<'_>,
         uncounted: &[String],
     ) -> Result<Self, OptimError> {
+        Self::for_stage(cfg, params, g, uncounted, &[])
+    }
+
+    /// [`DpOptimizer::with_uncounted`] for a stage whose `blocks` (each
+    /// block's parameter indices, [`crate::program::StageModule::blocks`])
+    /// stream their gradients under ZeRO-2 and ZeRO-3 ([`Self::hooks`]).
+    pub fn for_stage(
+        cfg: OptimConfig,
+        params: &mut [Param],
+        g: &Groups<'_>,
+        uncounted: &[String],
+        blocks: &[Vec<usize>],
+    ) -> Result<Self, OptimError> {
         cfg.validate()?;
         let (dp_rank, dp_size) = (g.dp.rank(), g.dp.size());
-        let buckets = bucket_layout(params, g.tp.rank(), dp_size, cfg.bucket_bytes, uncounted);
+        let streaming = matches!(cfg.zero, ZeroStage::Two | ZeroStage::Three) && !blocks.is_empty();
+        let mut group: Vec<Option<usize>> = vec![None; params.len()];
+        if streaming {
+            for (b, ps) in blocks.iter().enumerate() {
+                for &p in ps {
+                    match group.get_mut(p) {
+                        Some(slot @ None) => *slot = Some(b),
+                        _ => {
+                            return Err(OptimError::Invalid(format!(
+                                "block {b} names parameter {p}, which is not one of the stage's {} or is in another block",
+                                params.len()
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+        let buckets = bucket_layout(
+            params,
+            g.tp.rank(),
+            dp_size,
+            cfg.bucket_bytes,
+            uncounted,
+            &group,
+        );
+        let mut block_buckets = vec![Vec::new(); if streaming { blocks.len() } else { 0 }];
+        let mut streamed = vec![false; buckets.len()];
+        for (k, b) in buckets.iter().enumerate() {
+            if let Some(blk) = b.slots.first().and_then(|s| group[s.param]) {
+                block_buckets[blk].push(k);
+                streamed[k] = true;
+            }
+        }
+        let n_blocks = block_buckets.len();
         let mut master = Vec::new();
         let state = match cfg.zero {
             ZeroStage::Off => {
@@ -283,6 +351,10 @@ impl DpOptimizer {
             tp_size: g.tp.size(),
             state,
             master,
+            acc: RefCell::new((0..streamed.len()).map(|_| None).collect()),
+            block_buckets,
+            streamed,
+            held: RefCell::new(vec![0; n_blocks]),
         };
         if cfg.zero == ZeroStage::Three {
             opt.release_params(params)?;
@@ -313,11 +385,34 @@ impl DpOptimizer {
         params: &mut [Param],
         dp: &dyn Communicator,
     ) -> Result<(), OptimError> {
+        self.gather(params, dp, false)
+    }
+
+    /// [`Self::gather_params`] before a training step run with
+    /// [`Self::hooks`]: the blocks' parameters are left to the hooks, which
+    /// gather each block just before it runs.
+    pub fn gather_for_step(
+        &self,
+        params: &mut [Param],
+        dp: &dyn Communicator,
+    ) -> Result<(), OptimError> {
+        self.gather(params, dp, true)
+    }
+
+    fn gather(
+        &self,
+        params: &mut [Param],
+        dp: &dyn Communicator,
+        skip_streamed: bool,
+    ) -> Result<(), OptimError> {
         if self.cfg.zero != ZeroStage::Three {
             return Ok(());
         }
         self.check_len(params)?;
-        for (b, m) in self.buckets.iter().zip(&self.master) {
+        for (k, (b, m)) in self.buckets.iter().zip(&self.master).enumerate() {
+            if skip_streamed && self.streamed[k] {
+                continue;
+            }
             let full = if self.dp_size > 1 {
                 dp.all_gather(m, 0)?
             } else {
@@ -372,7 +467,12 @@ impl DpOptimizer {
         self.check_len(params)?;
         self.buckets
             .iter()
-            .map(|b| {
+            .zip(&self.streamed)
+            .map(|(b, &streamed)| {
+                if streamed {
+                    // Already reduced into `acc` during backward.
+                    return Ok(Vec::new());
+                }
                 b.slots
                     .iter()
                     .map(|s| {
@@ -432,6 +532,9 @@ impl DpOptimizer {
     }
 
     fn clear(&self, params: &mut [Param]) -> Result<(), OptimError> {
+        for a in self.acc.borrow_mut().iter_mut() {
+            *a = None;
+        }
         if self.cfg.zero == ZeroStage::Three {
             self.release_params(params)?;
         } else {
@@ -491,7 +594,19 @@ impl DpOptimizer {
         lr: f64,
     ) -> Result<(f64, bool), OptimError> {
         let mut shards = Vec::with_capacity(self.buckets.len());
-        for (b, gs) in self.buckets.iter().zip(&grads) {
+        let mut acc = self.acc.borrow_mut();
+        for (k, (b, gs)) in self.buckets.iter().zip(&grads).enumerate() {
+            if self.streamed[k] {
+                shards.push(match acc[k].take() {
+                    Some(a) => a,
+                    // No micro-batch reached the block: a zero gradient.
+                    None => {
+                        let device = b.slots.first().map_or(Device::Cpu, |s| s.device);
+                        Tensor::f_zeros([b.len / self.dp_size as i64], (Kind::Float, device))?
+                    }
+                });
+                continue;
+            }
             let flat = b.flatten(gs)?;
             shards.push(if self.dp_size > 1 {
                 g.dp.reduce_scatter(&flat, 0)?
@@ -499,6 +614,7 @@ impl DpOptimizer {
                 flat
             });
         }
+        drop(acc);
         let mut local = 0.0;
         for (b, shard) in self.buckets.iter().zip(&shards) {
             let (lo, hi) = b.owned(self.dp_rank, self.dp_size);
@@ -537,6 +653,183 @@ impl DpOptimizer {
     }
 }
 
+/// The [`BlockHooks`] of one training step under ZeRO-2/3 with blocks
+/// ([`DpOptimizer::hooks`]): stream each block's gradients into the
+/// optimizer's slices and, under ZeRO-3, gather and free each block's
+/// parameters around it.
+pub struct ZeroHooks<'o> {
+    opt: &'o DpOptimizer,
+    /// Handles to every parameter of the stage (the same tensors).
+    tensors: Vec<Tensor>,
+    specs: Vec<ParamSpec>,
+    tp: &'o dyn Communicator,
+    dp: &'o dyn Communicator,
+}
+
+impl std::fmt::Debug for ZeroHooks<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZeroHooks")
+            .field("zero", &self.opt.cfg.zero)
+            .field("blocks", &self.opt.block_buckets.len())
+            .finish()
+    }
+}
+
+impl DpOptimizer {
+    /// The hooks of one training step over `params` (after
+    /// [`Self::gather_for_step`]), when this optimizer streams gradients
+    /// (ZeRO-2/3 built [`Self::for_stage`] with blocks); `None` otherwise.
+    pub fn hooks<'o>(&'o self, params: &[Param], g: &Groups<'o>) -> Option<ZeroHooks<'o>> {
+        if self.block_buckets.is_empty() {
+            return None;
+        }
+        Some(ZeroHooks {
+            opt: self,
+            tensors: params.iter().map(|p| p.tensor.shallow_clone()).collect(),
+            specs: params.iter().map(|p| p.spec.clone()).collect(),
+            tp: g.tp,
+            dp: g.dp,
+        })
+    }
+
+    /// Whether parameter `param`'s gradient is streamed (never in `.grad()`).
+    pub fn streams(&self, param: usize) -> bool {
+        self.buckets
+            .iter()
+            .zip(&self.streamed)
+            .any(|(b, &s)| s && b.slots.iter().any(|sl| sl.param == param))
+    }
+}
+
+fn block_error(block: usize, e: impl std::fmt::Display) -> ExecError {
+    ExecError::Plan(format!("block {block}: {e}"))
+}
+
+impl ZeroHooks<'_> {
+    fn buckets_of(&self, block: usize) -> Result<&[usize], ExecError> {
+        self.opt
+            .block_buckets
+            .get(block)
+            .map(Vec::as_slice)
+            .ok_or_else(|| block_error(block, "the optimizer has no such block"))
+    }
+
+    fn set_data(&self, param: usize, data: &Tensor) -> Result<(), ExecError> {
+        let mut handle = self.tensors[param].shallow_clone();
+        handle.f_set_data(data)?;
+        Ok(())
+    }
+}
+
+impl BlockHooks for ZeroHooks<'_> {
+    fn acquire(&self, block: usize) -> Result<(), ExecError> {
+        let opt = self.opt;
+        if opt.cfg.zero != ZeroStage::Three {
+            return Ok(());
+        }
+        let buckets = self.buckets_of(block)?;
+        let first = {
+            let mut held = opt.held.borrow_mut();
+            held[block] += 1;
+            held[block] == 1
+        };
+        if !first {
+            return Ok(());
+        }
+        for &k in buckets {
+            let (b, m) = (&opt.buckets[k], &opt.master[k]);
+            let full = if opt.dp_size > 1 {
+                self.dp.all_gather(m, 0)?
+            } else {
+                m.shallow_clone()
+            };
+            for s in &b.slots {
+                let t = full
+                    .f_narrow(0, s.offset, s.numel)?
+                    .f_view(s.shape.as_slice())?
+                    .f_to_kind(s.kind)?
+                    .f_detach_copy()?;
+                self.set_data(s.param, &t)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn release(&self, block: usize) -> Result<(), ExecError> {
+        let opt = self.opt;
+        if opt.cfg.zero != ZeroStage::Three {
+            return Ok(());
+        }
+        let buckets = self.buckets_of(block)?;
+        let last = {
+            let mut held = opt.held.borrow_mut();
+            if held[block] == 0 {
+                return Err(block_error(block, "released more often than acquired"));
+            }
+            held[block] -= 1;
+            held[block] == 0
+        };
+        if last {
+            for &k in buckets {
+                for s in &opt.buckets[k].slots {
+                    self.set_data(s.param, &Tensor::f_empty([0], (s.kind, s.device))?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn params(&self, block: usize) -> Vec<Tensor> {
+        let Ok(buckets) = self.buckets_of(block) else {
+            return Vec::new();
+        };
+        buckets
+            .iter()
+            .flat_map(|&k| self.opt.buckets[k].slots.iter())
+            .map(|s| self.tensors[s.param].shallow_clone())
+            .collect()
+    }
+
+    fn streams(&self, param: usize) -> bool {
+        self.opt.streams(param)
+    }
+
+    fn grads(&self, block: usize, grads: Vec<Option<Tensor>>) -> Result<(), ExecError> {
+        let opt = self.opt;
+        let mut grads = grads.into_iter();
+        for &k in self.buckets_of(block)? {
+            let b = &opt.buckets[k];
+            let mut gs = Vec::with_capacity(b.slots.len());
+            for s in &b.slots {
+                let g = match grads.next().flatten() {
+                    Some(g) => g,
+                    None => Tensor::f_zeros(s.shape.as_slice(), (s.kind, s.device))?,
+                };
+                gs.push(complete_tp_grad(&self.specs[s.param], g, self.tp)?);
+            }
+            let flat = b.flatten(&gs).map_err(|e| block_error(block, e))?;
+            let shard = if opt.dp_size > 1 {
+                self.dp.reduce_scatter(&flat, 0)?
+            } else {
+                flat
+            };
+            let mut acc = opt.acc.borrow_mut();
+            accumulate_shard(&mut acc[k], shard)?;
+        }
+        Ok(())
+    }
+}
+
+fn accumulate_shard(slot: &mut Option<Tensor>, shard: Tensor) -> Result<(), ExecError> {
+    match slot {
+        Some(a) => {
+            let _ = a.f_add_(&shard)?;
+        }
+        None => *slot = Some(shard),
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -565,13 +858,15 @@ mod tests {
     fn buckets_cover_every_parameter_once_padded_to_the_dp_size() {
         let ps = params(&[&[5, 3], &[7], &[2, 2], &[100]]);
         // 64 bytes: 16 f32 per bucket; the 100-element parameter gets its own.
-        let buckets = bucket_layout(&ps, 0, 4, 64, &[]);
-        let layout: Vec<Vec<(usize, i64)>> = buckets
-            .iter()
-            .map(|b| b.slots.iter().map(|s| (s.param, s.offset)).collect())
-            .collect();
+        let buckets = bucket_layout(&ps, 0, 4, 64, &[], &[None; 4]);
+        let layout = |buckets: &[Bucket]| -> Vec<Vec<(usize, i64)>> {
+            buckets
+                .iter()
+                .map(|b| b.slots.iter().map(|s| (s.param, s.offset)).collect())
+                .collect()
+        };
         assert_eq!(
-            layout,
+            layout(&buckets),
             vec![vec![(0, 0)], vec![(1, 0), (2, 7)], vec![(3, 0)]]
         );
         assert_eq!(
@@ -579,6 +874,12 @@ mod tests {
             vec![16, 12, 100]
         );
         assert_eq!(buckets[0].owned(3, 4), (12, 16));
+        // Blocks cut buckets: parameters 1 and 2 in different blocks.
+        let cut = bucket_layout(&ps, 0, 4, 64, &[], &[None, Some(0), Some(1), Some(1)]);
+        assert_eq!(
+            layout(&cut),
+            vec![vec![(0, 0)], vec![(1, 0)], vec![(2, 0)], vec![(3, 0)]]
+        );
     }
 
     #[test]

@@ -341,6 +341,81 @@ fn dp2_zero3() {
     );
 }
 
+/// ZeRO-2: each layer's gradients reduce-scattered over dp as backward
+/// leaves the layer, the full gradients dropped.
+#[test]
+fn dp2_zero2() {
+    let args = &["--plan-ngpus", "2", "--tp", "1", "--dp", "2", "--zero", "2"];
+    same_steps_and_weights_of(2, args);
+}
+
+/// Per-layer ZeRO-3 with full recompute: each layer's weights gathered for
+/// its forward and again for its recompute, freed after each.
+#[test]
+fn dp2_zero3_full_recompute() {
+    let args = &[
+        "--plan-ngpus",
+        "2",
+        "--tp",
+        "1",
+        "--dp",
+        "2",
+        "--zero",
+        "3",
+        "--recompute",
+        "full",
+    ];
+    same_steps_and_weights_of(2, args);
+}
+
+/// Streamed gradients completed over tp inside the stream: sequence
+/// parallel's norm weights (partial sums over tp) under ZeRO-3 at dp2.
+#[test]
+fn tp2_dp2_zero3_sequence_parallel() {
+    let args = &[
+        "--plan-ngpus",
+        "4",
+        "--tp",
+        "2",
+        "--pp",
+        "1",
+        "--dp",
+        "2",
+        "--sp",
+        "true",
+        "--zero",
+        "3",
+    ];
+    same_steps_and_weights_of(4, args);
+}
+
+/// Full recompute of whole layers under tp2 with sequence parallelism: the
+/// layer's collectives rerun in its recompute.
+#[test]
+fn tp2_full_recompute_sequence_parallel() {
+    let args = &[
+        "--plan-ngpus",
+        "2",
+        "--tp",
+        "2",
+        "--pp",
+        "1",
+        "--sp",
+        "true",
+        "--recompute",
+        "full",
+    ];
+    same_steps_and_weights_of(2, args);
+}
+
+/// Compiles llama-mini under `args` and runs [`same_steps_and_weights`].
+fn same_steps_and_weights_of(np: usize, args: &[&str]) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("plan");
+    compile(&out, args).expect("compile the plan");
+    same_steps_and_weights(np, &out, "llama-mini", args);
+}
+
 #[test]
 fn tp2_selective_recompute() {
     same_as_single_device(

@@ -559,6 +559,18 @@ impl<'a> BlockGen<'a> {
         let fields: Vec<&str> = self.params.iter().map(|(_, v)| v.as_str()).collect();
         w.lines(&struct_literal("Ok(Self", &fields, ")"));
         w.close();
+        if self.block.kind == BlockKind::Layer {
+            w.blank();
+            w.line("/// The places of the layer's parameters (its block's, for ZeRO-2/3).");
+            w.open("pub fn places(&self) -> Vec<usize>");
+            let places = self
+                .params
+                .iter()
+                .map(|(_, v)| Expr::atom(format!("self.{v}")))
+                .collect();
+            w.stmt(&Stmt::Expr(Expr::square("vec!", places), ""));
+            w.close();
+        }
         w.close();
     }
 
@@ -966,12 +978,27 @@ fn keeps_expr(recompute: Recompute) -> &'static str {
     match recompute {
         Recompute::None => "Keeps {\n    body: Keep::Activations,\n    core: Keep::Activations,\n}",
         Recompute::Selective => "Keeps {\n    body: Keep::Activations,\n    core: Keep::Inputs,\n}",
-        Recompute::Full => "Keeps {\n    body: Keep::Inputs,\n    core: Keep::Inputs,\n}",
+        // Full recompute reruns whole layers ([`block_keep`]); inside a
+        // rerun layer every segment keeps its activations.
+        Recompute::Full => "Keeps {\n    body: Keep::Activations,\n    core: Keep::Activations,\n}",
+    }
+}
+
+/// What each layer block keeps: its input only under full recompute.
+fn block_keep(recompute: Recompute) -> &'static str {
+    match recompute {
+        Recompute::Full => "Keep::Inputs",
+        Recompute::None | Recompute::Selective => "Keep::Activations",
     }
 }
 
 /// The call of block `kind` from a stage: `blocks::layer(&self.w, lw, ..)?`.
 fn block_call(program: &ExecProgram, kind: BlockKind, bound: &str, args: &[&str]) -> Expr {
+    block_call_expr(program, kind, bound, args).try_()
+}
+
+/// [`block_call`] without the `?`.
+fn block_call_expr(program: &ExecProgram, kind: BlockKind, bound: &str, args: &[&str]) -> Expr {
     let g = BlockGen::new(block_of(program, kind), &NO_CUSTOM_OPS);
     let (name, _, _) = block_names(kind);
     let mut all = vec!["&self.w", bound, "tape", "tp", "self.tp_rank"];
@@ -983,7 +1010,6 @@ fn block_call(program: &ExecProgram, kind: BlockKind, bound: &str, args: &[&str]
         format!("blocks::{name}"),
         all.into_iter().map(Expr::atom).collect(),
     )
-    .try_()
 }
 
 fn stage_rs(program: &ExecProgram, stage: &StageProgram, options: &CodegenOptions) -> String {
@@ -1033,6 +1059,8 @@ fn stage_rs(program: &ExecProgram, stage: &StageProgram, options: &CodegenOption
         "const KEEPS: {};",
         keeps_expr(stage.recompute).replacen("Keeps {", "Keeps = Keeps {", 1)
     ));
+    w.line("/// What each layer keeps between its forward and its backward.");
+    w.line(format!("const BLOCK: Keep = {};", block_keep(stage.recompute)));
     w.blank();
     w.line(format!(
         "/// This rank's part of stage {k}: its parameter shards."
@@ -1166,15 +1194,36 @@ fn stage_rs(program: &ExecProgram, stage: &StageProgram, options: &CodegenOption
         }
         let n = b - a;
         let layers = if n == total_layers {
-            "&self.layers".to_string()
+            "self.layers.iter().enumerate()".to_string()
         } else {
-            format!("&self.layers[{place}..{}]", place + n)
+            let skip = if place == 0 {
+                String::new()
+            } else {
+                format!(".skip({place})")
+            };
+            format!("self.layers.iter().enumerate(){skip}.take({n})")
         };
         place += n;
-        w.open(format!("for lw in {layers}"));
+        // Block ids are places in `self.layers` (`blocks()`).
+        w.open(format!("for (b, lw) in {layers}"));
         w.stmt(&Stmt::assign(
             "x",
-            block_call(program, BlockKind::Layer, "lw", &["x", "KEEPS"]),
+            Expr::call(
+                "tape.block",
+                vec![
+                    Expr::atom("b"),
+                    Expr::atom("BLOCK"),
+                    Expr::atom("x"),
+                    Expr::Closure {
+                        head: "move |tape, x|".into(),
+                        body: vec![Stmt::Expr(
+                            block_call_expr(program, BlockKind::Layer, "lw", &["x", "KEEPS"]),
+                            "",
+                        )],
+                    },
+                ],
+            )
+            .try_(),
         ));
         w.close();
         if last {
@@ -1232,6 +1281,10 @@ fn stage_rs(program: &ExecProgram, stage: &StageProgram, options: &CodegenOption
     w.open(format!("fn fusable(&self, {arg}) -> bool"));
     w.line(body);
     w.close();
+    w.blank();
+    w.open("fn blocks(&self) -> Vec<Vec<usize>>");
+    w.line("self.layers.iter().map(LayerWeights::places).collect()");
+    w.close();
     if !tied.is_empty() && stage.embedding != stage.head {
         w.blank();
         w.open("fn pp_tied(&self) -> Vec<String>");
@@ -1264,19 +1317,13 @@ fn schedule_expr(s: Schedule) -> String {
     }
 }
 
-/// The runtime's ZeRO stage for the plan's, and a comment where the runtime
-/// runs it as another (ZeRO-2 runs as ZeRO-1 for now).
-fn zero_expr(zero: ZeroStage) -> (&'static str, Option<&'static str>) {
+/// The runtime's ZeRO stage for the plan's.
+fn zero_expr(zero: ZeroStage) -> &'static str {
     match zero {
-        ZeroStage::Off => ("ZeroStage::Off", None),
-        ZeroStage::One => ("ZeroStage::One", None),
-        ZeroStage::Two => (
-            "ZeroStage::Two",
-            Some(
-                "// The runtime runs ZeRO-2 as ZeRO-1 for now (optimizer state sharded,\n// gradients whole until the step's reduce-scatter).",
-            ),
-        ),
-        ZeroStage::Three => ("ZeroStage::Three", None),
+        ZeroStage::Off => "ZeroStage::Off",
+        ZeroStage::One => "ZeroStage::One",
+        ZeroStage::Two => "ZeroStage::Two",
+        ZeroStage::Three => "ZeroStage::Three",
     }
 }
 
@@ -1311,11 +1358,7 @@ fn main_rs(program: &ExecProgram, options: &CodegenOptions) -> String {
         .checked_div(program.plan_gpus)
         .unwrap_or(1)
         .max(1);
-    let (zero, zero_note) = zero_expr(program.zero);
-    if let Some(note) = zero_note {
-        w.lines(note);
-        w.blank();
-    }
+    let zero = zero_expr(program.zero);
     let peaks: Vec<String> = program
         .stages
         .iter()
