@@ -752,6 +752,8 @@ pub fn run(
     build: &dyn Fn(StageCtx) -> BuiltStage,
     args: impl IntoIterator<Item = String>,
 ) -> ExitCode {
+    // Before any tensor: freed memory goes back to the system (malloc.rs).
+    crate::malloc::pin_mmap_threshold();
     let launcher = Launcher::from_env();
     // Rank 0 reports every error; other ranks only those of their own.
     let report = |e: &AppError, rank: usize| {

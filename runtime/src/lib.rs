@@ -8,16 +8,20 @@
 //! Modules: `mesh` (rank arithmetic), `comm` (collectives over tch tensors,
 //! MPI for CPU, NCCL behind the `nccl` feature), `ops` (the built-in ops, named
 //! as in the annotation files), `exec` (segments, adapters with their backward
-//! duals, recompute, partition-independent parameter initialisation),
+//! duals, blocks (a layer run whole, recomputed or hooked), recompute,
+//! partition-independent parameter initialisation),
 //! `schedule` (GPipe, 1F1B and interleaved 1F1B pipeline orders, from the
 //! `autopart-vocab` crate the compiler shares), `program`
 //! (the [`program::StageModule`] trait a stage implements and the generic
 //! pipeline driver that runs one training step of any program), `optim` (LR
 //! schedule, AdamW, global-norm gradient clipping), `zero` (the data-parallel
-//! optimizer step: bucketed gradient all-reduce, ZeRO-1 and ZeRO-3), `data` (the global batch: synthetic or from a nanoGPT-style token
-//! file), `metrics` (per-step records, console line, JSON lines, resident
-//! memory) and `app` (the `main` of a plan binary: flags, launcher checks,
-//! training loop). Checkpoints are not here yet.
+//! optimizer step: bucketed gradient all-reduce, ZeRO-1, ZeRO-2/3 with
+//! per-layer gradient streaming and ZeRO-3's per-layer gathers), `data` (the
+//! global batch: synthetic or from prepared or token files), `metrics`
+//! (per-step records, console line, JSON lines, resident memory),
+//! `checkpoint`, `malloc` (glibc's mmap threshold pinned, so that freed
+//! tensors return to the system) and `app` (the `main` of a plan binary:
+//! flags, launcher checks, training loop).
 //!
 //! A hand-written llama-mini against this API (tp with Megatron splits and
 //! SP, dp, pp with any schedule, recompute) lives with the tests, in
@@ -31,6 +35,7 @@ pub mod data;
 pub mod exec;
 pub mod generate;
 pub mod init;
+pub mod malloc;
 pub mod mesh;
 pub mod metrics;
 pub mod ops;

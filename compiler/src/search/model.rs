@@ -269,20 +269,36 @@ impl<'a> StageModel<'a> {
     }
 
     /// autopart's runtime ([`MemoryStack::Autopart`]; `runtime/src/zero.rs`,
-    /// `exec.rs`, `optim.rs`).
+    /// `exec.rs`, `optim.rs`). Layers run as tape blocks: full recompute
+    /// keeps each layer's input and rebuilds one layer in backward; under
+    /// ZeRO-2/3 each layer's gradients are reduce-scattered into f32 slices
+    /// as backward leaves it (the embedding's and head's stay whole until
+    /// the step), and ZeRO-3 gathers a layer's weights just before it runs,
+    /// freeing them after its forward when it is recomputed, else after its
+    /// backward (the saved graph holds them until then).
     fn autopart_memory(&self, s: u32, k: u32, r: Recompute) -> MemoryBreakdown {
         let p = self.params(s, k);
         let dp = self.cfg.dp_total().max(1);
         let w = self.dtype_bytes;
         let z = self.cfg.zero;
-        // Parameters are whole during the step: ZeRO-3 all-gathers every
-        // parameter of the stage before the first forward and releases them
-        // only after the update (its saved autograd graphs would hold them
-        // anyway).
-        let params_bytes = p * w;
-        // Gradients accumulate whole in each parameter's `.grad` under every
-        // stage (zero 2 runs as ZeRO-1: reduce-scattered at the step).
-        let grads_bytes = p * w;
+        let l = &self.seg.layer;
+        let layer_p = u64::from(k) * l.params;
+        let other_p = p - layer_p;
+        let streamed = z.shards_gradients() && k > 0;
+        // Weights: whole, except ZeRO-3's layers, gathered one at a time
+        // under full recompute and all by the end of the forwards otherwise.
+        let params_bytes = if z.shards_parameters() && k > 0 {
+            let gathered = if r == Recompute::Full { 1 } else { u64::from(k) };
+            (other_p + gathered * l.params) * w
+        } else {
+            p * w
+        };
+        // Gradients: whole in `.grad`, except streamed layers' (f32 slices).
+        let grads_bytes = if streamed {
+            other_p * w + (layer_p * 4).div_ceil(dp)
+        } else {
+            p * w
+        };
         // AdamW moments are f32 whatever the weights' dtype. Replicated, the
         // update writes the weights in place (no master copy, 8 B); ZeRO-1/3
         // keep f32 master weights and moments of the owned 1/dp slice (12 B).
@@ -291,13 +307,20 @@ impl<'a> StageModel<'a> {
         } else {
             p * 8
         };
-        let l = &self.seg.layer;
         let activations_bytes = self.activations(s, k, l.saved_bytes(r));
         let mut backward = self.backward_transient(s);
         if r == Recompute::Full && k > 0 {
-            // Backward reruns one tape segment of a layer at a time, with
-            // its autograd graph.
-            backward = backward.saturating_add(l.max_recomputed_bytes);
+            // Backward rebuilds one layer with its autograd graph.
+            backward = backward.saturating_add(l.saved_none_bytes);
+        }
+        if streamed {
+            // One layer's gradients as backward hands them over, flattened
+            // to f32 for the reduce-scatter.
+            backward = backward.saturating_add(l.params * (w + 4));
+        }
+        if z.shards_parameters() && k > 0 {
+            // The all-gathered f32 bucket a layer's weights are cut from.
+            backward = backward.saturating_add(l.params * 4);
         }
         // The optimizer step runs once the micro-batches' tapes are gone:
         // under ZeRO the reduce-scattered f32 gradient slices (4 B / dp per
@@ -307,7 +330,9 @@ impl<'a> StageModel<'a> {
         let bucket = DP_BUCKET_BYTES.min(p * 4);
         let mut step = if dp > 1 { 2 * bucket } else { 0 };
         if z.shards_optimizer() {
-            step += (p * 4).div_ceil(dp) + bucket;
+            // Streamed layers' slices are already in `grads_bytes`.
+            let at_step = if streamed { other_p } else { p };
+            step += (at_step * 4).div_ceil(dp) + bucket;
         }
         MemoryBreakdown {
             params_bytes,

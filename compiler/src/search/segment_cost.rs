@@ -21,15 +21,12 @@ pub struct SegmentCost {
     /// Parameter elements held per device (tp-sharded where split).
     pub params: u64,
     pub param_bytes: u64,
-    /// Bytes kept for backward under each recompute mode.
+    /// Bytes kept for backward under each recompute mode (full: the
+    /// segment's input, [`SegmentCost::input_bytes`]).
     pub saved_none_bytes: u64,
     pub saved_selective_bytes: u64,
-    pub saved_full_bytes: u64,
-    /// The most one recomputed piece of the segment saves while backward
-    /// reruns it under full recompute.
-    pub max_recomputed_bytes: u64,
-    /// The residual stream entering the segment: what a stack that
-    /// recomputes whole layers keeps under full recompute.
+    /// The residual stream entering the segment: what full recompute keeps
+    /// (the runtime reruns whole layers, `Tape::block`).
     pub input_bytes: u64,
     /// Largest local output of one op: a bound on transient buffers.
     pub max_op_output_bytes: u64,
@@ -75,7 +72,7 @@ impl SegmentCost {
         match mode {
             Recompute::None => self.saved_none_bytes,
             Recompute::Selective => self.saved_selective_bytes,
-            Recompute::Full => self.saved_full_bytes,
+            Recompute::Full => self.input_bytes,
         }
     }
 
@@ -154,8 +151,6 @@ impl SegmentCost {
             param_bytes,
             saved_none_bytes: kept.none,
             saved_selective_bytes: kept.selective,
-            saved_full_bytes: kept.full,
-            max_recomputed_bytes: kept.max_recomputed,
             input_bytes: seg
                 .tensors
                 .iter()
@@ -172,12 +167,10 @@ impl SegmentCost {
 }
 
 /// What the runtime holds between one micro-batch's forward and backward for
-/// one segment, under each recompute mode.
+/// one segment kept whole and under selective recompute.
 struct Kept {
     none: u64,
     selective: u64,
-    full: u64,
-    max_recomputed: u64,
 }
 
 /// One buffer the runtime may hold: a tensor in one local layout (views such
@@ -199,8 +192,8 @@ enum Buffer {
 /// - Every tape value — an output read by a later piece or leaving the
 ///   segment, the input of the segment, both sides of a resharding (the
 ///   collective's output is a new tensor) — stays on the tape until the
-///   micro-batch's backward ends, whatever the recompute mode. Under full
-///   recompute that is all that is kept.
+///   micro-batch's backward ends. (Under full recompute a layer runs as one
+///   block that keeps only its input, `Tape::block`: not modelled here.)
 /// - Inside a piece kept for backward, libtorch autograd saves what each op's
 ///   backward reads in our implementation: linear its input; RMSNorm its
 ///   input (in f32) and the normalised tensor (it is written as elementary
@@ -210,8 +203,7 @@ enum Buffer {
 ///   log-probabilities (vocab-parallel: the f32 exponentials); embedding its
 ///   ids. Rope multiplies by constant tables and saves nothing of size.
 /// - Selective recompute drops the attention op's private saves (the core's
-///   inputs and output are tape values anyway); full recompute keeps the
-///   tape values, and backward reruns one piece at a time.
+///   inputs and output are tape values anyway).
 fn kept_bytes(
     graph: &Graph,
     seg: &Segment,
@@ -389,20 +381,8 @@ fn kept_bytes(
         all.extend(m.iter().map(|(k, v)| (*k, *v)));
     }
     let none = sum(&all);
-    let full = sum(&tape);
-    let max_recomputed = saved
-        .iter()
-        .map(|m| {
-            m.iter()
-                .filter(|(k, _)| !tape.contains_key(k))
-                .fold(0u64, |a, (_, &v)| a.saturating_add(v))
-        })
-        .max()
-        .unwrap_or(0);
     Kept {
         none,
         selective: none.saturating_sub(attention_private),
-        full,
-        max_recomputed,
     }
 }
