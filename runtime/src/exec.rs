@@ -171,11 +171,15 @@ pub type BlockFn<'a> = dyn Fn(&mut Tape<'a>, ValueId) -> Result<ValueId, ExecErr
 /// [`crate::zero`]). Every call is made in the same order on every rank of
 /// a dp group (they run the same schedule), so the hooks may communicate.
 pub trait BlockHooks {
-    /// Before block `block`'s forward and before its recompute: afterwards
-    /// its parameters hold their data (ZeRO-3 all-gathers them).
+    /// Before block `block`'s forward and before its backward (and its
+    /// recompute): afterwards its parameters hold their data (ZeRO-3
+    /// all-gathers them).
     fn acquire(&self, block: usize) -> Result<(), ExecError>;
-    /// After block `block`'s forward when it is recomputed, and after its
-    /// backward: pairs with [`BlockHooks::acquire`].
+    /// After block `block`'s forward and after its backward: pairs with
+    /// [`BlockHooks::acquire`]. A block kept whole holds its saved autograd
+    /// graph in between, which must reference the parameters themselves
+    /// (not views of their data) for a release to free them
+    /// ([`crate::ops::save_weights_whole`]).
     fn release(&self, block: usize) -> Result<(), ExecError>;
     /// The parameters of block `block` whose gradients backward hands over
     /// (handles to the stage's own tensors).
@@ -431,9 +435,10 @@ impl<'a> Tape<'a> {
     /// Runs block `block` (`f`, one layer) on `input` and records it;
     /// returns its output. [`Keep::Activations`] without hooks records the
     /// layer's steps inline. Otherwise the layer runs on a sub-tape between
-    /// [`BlockHooks::acquire`] and [`BlockHooks::release`]; with
-    /// [`Keep::Inputs`] it runs under `no_grad`, only its input stays on
-    /// this tape, and backward reruns it (full recompute).
+    /// [`BlockHooks::acquire`] and [`BlockHooks::release`], and its
+    /// backward between another pair; with [`Keep::Inputs`] it runs under
+    /// `no_grad`, only its input stays on this tape, and backward reruns it
+    /// (full recompute).
     pub fn block(
         &mut self,
         block: usize,
@@ -465,12 +470,12 @@ impl<'a> Tape<'a> {
                     let (sub, _, sub_out) = run_block(&f, &x)?;
                     Ok(sub.value(sub_out)?.shallow_clone())
                 })?;
-                if let Some(h) = hooks {
-                    h.release(block)?;
-                }
                 (out, None)
             }
         };
+        if let Some(h) = hooks {
+            h.release(block)?;
+        }
         self.values.push(out);
         let output = ValueId(self.values.len() - 1);
         self.steps.push(Step::Block {
@@ -566,21 +571,15 @@ impl<'a> Tape<'a> {
                     saved,
                 } => {
                     let Some(g) = grads.0[output.0].take() else {
-                        // Nothing downstream depended on the block: it still
-                        // pairs its acquire.
-                        if saved.is_some()
-                            && let Some(h) = hooks
-                        {
-                            h.release(block)?;
-                        }
+                        // Nothing downstream depended on the block.
                         continue;
                     };
+                    if let Some(h) = hooks {
+                        h.acquire(block)?;
+                    }
                     let (sub, sub_in, sub_out) = match saved {
                         Some((sub, i, o)) => (*sub, i, o),
                         None => {
-                            if let Some(h) = hooks {
-                                h.acquire(block)?;
-                            }
                             let x = self
                                 .values
                                 .get(input.0)
@@ -1109,8 +1108,8 @@ mod tests {
             let sum = got[0].as_ref().expect("block 0").f_add(got[1].as_ref().expect("block 1")).expect("add");
             assert!(sum.allclose(&want_gw, 1e-6, 1e-6, false), "{keep:?} hooked grads");
             assert_eq!(hooks.held.get(), 0, "{keep:?}: every acquire released");
-            let per_block = if keep == Keep::Inputs { 2 } else { 1 };
-            assert_eq!(hooks.acquired.get(), 2 * per_block, "{keep:?}");
+            // Each block: once for its forward, once for its backward.
+            assert_eq!(hooks.acquired.get(), 4, "{keep:?}");
         }
     }
 

@@ -97,12 +97,62 @@ pub fn positions(b: i64, l: i64, seq_start: i64) -> Result<Tensor, OpError> {
 
 /// `x W^T`: x `[.., k]`, weight `[n, k]` -> `[.., n]`.
 pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor, OpError> {
+    if saving_weights_whole() {
+        return weight_first(x, weight, None);
+    }
     Ok(x.f_linear::<Tensor>(weight, None)?)
 }
 
 /// `x W^T + bias`: x `[.., k]`, weight `[n, k]`, bias `[n]` -> `[.., n]`.
 pub fn linear_bias(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor, OpError> {
+    if saving_weights_whole() {
+        return weight_first(x, weight, Some(bias));
+    }
     Ok(x.f_linear(weight, Some(bias))?)
+}
+
+thread_local! {
+    static WEIGHTS_WHOLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn saving_weights_whole() -> bool {
+    WEIGHTS_WHOLE.with(std::cell::Cell::get)
+}
+
+/// While `on`, [`linear`] and [`linear_bias`] compute `(W x^T)^T` so that
+/// autograd saves the weight tensor itself rather than a transposed view of
+/// it (as `x.linear(W)` does): ZeRO-3 can then free a layer's gathered
+/// weights after its forward by swapping the parameter's data
+/// (`Tensor::set_data`) and swap them back before its backward. The
+/// results are the same products (to float rounding); the output costs one
+/// more copy. Per thread; returns the previous setting.
+pub fn save_weights_whole(on: bool) -> bool {
+    WEIGHTS_WHOLE.with(|c| c.replace(on))
+}
+
+/// `x W^T (+ bias)` as `(W x^T)^T`, the weight as `mm`'s first operand.
+fn weight_first(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor, OpError> {
+    let size = x.size();
+    let ws = weight.size();
+    let (k, n) = match (size.last(), &ws[..]) {
+        (Some(&k), &[n, wk]) if k == wk => (k, n),
+        _ => {
+            return Err(shape_err(
+                "linear",
+                format!("x {size:?} and weight {ws:?} do not multiply"),
+            ));
+        }
+    };
+    let x2 = x.f_reshape([-1, k])?.f_tr()?;
+    let y = match bias {
+        Some(b) => b.f_unsqueeze(1)?.f_addmm(weight, &x2)?,
+        None => weight.f_mm(&x2)?,
+    };
+    let mut out = size;
+    if let Some(last) = out.last_mut() {
+        *last = n;
+    }
+    Ok(y.f_tr()?.f_contiguous()?.f_view(out.as_slice())?)
 }
 
 /// RMSNorm as in HF Llama: `x / sqrt(mean(x^2) + eps)` in f32, cast back to

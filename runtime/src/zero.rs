@@ -29,9 +29,12 @@
 //!   bucket by bucket and added to this rank's slice, and the full
 //!   gradients are dropped (they never reach `.grad()`). Under ZeRO-3 a
 //!   block's parameters are all-gathered just before its forward and freed
-//!   after it when the layer is recomputed (full recompute), else after
-//!   its backward (the saved autograd graph holds them until then), and
-//!   gathered again before its recompute. The parameters outside blocks
+//!   after it, and gathered again just before its backward (and its
+//!   recompute) and freed after: one layer's weights are whole at a time.
+//!   The saved graph of a layer kept whole references the parameters
+//!   themselves ([`crate::ops::save_weights_whole`]), so swapping their data
+//!   out frees it and swapping it back in restores what backward reads.
+//!   The parameters outside blocks
 //!   (embedding, head) are gathered for the whole step and their gradients
 //!   reduce-scattered at the step, as under ZeRO-1.
 //!
@@ -736,6 +739,9 @@ impl BlockHooks for ZeroHooks<'_> {
         if !first {
             return Ok(());
         }
+        // The layer's saved graph must hold the weights themselves, so that
+        // `release` frees them (ops.rs).
+        crate::ops::save_weights_whole(true);
         for &k in buckets {
             let (b, m) = (&opt.buckets[k], &opt.master[k]);
             let full = if opt.dp_size > 1 {
@@ -770,6 +776,7 @@ impl BlockHooks for ZeroHooks<'_> {
             held[block] == 0
         };
         if last {
+            crate::ops::save_weights_whole(false);
             for &k in buckets {
                 for s in &opt.buckets[k].slots {
                     self.set_data(s.param, &Tensor::f_empty([0], (s.kind, s.device))?)?;

@@ -78,6 +78,36 @@ fn layer_norm_linear_and_elementwise_ops_match_their_formulas() {
         ops::linear(&x, &randn(&[4, 5], 8)).is_err(),
         "k mismatch is an error"
     );
+    // Saving weights whole (ZeRO-3): the same products and gradients, and a
+    // graph that holds the weight itself, so swapping its data out and back
+    // in leaves backward correct.
+    let grads = |whole: bool| {
+        let before = ops::save_weights_whole(whole);
+        let xw = x.detach().set_requires_grad(true);
+        let mut ww = weight.detach().set_requires_grad(true);
+        let bw = bias.detach().set_requires_grad(true);
+        let y = ops::linear_bias(&ops::linear(&xw, &ww).expect("ok"), &ww.matmul(&ww.tr()), &bw)
+            .expect("ok");
+        assert!(ops::linear(&x, &randn(&[4, 5], 8)).is_err(), "k mismatch");
+        ops::save_weights_whole(before);
+        if whole {
+            let full = ww.detach().copy();
+            ww.set_data(&Tensor::empty([0], CPU));
+            ww.set_data(&full);
+        }
+        y.square().sum(Kind::Float).backward();
+        (y.detach(), xw.grad(), ww.grad(), bw.grad())
+    };
+    let (a, b) = (grads(false), grads(true));
+    // Relative to each tensor's largest element (float rounding only).
+    let rel = |got: &Tensor, want: &Tensor, what: &str| {
+        let scale = want.abs().max().double_value(&[]).max(1e-12);
+        assert_close(got, want, 1e-5 * scale, what);
+    };
+    rel(&b.0, &a.0, "linear, weights whole");
+    rel(&b.1, &a.1, "x grad, weights whole");
+    rel(&b.2, &a.2, "weight grad, weights whole");
+    rel(&b.3, &a.3, "bias grad, weights whole");
 
     let (g, u) = (randn(&[2, 3, 6], 9), randn(&[2, 3, 6], 10));
     let silu = &g / (g.neg().exp() + 1.0);

@@ -273,9 +273,8 @@ impl<'a> StageModel<'a> {
     /// keeps each layer's input and rebuilds one layer in backward; under
     /// ZeRO-2/3 each layer's gradients are reduce-scattered into f32 slices
     /// as backward leaves it (the embedding's and head's stay whole until
-    /// the step), and ZeRO-3 gathers a layer's weights just before it runs,
-    /// freeing them after its forward when it is recomputed, else after its
-    /// backward (the saved graph holds them until then).
+    /// the step), and ZeRO-3 gathers a layer's weights just before its
+    /// forward and again before its backward, freeing them after each.
     fn autopart_memory(&self, s: u32, k: u32, r: Recompute) -> MemoryBreakdown {
         let p = self.params(s, k);
         let dp = self.cfg.dp_total().max(1);
@@ -285,11 +284,9 @@ impl<'a> StageModel<'a> {
         let layer_p = u64::from(k) * l.params;
         let other_p = p - layer_p;
         let streamed = z.shards_gradients() && k > 0;
-        // Weights: whole, except ZeRO-3's layers, gathered one at a time
-        // under full recompute and all by the end of the forwards otherwise.
+        // Weights: whole, except ZeRO-3's layers, gathered one at a time.
         let params_bytes = if z.shards_parameters() && k > 0 {
-            let gathered = if r == Recompute::Full { 1 } else { u64::from(k) };
-            (other_p + gathered * l.params) * w
+            (other_p + l.params) * w
         } else {
             p * w
         };
