@@ -101,6 +101,10 @@ done
 
 {
   echo
+  echo "Caveats: the step-time model prices ZeRO-3's gathers as prefetched behind compute, which this runtime does"
+  echo "not do yet (it gathers each layer between layers), and it prices bf16 training, which the CPU runtime does"
+  echo "not run yet (it trains fp32); the GPU path (NCCL) is not built. Every plan's memory is the runtime's own model."
+  echo
   echo "Commands (\`autopart compile FLAGS --out DIR\`):"
   echo
   for row in "${rows[@]}"; do

@@ -463,7 +463,10 @@ impl<'a> Tape<'a> {
         let (out, saved) = match keep {
             Keep::Activations => {
                 let (sub, sub_in, sub_out) = run_block(&f, &x)?;
-                (sub.value(sub_out)?.shallow_clone(), Some((Box::new(sub), sub_in, sub_out)))
+                (
+                    sub.value(sub_out)?.shallow_clone(),
+                    Some((Box::new(sub), sub_in, sub_out)),
+                )
             }
             Keep::Inputs => {
                 let out = tch::no_grad(|| -> Result<Tensor, ExecError> {
@@ -674,7 +677,8 @@ impl<'a> Tape<'a> {
                         .collect();
                     let mut wrt: Vec<&Tensor> = wanted.iter().map(|&(i, _)| &leaves[i]).collect();
                     wrt.extend(params.iter().filter(|p| p.requires_grad()));
-                    let mut gs = Tensor::f_run_backward(&[surrogate], &wrt, false, false)?.into_iter();
+                    let mut gs =
+                        Tensor::f_run_backward(&[surrogate], &wrt, false, false)?.into_iter();
                     for &(_, id) in &wanted {
                         if let Some(g) = gs.next().filter(Tensor::defined) {
                             grads.add(id, g)?;
@@ -1073,10 +1077,14 @@ mod tests {
             let xi = tape.input(&x);
             let mut v = xi;
             for b in 0..2 {
-                v = tape.block(b, keep, v, move |t, v| layer(wr, t, v)).expect("block");
+                v = tape
+                    .block(b, keep, v, move |t, v| layer(wr, t, v))
+                    .expect("block");
             }
             let loss = tape
-                .segment("sum", Keep::Activations, &[v], |i| Ok(vec![i[0].f_sum(Kind::Float)?]))
+                .segment("sum", Keep::Activations, &[v], |i| {
+                    Ok(vec![i[0].f_sum(Kind::Float)?])
+                })
                 .expect("sum");
             let value = tape.value(loss[0]).expect("loss").double_value(&[]);
             let grads = tape.backward(vec![(loss[0], one())]).expect("backward");
@@ -1102,11 +1110,20 @@ mod tests {
             assert!(gx.allclose(&want_gx, 1e-6, 1e-6, false), "{keep:?} hooked");
             // Handed over, one per block, summing to the whole gradient;
             // nothing in `.grad()`.
-            assert!(!w.grad().defined() || w.grad().abs().sum(Kind::Float).double_value(&[]) == 0.0);
+            assert!(
+                !w.grad().defined() || w.grad().abs().sum(Kind::Float).double_value(&[]) == 0.0
+            );
             let got = hooks.got.borrow();
             assert_eq!(got.len(), 2);
-            let sum = got[0].as_ref().expect("block 0").f_add(got[1].as_ref().expect("block 1")).expect("add");
-            assert!(sum.allclose(&want_gw, 1e-6, 1e-6, false), "{keep:?} hooked grads");
+            let sum = got[0]
+                .as_ref()
+                .expect("block 0")
+                .f_add(got[1].as_ref().expect("block 1"))
+                .expect("add");
+            assert!(
+                sum.allclose(&want_gw, 1e-6, 1e-6, false),
+                "{keep:?} hooked grads"
+            );
             assert_eq!(hooks.held.get(), 0, "{keep:?}: every acquire released");
             // Each block: once for its forward, once for its backward.
             assert_eq!(hooks.acquired.get(), 4, "{keep:?}");

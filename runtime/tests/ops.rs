@@ -86,8 +86,12 @@ fn layer_norm_linear_and_elementwise_ops_match_their_formulas() {
         let xw = x.detach().set_requires_grad(true);
         let mut ww = weight.detach().set_requires_grad(true);
         let bw = bias.detach().set_requires_grad(true);
-        let y = ops::linear_bias(&ops::linear(&xw, &ww).expect("ok"), &ww.matmul(&ww.tr()), &bw)
-            .expect("ok");
+        let y = ops::linear_bias(
+            &ops::linear(&xw, &ww).expect("ok"),
+            &ww.matmul(&ww.tr()),
+            &bw,
+        )
+        .expect("ok");
         assert!(ops::linear(&x, &randn(&[4, 5], 8)).is_err(), "k mismatch");
         ops::save_weights_whole(before);
         if whole {

@@ -1060,7 +1060,10 @@ fn stage_rs(program: &ExecProgram, stage: &StageProgram, options: &CodegenOption
         keeps_expr(stage.recompute).replacen("Keeps {", "Keeps = Keeps {", 1)
     ));
     w.line("/// What each layer keeps between its forward and its backward.");
-    w.line(format!("const BLOCK: Keep = {};", block_keep(stage.recompute)));
+    w.line(format!(
+        "const BLOCK: Keep = {};",
+        block_keep(stage.recompute)
+    ));
     w.blank();
     w.line(format!(
         "/// This rank's part of stage {k}: its parameter shards."

@@ -291,8 +291,20 @@ impl<'a> StageModel<'a> {
             p * w
         };
         // Gradients: whole in `.grad`, except streamed layers' (f32 slices).
+        // The slices fill from the first backward on: when every
+        // micro-batch's forward runs before any backward (one micro-batch,
+        // GPipe), they grow while the activations are freed, and the peak
+        // holds the larger of the two.
+        let slices = (layer_p * 4).div_ceil(dp);
+        let activations_bytes = self.activations(s, k, l.saved_bytes(r));
         let grads_bytes = if streamed {
-            other_p * w + (layer_p * 4).div_ceil(dp)
+            let before_backward = self.cfg.in_flight(s) >= self.cfg.n_micro as f64;
+            let held = if before_backward {
+                slices.saturating_sub(activations_bytes)
+            } else {
+                slices
+            };
+            other_p * w + held
         } else {
             p * w
         };
@@ -304,7 +316,6 @@ impl<'a> StageModel<'a> {
         } else {
             p * 8
         };
-        let activations_bytes = self.activations(s, k, l.saved_bytes(r));
         let mut backward = self.backward_transient(s);
         if r == Recompute::Full && k > 0 {
             // Backward rebuilds one layer with its autograd graph.
