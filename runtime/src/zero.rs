@@ -416,18 +416,8 @@ impl DpOptimizer {
             if skip_streamed && self.streamed[k] {
                 continue;
             }
-            let full = if self.dp_size > 1 {
-                dp.all_gather(m, 0)?
-            } else {
-                m.shallow_clone()
-            };
-            for s in &b.slots {
-                let t = full
-                    .f_narrow(0, s.offset, s.numel)?
-                    .f_view(s.shape.as_slice())?
-                    .f_to_kind(s.kind)?
-                    .f_detach_copy()?;
-                params[s.param].tensor = t.set_requires_grad(true);
+            for (param, t) in gather_bucket(b, m, self.dp_size, dp)? {
+                params[param].tensor = t.set_requires_grad(true);
             }
         }
         Ok(())
@@ -704,6 +694,33 @@ impl DpOptimizer {
     }
 }
 
+/// Bucket `b`'s parameters from the dp ranks' master slices (`master` is
+/// this rank's): all-gathered over `dp`, cut at the slots, in each
+/// parameter's shape and kind, as (parameter index, tensor).
+fn gather_bucket(
+    b: &Bucket,
+    master: &Tensor,
+    dp_size: usize,
+    dp: &dyn Communicator,
+) -> Result<Vec<(usize, Tensor)>, OptimError> {
+    let full = if dp_size > 1 {
+        dp.all_gather(master, 0)?
+    } else {
+        master.shallow_clone()
+    };
+    b.slots
+        .iter()
+        .map(|s| {
+            let t = full
+                .f_narrow(0, s.offset, s.numel)?
+                .f_view(s.shape.as_slice())?
+                .f_to_kind(s.kind)?
+                .f_detach_copy()?;
+            Ok((s.param, t))
+        })
+        .collect()
+}
+
 fn block_error(block: usize, e: impl std::fmt::Display) -> ExecError {
     ExecError::Plan(format!("block {block}: {e}"))
 }
@@ -743,19 +760,9 @@ impl BlockHooks for ZeroHooks<'_> {
         // `release` frees them (ops.rs).
         crate::ops::save_weights_whole(true);
         for &k in buckets {
-            let (b, m) = (&opt.buckets[k], &opt.master[k]);
-            let full = if opt.dp_size > 1 {
-                self.dp.all_gather(m, 0)?
-            } else {
-                m.shallow_clone()
-            };
-            for s in &b.slots {
-                let t = full
-                    .f_narrow(0, s.offset, s.numel)?
-                    .f_view(s.shape.as_slice())?
-                    .f_to_kind(s.kind)?
-                    .f_detach_copy()?;
-                self.set_data(s.param, &t)?;
+            for (param, t) in gather_bucket(&opt.buckets[k], &opt.master[k], opt.dp_size, self.dp)?
+            {
+                self.set_data(param, &t)?;
             }
         }
         Ok(())
