@@ -197,6 +197,8 @@ pub struct DpOptimizer {
     block_buckets: Vec<Vec<usize>>,
     /// Whether each bucket's gradients are streamed.
     streamed: Vec<bool>,
+    /// Whether each parameter's gradients are streamed (it is in a block).
+    streamed_params: Vec<bool>,
     /// Streamed buckets: this rank's slice of the step's summed gradient so far.
     acc: RefCell<Vec<Option<Tensor>>>,
     /// ZeRO-3 with blocks: how many in-flight forwards hold each block gathered.
@@ -323,6 +325,7 @@ impl DpOptimizer {
             }
         }
         let n_blocks = block_buckets.len();
+        let streamed_params = group.iter().map(Option::is_some).collect();
         let mut master = Vec::new();
         let state = match cfg.zero {
             ZeroStage::Off => {
@@ -357,6 +360,7 @@ impl DpOptimizer {
             acc: RefCell::new((0..streamed.len()).map(|_| None).collect()),
             block_buckets,
             streamed,
+            streamed_params,
             held: RefCell::new(vec![0; n_blocks]),
         };
         if cfg.zero == ZeroStage::Three {
@@ -687,10 +691,7 @@ impl DpOptimizer {
 
     /// Whether parameter `param`'s gradient is streamed (never in `.grad()`).
     pub fn streams(&self, param: usize) -> bool {
-        self.buckets
-            .iter()
-            .zip(&self.streamed)
-            .any(|(b, &s)| s && b.slots.iter().any(|sl| sl.param == param))
+        self.streamed_params.get(param).copied().unwrap_or(false)
     }
 }
 
