@@ -28,9 +28,10 @@ steps=3
 only=""
 report=0
 
-# Every plan shares these: fp32 on the CPU cluster, 4 sequences of 256 tokens
-# per step (activations are a third of the single-rank peak).
-common=(--cluster cpu --dtype fp32 --seq-len 256 --global-batch 4 --build-profile release)
+# Every plan shares these: the CPU cluster, 4 sequences of 256 tokens per
+# step (activations are a third of the single-rank peak), fp32 unless the
+# plan's flags name a --dtype.
+common=(--cluster cpu --seq-len 256 --global-batch 4 --build-profile release)
 
 # name | plan GPUs | the plan's flags (every dimension fixed, so the
 # search only evaluates it) | the model under benches/memory/ when not the
@@ -45,6 +46,8 @@ plans=(
   "dp2-zero2|2|--tp 1 --pp 1 --dp 2 --micro-batch 2 --recompute none --zero 2"
   "dp2-zero3|2|--tp 1 --pp 1 --dp 2 --micro-batch 2 --recompute none --zero 3"
   "dp2-zero3-full|2|--tp 1 --pp 1 --dp 2 --micro-batch 2 --recompute full --zero 3"
+  "1gpu-bf16|1|--tp 1 --pp 1 --dp 1 --micro-batch 4 --recompute none --zero 0 --dtype bf16"
+  "dp2-zero1-bf16|2|--tp 1 --pp 1 --dp 2 --micro-batch 2 --recompute none --zero 1 --dtype bf16"
   "tp2|2|--tp 2 --pp 1 --dp 1 --micro-batch 4 --recompute none --zero 0 --sp false"
   "tp2-sp|2|--tp 2 --pp 1 --dp 1 --micro-batch 4 --recompute none --zero 0 --sp true"
   "tp2-selective|2|--tp 2 --pp 1 --dp 1 --micro-batch 4 --recompute selective --zero 0 --sp false"
@@ -87,7 +90,9 @@ for p in "${plans[@]}"; do
   mkdir -p "$dir"
   say "$name: compiling (--plan-ngpus $ngpus $flags)"
   # shellcheck disable=SC2086 # $flags is a list of words
-  if ! "$autopart" compile --model "$plan_model" --plan-ngpus "$ngpus" $flags "${common[@]}" \
+  dtype=(--dtype fp32)
+  if [[ " $flags " == *" --dtype "* ]]; then dtype=(); fi
+  if ! "$autopart" compile --model "$plan_model" --plan-ngpus "$ngpus" $flags "${dtype[@]}" "${common[@]}" \
       --out "$dir" >"$dir/compile.log" 2>&1; then
     say "$name: compile failed (see $dir/compile.log)"
     tail -5 "$dir/compile.log" >&2

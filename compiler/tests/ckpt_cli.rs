@@ -217,6 +217,7 @@ fn manifest(step: u64) -> Manifest {
         tensors: BTreeMap::new(),
         files: vec![],
         model_config: None,
+        loss_scale: None,
     }
 }
 

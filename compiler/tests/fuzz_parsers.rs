@@ -1876,6 +1876,7 @@ fn checkpoint_files() -> &'static Vec<(String, Vec<u8>)> {
             tensors: BTreeMap::new(),
             files: vec![],
             model_config: None,
+            loss_scale: None,
         };
         let step = ckpt::complete(tmp.path(), manifest, 2).expect("complete");
         let mut files: Vec<(String, Vec<u8>)> = fs::read_dir(&step)

@@ -207,6 +207,7 @@ fn llama_mini_plan(graph: &Graph) -> Plan {
         n_micro_batches: 8,
         schedule: Schedule::OneFOneB,
         zero: ZeroStage::One,
+        reduce_dtype: autopart::plan::DType::Fp32,
         sequence_parallel: false,
         stages: vec![
             StagePlan {

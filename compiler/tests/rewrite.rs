@@ -216,6 +216,8 @@ fn program(
         vocab: 64,
         schedule: Schedule::OneFOneB,
         zero: autopart::plan::ZeroStage::Off,
+        dtype: autopart::plan::DType::Fp32,
+        reduce_dtype: autopart::plan::DType::Fp32,
         sequence_parallel: false,
         predicted_step_s: 0.0,
         stream_shape: local(&FULL, stream),

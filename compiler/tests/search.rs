@@ -205,6 +205,7 @@ fn search_matches_brute_force() {
                                     sp,
                                     n_layers,
                                     recompute: None,
+                                    reduce_dtype: autopart::plan::DType::Fp32,
                                 };
                                 let placements = match schedule {
                                     Schedule::Interleaved { .. } => {

@@ -13,7 +13,7 @@
 #[path = "../tests/support/llama.rs"]
 pub mod llama;
 
-use autopart_runtime::app::{self, BuiltStage, PlanMeta, Schedule, StageCtx, ZeroStage};
+use autopart_runtime::app::{self, BuiltStage, DType, PlanMeta, Schedule, StageCtx, ZeroStage};
 use llama::{LlamaConfig, LlamaStage, Recompute, SeqParallel, TrainPlan};
 use std::process::ExitCode;
 
@@ -32,6 +32,8 @@ pub const PLAN: PlanMeta = PlanMeta {
     runtime_gpus: 2,
     schedule: Schedule::OneFOneB,
     zero: ZeroStage::One,
+    dtype: DType::Fp32,
+    reduce_dtype: DType::Fp32,
     predicted_peak_bytes: &[8 << 20, 8 << 20],
     predicted_step_s: 0.05,
     hf_config: "",

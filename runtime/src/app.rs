@@ -48,6 +48,7 @@ pub use crate::schedule::Schedule;
 use crate::tensorboard::EventWriter;
 pub use crate::zero::ZeroStage;
 use crate::zero::{DEFAULT_BUCKET_BYTES, DpOptimizer, OptimConfig};
+pub use autopart_vocab::DType;
 use autopart_vocab::ckpt::{self, CkptError, Manifest, Resume};
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser, value_parser};
@@ -84,6 +85,15 @@ pub struct PlanMeta {
     pub runtime_gpus: usize,
     pub schedule: Schedule,
     pub zero: ZeroStage,
+    /// The dtype parameters and activations train in: the parameters are
+    /// initialised in f32 (the same values whatever the plan) and cast to
+    /// it; bf16 / f16 keep f32 master weights in the optimizer, f16 scales
+    /// the loss dynamically ([`crate::zero::LossScaler`]).
+    pub dtype: DType,
+    /// The dtype gradients are summed in over dp (`Fp32` by default, as
+    /// Megatron's `accumulate_allreduce_grads_in_fp32`; `Bf16` halves the
+    /// bytes).
+    pub reduce_dtype: DType,
     /// The compiler's predicted peak memory of each pipeline stage, in bytes
     /// (empty when unknown).
     pub predicted_peak_bytes: &'static [u64],
@@ -576,6 +586,7 @@ impl Options {
             max_norm: self.clip,
             bucket_bytes: self.bucket_bytes,
             zero,
+            reduce: tch::Kind::Float,
         }
     }
 }
@@ -1138,7 +1149,25 @@ fn manifest(
         tensors: Default::default(),
         files: vec![],
         model_config: serde_json::from_str(meta.hf_config).ok(),
+        loss_scale: None,
     }
+}
+
+/// Casts every floating-point parameter to `kind` in place (`set_data`, so
+/// every handle the stage holds sees it); the values were drawn in f32.
+fn cast_params(params: &mut [Param], kind: tch::Kind) -> Result<(), AppError> {
+    for p in params.iter_mut() {
+        let k = p.tensor.kind();
+        if k != kind && matches!(k, tch::Kind::Float | tch::Kind::Double) {
+            let data = p
+                .tensor
+                .f_detach()
+                .and_then(|t| t.f_to_kind(kind))
+                .map_err(ExecError::from)?;
+            p.tensor.f_set_data(&data).map_err(ExecError::from)?;
+        }
+    }
+    Ok(())
 }
 
 /// Builds this rank's stage and runs the training loop.
@@ -1171,6 +1200,7 @@ fn train(
         mesh,
         seed: opts.seed,
     })?;
+    cast_params(stage.params_mut(), crate::exec::kind_of_dtype(meta.dtype))?;
     let plan = PipelinePlan {
         mesh,
         coord: comms.coord,
@@ -1219,18 +1249,14 @@ fn train(
         }
     }
     let blocks = stage.blocks();
-    let mut opt = DpOptimizer::for_stage(
-        opts.optim_config(meta.zero),
-        stage.params_mut(),
-        &g,
-        &uncounted,
-        &blocks,
-    )?;
+    let mut optim = opts.optim_config(meta.zero);
+    optim.reduce = crate::exec::kind_of_dtype(meta.reduce_dtype);
+    let mut opt = DpOptimizer::for_stage(optim, stage.params_mut(), &g, &uncounted, &blocks)?;
     if rank0 {
         note(
             &opts,
             &format!(
-                "{}: tp {} x pp {} x dp {} ({} x the {}-GPU plan), {:?}, ZeRO {:?}, {} micro-batches of {}, seq {}, {} parameters on rank 0",
+                "{}: tp {} x pp {} x dp {} ({} x the {}-GPU plan), {:?}, ZeRO {:?}, {}{}, {} micro-batches of {}, seq {}, {} parameters on rank 0",
                 meta.model,
                 mesh.tp,
                 mesh.pp,
@@ -1239,6 +1265,18 @@ fn train(
                 meta.plan_gpus,
                 meta.schedule,
                 meta.zero,
+                meta.dtype,
+                match (meta.dtype, meta.reduce_dtype) {
+                    (DType::Fp32, DType::Fp32) => String::new(),
+                    (DType::Fp32, r) => format!(" (gradients reduced in {r})"),
+                    (_, r) => format!(
+                        " (f32 master weights, gradients reduced in {r}{})",
+                        match opt.scaler() {
+                            Some(s) => format!(", dynamic loss scale from {}", s.scale),
+                            None => String::new(),
+                        }
+                    ),
+                },
                 meta.micro_batches,
                 meta.micro_batch,
                 meta.seq_len,
@@ -1263,6 +1301,13 @@ fn train(
         let t0 = Instant::now();
         let ck = ckpt::Checkpoint::open(&r.path).map_err(AppError::Restore)?;
         opt.restore(stage.params_mut(), &ck)?;
+        if let (Some(_), Some(ls)) = (opt.scaler(), r.manifest.loss_scale) {
+            opt.set_scaler(crate::zero::LossScaler {
+                scale: ls.scale,
+                good_steps: ls.good_steps,
+                growth_interval: ls.growth_interval,
+            })?;
+        }
         // The checkpoint must not hold tensors this model lacks: each tensor
         // is counted once (tp rank 0, dp rank 0 of its stage).
         let mine = if comms.coord.tp == 0 && comms.coord.dp == 0 {
@@ -1456,6 +1501,7 @@ fn train(
                 &g,
                 &batch,
                 hooks.as_ref().map(|h| h as &dyn crate::exec::BlockHooks),
+                opt.loss_scale(),
             )?;
             drop(hooks);
             if nan_at == Some((comms.world.rank(), step + 1)) {
@@ -1475,6 +1521,16 @@ fn train(
                 say(&format!(
                     "step {}: every label of the global batch is masked: nothing to learn, update skipped ({skipped} so far)",
                     step + 1
+                ));
+            }
+        } else if stats.overflowed {
+            // f16's loss scale finding its level: not a divergence.
+            skipped += 1;
+            if rank0 {
+                say(&format!(
+                    "step {}: the f16 gradients overflowed; update skipped, loss scale halved to {} ({skipped} skipped so far)",
+                    step + 1,
+                    opt.loss_scale()
                 ));
             }
         } else if stats.skipped {
@@ -1521,7 +1577,12 @@ fn train(
             if saver.due(done, opts.steps) || done == stop {
                 let copied = Instant::now();
                 let pieces = opt.snapshot(stage.params())?;
-                let m = manifest(meta, &opts, comms.world.size(), done, opt.steps(), &data);
+                let mut m = manifest(meta, &opts, comms.world.size(), done, opt.steps(), &data);
+                m.loss_scale = opt.scaler().map(|s| ckpt::LossScale {
+                    scale: s.scale,
+                    good_steps: s.good_steps,
+                    growth_interval: s.growth_interval,
+                });
                 let r = saver.save(&comms.world, done, pieces, m, copied)?;
                 saved.blocked_s += r.blocked_s;
                 saved.saved.extend(r.saved);
@@ -1845,6 +1906,8 @@ mod tests {
         runtime_gpus: 16,
         schedule: Schedule::OneFOneB,
         zero: ZeroStage::One,
+        dtype: DType::Fp32,
+        reduce_dtype: DType::Fp32,
         predicted_peak_bytes: &[1 << 30, 1 << 29],
         predicted_step_s: 0.1,
         hf_config: "",

@@ -756,6 +756,15 @@ pub struct Param {
 }
 
 /// A stable 64-bit FNV-1a hash of the global seed and a name.
+/// The tensor kind of a plan dtype.
+pub fn kind_of_dtype(d: autopart_vocab::DType) -> Kind {
+    match d {
+        autopart_vocab::DType::Bf16 => Kind::BFloat16,
+        autopart_vocab::DType::Fp16 => Kind::Half,
+        autopart_vocab::DType::Fp32 => Kind::Float,
+    }
+}
+
 fn seed_of(seed: u64, name: &str) -> i64 {
     let h = autopart_vocab::hash::Fnv1a::new()
         .write(&seed.to_le_bytes())

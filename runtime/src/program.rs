@@ -144,12 +144,17 @@ struct Step<'s, M: ?Sized> {
     mbs: i64,
     /// The boundary activation's shape.
     shape: Vec<i64>,
+    /// The boundary activation's kind (and its gradient's): the
+    /// parameters' (bf16 training exchanges bf16).
+    kind: Kind,
     /// The loss's divisor: the global batch's labels that count (those not
     /// `IGNORE_INDEX`), at least 1 so that a batch of masked labels gives a
     /// zero loss rather than a division by zero.
     total_tokens: i64,
     /// What runs around each block (ZeRO-2/3), if anything.
     hooks: Option<&'s dyn BlockHooks>,
+    /// The last virtual stage's backward seed (1, or f16's loss scale).
+    loss_scale: f64,
 }
 
 impl<'s, M: StageModule + ?Sized> Step<'s, M> {
@@ -197,13 +202,38 @@ impl<'s, M: StageModule + ?Sized> Step<'s, M> {
         let grads = tape.backward(vec![(out, seed)])?;
         match inp {
             Some(inp) => Ok(Some(match grads.get(inp) {
-                Some(gr) => gr.shallow_clone(),
+                Some(gr) => self.to_boundary(gr)?,
                 // The input did not reach the output: its gradient is zero.
-                None => Tensor::f_zeros(self.shape.as_slice(), cpu_f32())?,
+                None => Tensor::f_zeros(self.shape.as_slice(), (self.kind, tch::Device::Cpu))?,
             })),
             None => Ok(None),
         }
     }
+
+    /// The seed of a last virtual stage's backward: the loss scale.
+    fn loss_seed(&self) -> Result<Tensor, ExecError> {
+        Ok(Tensor::f_full([], self.loss_scale, cpu_f32())?)
+    }
+
+    /// `t` (an activation or its gradient leaving this stage) in the
+    /// boundary's kind, which the neighbour receives.
+    fn to_boundary(&self, t: &Tensor) -> Result<Tensor, ExecError> {
+        Ok(if t.kind() == self.kind {
+            t.shallow_clone()
+        } else {
+            t.f_to_kind(self.kind)?
+        })
+    }
+}
+
+/// The kind of the activations between stages: that of the stage's first
+/// floating-point parameter (f32 without one).
+fn activation_kind<M: StageModule + ?Sized>(m: &M) -> Kind {
+    m.params()
+        .iter()
+        .map(|p| p.tensor.kind())
+        .find(|k| matches!(k, Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16))
+        .unwrap_or(Kind::Float)
 }
 
 fn cpu_f32() -> (Kind, tch::Device) {
@@ -224,22 +254,26 @@ pub fn forward_backward<M: StageModule + ?Sized>(
     g: &Groups<'_>,
     batch: &Batch,
 ) -> Result<f64, ExecError> {
-    forward_backward_with(m, plan, g, batch, None)
+    forward_backward_with(m, plan, g, batch, None, 1.0)
 }
 
 /// [`forward_backward`] with `hooks` around each block
 /// ([`DpOptimizer::hooks`]): the gradients the hooks take
 /// ([`BlockHooks::streams`]) are theirs, not in `.grad()`, afterwards.
+/// Backward starts from `loss_scale` rather than 1 (f16 training's dynamic
+/// loss scale, [`DpOptimizer::loss_scale`]), so every gradient is that many
+/// times the loss's; the returned loss is not scaled.
 pub fn forward_backward_with<M: StageModule + ?Sized>(
     m: &mut M,
     plan: &PipelinePlan,
     g: &Groups<'_>,
     batch: &Batch,
     hooks: Option<&dyn BlockHooks>,
+    loss_scale: f64,
 ) -> Result<f64, ExecError> {
     let Mesh { tp, dp, pp } = plan.mesh;
     check_groups(plan, g)?;
-    let mut loss = run_pipeline(&*m, plan, g, batch, hooks)?;
+    let mut loss = run_pipeline(&*m, plan, g, batch, hooks, loss_scale)?;
     let streams = |i: usize| hooks.is_some_and(|h| h.streams(i));
     complete_tp_grads_except(m.params_mut(), g.tp, &streams)?;
     sum_tied_grads(m, plan, g)?;
@@ -275,6 +309,7 @@ pub fn train_step_with<M: StageModule + ?Sized>(
         g,
         batch,
         hooks.as_ref().map(|h| h as &dyn BlockHooks),
+        opt.loss_scale(),
     )?;
     drop(hooks);
     let stats = opt.step(m.params_mut(), g)?;
@@ -290,9 +325,11 @@ fn run_pipeline<'s, M: StageModule + ?Sized>(
     g: &'s Groups<'s>,
     batch: &'s Batch,
     hooks: Option<&'s dyn BlockHooks>,
+    loss_scale: f64,
 ) -> Result<Tensor, ExecError> {
     let mut step = Step::of(m, plan, g, batch)?;
     step.hooks = hooks;
+    step.loss_scale = loss_scale;
     match plan.schedule {
         Schedule::Interleaved { chunks } => run_interleaved(&step, chunks as usize),
         Schedule::GPipe | Schedule::OneFOneB => run_flat(&step),
@@ -345,8 +382,10 @@ impl<'s, M: StageModule + ?Sized> Step<'s, M> {
             batch,
             mbs,
             shape: m.boundary_shape(mbs, l),
+            kind: activation_kind(m),
             total_tokens: batch.loss_tokens()?.max(1),
             hooks: None,
+            loss_scale: 1.0,
         })
     }
 }
@@ -408,7 +447,7 @@ fn forward_pass<M: StageModule + ?Sized>(
                 } else if pp == 1 {
                     carried.take()
                 } else {
-                    Some(g.pp.recv(&s.shape, Kind::Float, (stage + pp - 1) % pp)?)
+                    Some(g.pp.recv(&s.shape, s.kind, (stage + pp - 1) % pp)?)
                 };
                 let last = s.is_last(chunk);
                 let (run, kept) = if want_logits && last {
@@ -426,7 +465,7 @@ fn forward_pass<M: StageModule + ?Sized>(
                 } else if pp == 1 {
                     carried = Some(value.shallow_clone());
                 } else {
-                    g.pp.send(value, (stage + 1) % pp)?;
+                    g.pp.send(&s.to_boundary(value)?, (stage + 1) % pp)?;
                 }
             }
         }
@@ -511,12 +550,12 @@ fn run_flat<M: StageModule + ?Sized>(s: &Step<'_, M>) -> Result<Tensor, ExecErro
     let mut loss = Tensor::f_zeros([], cpu_f32())?;
     let output = |tapes: &[Option<InFlight<'_>>], mb: usize| -> Result<Tensor, ExecError> {
         let (tape, _, out) = tapes[mb].as_ref().ok_or_else(|| missing("forward", mb))?;
-        Ok(tape.value(*out)?.shallow_clone())
+        s.to_boundary(tape.value(*out)?)
     };
     for action in schedule::actions(plan.schedule, pp, stage, n_mb)? {
         match action {
             Action::RecvForward(mb) => {
-                inputs[mb] = Some(g.pp.recv(shape, Kind::Float, stage - 1)?);
+                inputs[mb] = Some(g.pp.recv(shape, s.kind, stage - 1)?);
             }
             Action::Forward(mb) => {
                 let flight = s.forward(0, mb, inputs[mb].take())?;
@@ -527,12 +566,12 @@ fn run_flat<M: StageModule + ?Sized>(s: &Step<'_, M>) -> Result<Tensor, ExecErro
             }
             Action::SendForward(mb) => g.pp.send(&output(&tapes, mb)?, stage + 1)?,
             Action::RecvBackward(mb) => {
-                out_grads[mb] = Some(g.pp.recv(shape, Kind::Float, stage + 1)?);
+                out_grads[mb] = Some(g.pp.recv(shape, s.kind, stage + 1)?);
             }
             Action::Backward(mb) => {
                 let flight = tapes[mb].take().ok_or_else(|| missing("forward", mb))?;
                 let seed = if last {
-                    Tensor::f_ones([], cpu_f32())?
+                    s.loss_seed()?
                 } else {
                     out_grads[mb]
                         .take()
@@ -552,14 +591,13 @@ fn run_flat<M: StageModule + ?Sized>(s: &Step<'_, M>) -> Result<Tensor, ExecErro
             Action::SendForwardRecvBackward { send, recv } => {
                 let act = output(&tapes, send)?;
                 out_grads[recv] =
-                    Some(g.pp.send_recv(&act, stage + 1, shape, Kind::Float, stage + 1)?);
+                    Some(g.pp.send_recv(&act, stage + 1, shape, s.kind, stage + 1)?);
             }
             Action::SendBackwardRecvForward { send, recv } => {
                 let gr = in_grads[send]
                     .take()
                     .ok_or_else(|| missing("input gradient", send))?;
-                inputs[recv] =
-                    Some(g.pp.send_recv(&gr, stage - 1, shape, Kind::Float, stage - 1)?);
+                inputs[recv] = Some(g.pp.send_recv(&gr, stage - 1, shape, s.kind, stage - 1)?);
             }
         }
     }
@@ -599,11 +637,11 @@ fn run_interleaved<M: StageModule + ?Sized>(
      -> Result<(), ExecError> {
         match (t, recv) {
             (Some(t), Some(w)) => {
-                into.insert(w, g.pp.send_recv(&t, dst, shape, Kind::Float, src)?);
+                into.insert(w, g.pp.send_recv(&t, dst, shape, s.kind, src)?);
             }
             (Some(t), None) => g.pp.send(&t, dst)?,
             (None, Some(w)) => {
-                into.insert(w, g.pp.recv(shape, Kind::Float, src)?);
+                into.insert(w, g.pp.recv(shape, s.kind, src)?);
             }
             (None, None) => {}
         }
@@ -621,7 +659,7 @@ fn run_interleaved<M: StageModule + ?Sized>(
             ChunkAction::Backward(w) => {
                 let flight = tapes.remove(&w).ok_or_else(|| missing("forward", w))?;
                 let seed = if s.is_last(w.chunk) {
-                    Tensor::f_ones([], cpu_f32())?
+                    s.loss_seed()?
                 } else {
                     out_grads
                         .remove(&w)
@@ -635,7 +673,7 @@ fn run_interleaved<M: StageModule + ?Sized>(
                 let act = match send {
                     Some(w) => {
                         let (tape, _, out) = tapes.get(&w).ok_or_else(|| missing("forward", w))?;
-                        Some(tape.value(*out)?.shallow_clone())
+                        Some(s.to_boundary(tape.value(*out)?)?)
                     }
                     None => None,
                 };

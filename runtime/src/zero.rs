@@ -81,6 +81,11 @@ pub struct OptimConfig {
     /// gets a bucket of its own.
     pub bucket_bytes: usize,
     pub zero: ZeroStage,
+    /// The kind gradients are summed in over dp (`Kind::Float`, or
+    /// `Kind::BFloat16` to halve the bytes): each bucket is flattened to it
+    /// for its all-reduce or reduce-scatter, and the sums are f32 from
+    /// there on (ZeRO's slices, the norm, the update).
+    pub reduce: Kind,
 }
 
 impl OptimConfig {
@@ -92,6 +97,7 @@ impl OptimConfig {
             max_norm: None,
             bucket_bytes: DEFAULT_BUCKET_BYTES,
             zero: ZeroStage::Off,
+            reduce: Kind::Float,
         }
     }
 
@@ -104,6 +110,12 @@ impl OptimConfig {
         }
         if self.bucket_bytes == 0 {
             return Err(OptimError::Invalid("bucket_bytes must be positive".into()));
+        }
+        if !matches!(self.reduce, Kind::Float | Kind::BFloat16 | Kind::Half) {
+            return Err(OptimError::Invalid(format!(
+                "gradients are reduced in f32, bf16 or f16, not {:?}",
+                self.reduce
+            )));
         }
         Ok(())
     }
@@ -137,20 +149,35 @@ impl Bucket {
     }
 
     /// `tensors` (one per slot, parameter-shaped) flattened into the bucket,
-    /// in f32, zero-padded.
-    fn flatten(&self, tensors: &[Tensor]) -> Result<Tensor, OptimError> {
+    /// in `kind`, zero-padded.
+    fn flatten_as(&self, tensors: &[Tensor], kind: Kind) -> Result<Tensor, OptimError> {
         let mut parts = Vec::with_capacity(self.slots.len() + 1);
         let mut used = 0;
         let mut device = Device::Cpu;
         for (slot, t) in self.slots.iter().zip(tensors) {
-            parts.push(t.f_detach()?.f_reshape([-1])?.f_to_kind(Kind::Float)?);
+            parts.push(t.f_detach()?.f_reshape([-1])?.f_to_kind(kind)?);
             used += slot.numel;
             device = slot.device;
         }
         if self.len > used {
-            parts.push(Tensor::f_zeros([self.len - used], (Kind::Float, device))?);
+            parts.push(Tensor::f_zeros([self.len - used], (kind, device))?);
         }
         Ok(Tensor::f_cat(&parts, 0)?)
+    }
+
+    /// [`Self::flatten_as`] in f32.
+    fn flatten(&self, tensors: &[Tensor]) -> Result<Tensor, OptimError> {
+        self.flatten_as(tensors, Kind::Float)
+    }
+
+    /// The kind the bucket's weights travel in when gathered: the
+    /// parameters' own when they share one (bf16 weights move as bf16),
+    /// else f32.
+    fn weight_kind(&self) -> Kind {
+        match self.slots.first() {
+            Some(f) if self.slots.iter().all(|s| s.kind == f.kind) => f.kind,
+            _ => Kind::Float,
+        }
     }
 
     /// Copies each slot's part of `flat` into `targets` (one per slot), in place.
@@ -176,6 +203,10 @@ pub struct StepStats {
     /// [`DpOptimizer::skip`]) was not finite. Parameters and optimizer
     /// state are as before the step.
     pub skipped: bool,
+    /// f16 training: the step was skipped because the loss-scaled gradients
+    /// overflowed at a scale above 1, and the scale was halved (routine
+    /// while the scaler finds its level, not a divergence).
+    pub overflowed: bool,
 }
 
 /// AdamW over one rank's parameters with data-parallel gradient averaging
@@ -199,6 +230,12 @@ pub struct DpOptimizer {
     streamed: Vec<bool>,
     /// Whether each parameter's gradients are streamed (it is in a block).
     streamed_params: Vec<bool>,
+    /// Replicated (ZeRO 0): the f32 master copy of each parameter that is
+    /// not f32 (bf16 / f16 training), `None` for f32 parameters, which are
+    /// their own master. Empty under ZeRO 1-3 (`master` holds the slices).
+    replica_master: Vec<Option<Tensor>>,
+    /// f16 training: the dynamic loss scale.
+    scaler: Option<LossScaler>,
     /// Streamed buckets: this rank's slice of the step's summed gradient so far.
     acc: RefCell<Vec<Option<Tensor>>>,
     /// ZeRO-3 with blocks: how many in-flight forwards hold each block gathered.
@@ -327,8 +364,17 @@ impl DpOptimizer {
         let n_blocks = block_buckets.len();
         let streamed_params = group.iter().map(Option::is_some).collect();
         let mut master = Vec::new();
+        let mut replica_master = Vec::new();
         let state = match cfg.zero {
             ZeroStage::Off => {
+                for p in params.iter() {
+                    let t = &p.tensor;
+                    replica_master.push(if t.kind() == Kind::Float {
+                        None
+                    } else {
+                        Some(t.f_detach()?.f_to_dtype(Kind::Float, false, true)?)
+                    });
+                }
                 let tensors: Vec<Tensor> = params.iter().map(|p| p.tensor.detach()).collect();
                 AdamWState::new(&tensors)?
             }
@@ -357,6 +403,11 @@ impl DpOptimizer {
             tp_size: g.tp.size(),
             state,
             master,
+            replica_master,
+            scaler: params
+                .iter()
+                .any(|p| p.tensor.kind() == Kind::Half)
+                .then(LossScaler::default),
             acc: RefCell::new((0..streamed.len()).map(|_| None).collect()),
             block_buckets,
             streamed,
@@ -499,6 +550,7 @@ impl DpOptimizer {
     /// (under ZeRO-3, releases the parameters). Collective over dp, tp and pp.
     pub fn step(&mut self, params: &mut [Param], g: &Groups<'_>) -> Result<StepStats, OptimError> {
         let lr = self.cfg.lr.lr(self.state.steps);
+        let scale = self.loss_scale();
         let grads = self.grads(params)?;
         let (grad_norm, applied) = match self.cfg.zero {
             ZeroStage::Off => self.step_replicated(params, grads, g, lr)?,
@@ -511,6 +563,7 @@ impl DpOptimizer {
             lr,
             grad_norm,
             skipped: !applied,
+            overflowed: !applied && self.scaler.is_some() && scale > 1.0,
         })
     }
 
@@ -525,6 +578,7 @@ impl DpOptimizer {
             lr,
             grad_norm: f64::NAN,
             skipped: true,
+            overflowed: false,
         })
     }
 
@@ -551,7 +605,7 @@ impl DpOptimizer {
     ) -> Result<(f64, bool), OptimError> {
         if self.dp_size > 1 {
             for (b, gs) in self.buckets.iter().zip(&grads) {
-                let sum = g.dp.all_reduce(&b.flatten(gs)?)?;
+                let sum = g.dp.all_reduce(&b.flatten_as(gs, self.cfg.reduce)?)?;
                 b.unflatten_into(&sum, gs)?;
             }
         }
@@ -565,6 +619,13 @@ impl DpOptimizer {
         }
         let (mut grads, shares): (Vec<Tensor>, Vec<NormShare>) =
             by_param.into_iter().flatten().unzip();
+        if self.scaler.is_some() {
+            // f16 gradients are unscaled in f32 (their true values may be
+            // below f16's range).
+            for gr in grads.iter_mut() {
+                *gr = gr.f_to_kind(Kind::Float)?;
+            }
+        }
         let mut local = 0.0;
         for (gr, share) in grads.iter().zip(&shares) {
             if *share == NormShare::Counted {
@@ -572,15 +633,82 @@ impl DpOptimizer {
             }
         }
         let norm = optim::sum_over(local, &[g.tp, g.pp])?.sqrt();
-        if !norm.is_finite() {
-            return Ok((norm, false));
-        }
-        if let Some(max) = self.cfg.max_norm {
-            optim::scale_to_norm(&mut grads, norm, max)?;
-        }
-        let mut tensors: Vec<Tensor> = params.iter().map(|p| p.tensor.shallow_clone()).collect();
+        let Some(norm) = self.unscale_and_clip(&mut grads, norm)? else {
+            return Ok((norm / self.loss_scale(), false));
+        };
+        let mut tensors: Vec<Tensor> = params
+            .iter()
+            .zip(&self.replica_master)
+            .map(|(p, m)| m.as_ref().unwrap_or(&p.tensor).shallow_clone())
+            .collect();
         self.state.step(&self.cfg.adamw, &mut tensors, &grads, lr)?;
+        tch::no_grad(|| -> Result<(), OptimError> {
+            for (p, m) in params.iter().zip(&self.replica_master) {
+                if let Some(m) = m {
+                    p.tensor.detach().f_copy_(m)?;
+                }
+            }
+            Ok(())
+        })?;
         Ok((norm, true))
+    }
+
+    /// The loss scale the step's backward ran under: the dynamic scale in
+    /// f16 training, else 1.
+    pub fn loss_scale(&self) -> f64 {
+        self.scaler.as_ref().map_or(1.0, |s| s.scale)
+    }
+
+    /// f16 training's loss scaler, `None` otherwise.
+    pub fn scaler(&self) -> Option<&LossScaler> {
+        self.scaler.as_ref()
+    }
+
+    /// Sets the loss scaler's state (a resumed run); an error when this
+    /// optimizer does not scale the loss.
+    pub fn set_scaler(&mut self, state: LossScaler) -> Result<(), OptimError> {
+        match &mut self.scaler {
+            Some(s) => {
+                *s = state;
+                Ok(())
+            }
+            None => Err(OptimError::Invalid(
+                "a loss scale was given, but only f16 training scales the loss".into(),
+            )),
+        }
+    }
+
+    /// From the global norm of the (loss-scaled) gradients: `None` when it
+    /// is not finite (the step is skipped; under f16 the scale backs off),
+    /// else the true norm, with `grads` unscaled and clipped in place in one
+    /// multiplication.
+    fn unscale_and_clip(
+        &mut self,
+        grads: &mut [Tensor],
+        scaled_norm: f64,
+    ) -> Result<Option<f64>, OptimError> {
+        let scale = self.loss_scale();
+        let finite = scaled_norm.is_finite();
+        if let Some(s) = &mut self.scaler {
+            s.update(finite);
+        }
+        if !finite {
+            return Ok(None);
+        }
+        let norm = scaled_norm / scale;
+        let mut coef = 1.0 / scale;
+        if let Some(max) = self.cfg.max_norm {
+            coef *= (max / (norm + 1e-6)).min(1.0);
+        }
+        if coef != 1.0 {
+            tch::no_grad(|| -> Result<(), OptimError> {
+                for gr in grads.iter_mut() {
+                    let _ = gr.f_mul_scalar_(coef)?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(Some(norm))
     }
 
     fn step_sharded(
@@ -604,12 +732,7 @@ impl DpOptimizer {
                 });
                 continue;
             }
-            let flat = b.flatten(gs)?;
-            shards.push(if self.dp_size > 1 {
-                g.dp.reduce_scatter(&flat, 0)?
-            } else {
-                flat
-            });
+            shards.push(reduce_bucket(b, gs, self.cfg.reduce, self.dp_size, g.dp)?);
         }
         drop(acc);
         let mut local = 0.0;
@@ -623,20 +746,19 @@ impl DpOptimizer {
             }
         }
         let norm = optim::sum_over(local, &[g.dp, g.tp, g.pp])?.sqrt();
-        if !norm.is_finite() {
-            return Ok((norm, false));
-        }
-        if let Some(max) = self.cfg.max_norm {
-            optim::scale_to_norm(&mut shards, norm, max)?;
-        }
+        let Some(norm) = self.unscale_and_clip(&mut shards, norm)? else {
+            return Ok((norm / self.loss_scale(), false));
+        };
         self.state
             .step(&self.cfg.adamw, &mut self.master, &shards, lr)?;
         if matches!(self.cfg.zero, ZeroStage::One | ZeroStage::Two) {
             for (b, m) in self.buckets.iter().zip(&self.master) {
+                // The updated weights travel in their own kind (bf16: half the bytes).
+                let m = m.f_to_kind(b.weight_kind())?;
                 let full = if self.dp_size > 1 {
-                    g.dp.all_gather(m, 0)?
+                    g.dp.all_gather(&m, 0)?
                 } else {
-                    m.shallow_clone()
+                    m
                 };
                 let targets: Vec<Tensor> = b
                     .slots
@@ -704,10 +826,11 @@ fn gather_bucket(
     dp_size: usize,
     dp: &dyn Communicator,
 ) -> Result<Vec<(usize, Tensor)>, OptimError> {
+    let master = master.f_to_kind(b.weight_kind())?;
     let full = if dp_size > 1 {
-        dp.all_gather(master, 0)?
+        dp.all_gather(&master, 0)?
     } else {
-        master.shallow_clone()
+        master
     };
     b.slots
         .iter()
@@ -822,16 +945,70 @@ impl BlockHooks for ZeroHooks<'_> {
                 };
                 gs.push(complete_tp_grad(&self.specs[s.param], g, self.tp)?);
             }
-            let flat = b.flatten(&gs).map_err(|e| block_error(block, e))?;
-            let shard = if opt.dp_size > 1 {
-                self.dp.reduce_scatter(&flat, 0)?
-            } else {
-                flat
-            };
+            let shard = reduce_bucket(b, &gs, opt.cfg.reduce, opt.dp_size, self.dp)
+                .map_err(|e| block_error(block, e))?;
             let mut acc = opt.acc.borrow_mut();
             accumulate_shard(&mut acc[k], shard)?;
         }
         Ok(())
+    }
+}
+
+/// Bucket `b`'s gradients `gs` summed over dp in `kind`: this rank's f32
+/// slice (reduce-scattered; the whole flat bucket on one rank).
+fn reduce_bucket(
+    b: &Bucket,
+    gs: &[Tensor],
+    kind: Kind,
+    dp_size: usize,
+    dp: &dyn Communicator,
+) -> Result<Tensor, OptimError> {
+    if dp_size == 1 {
+        return b.flatten(gs);
+    }
+    let shard = dp.reduce_scatter(&b.flatten_as(gs, kind)?, 0)?;
+    Ok(shard.f_to_kind(Kind::Float)?)
+}
+
+/// Dynamic loss scaling for f16 training, as `torch.amp.GradScaler`: the
+/// loss is multiplied by `scale` before backward and the gradients divided
+/// by it at the step; a step whose gradients overflow (a non-finite norm) is
+/// skipped and the scale halved, and after `growth_interval` good steps in
+/// a row it doubles.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LossScaler {
+    pub scale: f64,
+    /// Good steps since the scale last changed.
+    pub good_steps: u64,
+    pub growth_interval: u64,
+}
+
+impl Default for LossScaler {
+    /// GradScaler's defaults: 2^16, doubling after 2000 good steps.
+    fn default() -> Self {
+        Self {
+            scale: 65536.0,
+            good_steps: 0,
+            growth_interval: 2000,
+        }
+    }
+}
+
+impl LossScaler {
+    /// After a step whose gradients were `finite` or not.
+    fn update(&mut self, finite: bool) {
+        if finite {
+            self.good_steps += 1;
+            if self.good_steps >= self.growth_interval {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+        } else {
+            // Never below one: a gradient that overflows unscaled is not
+            // the scale's doing.
+            self.scale = (self.scale / 2.0).max(1.0);
+            self.good_steps = 0;
+        }
     }
 }
 
@@ -1010,6 +1187,162 @@ mod tests {
                 assert!(skipped.skipped && opt.steps() == 1);
             }
         }
+    }
+
+    /// bf16 parameters: every stage keeps f32 master weights, so ZeRO 0,
+    /// 1 and 3 take the same updates (the master copy's, rounded into the
+    /// bf16 weights), and a learning rate too small to move a bf16 weight
+    /// in one step still moves the master copy.
+    #[test]
+    fn bf16_weights_train_through_an_f32_master_copy_under_every_stage() {
+        let solo = MeshComms::solo();
+        let g = Groups::of(&solo);
+        let lr = LrSchedule {
+            peak_lr: 1e-4,
+            warmup_steps: 0,
+            total_steps: 4,
+            min_lr: 1e-4,
+        };
+        let shapes: [&[i64]; 2] = [&[5, 3], &[7]];
+        let run = |zero: ZeroStage| -> (Vec<Tensor>, Vec<Tensor>) {
+            let mut ps = params(&shapes);
+            for p in &mut ps {
+                let data = p.tensor.detach().to_kind(Kind::BFloat16);
+                p.tensor.set_data(&data);
+            }
+            let before: Vec<Tensor> = ps.iter().map(|p| p.tensor.detach().copy()).collect();
+            let cfg = OptimConfig {
+                zero,
+                ..OptimConfig::new(AdamW::default(), lr)
+            };
+            let mut opt = DpOptimizer::new(cfg, &mut ps, &g).expect("optimizer");
+            for _ in 0..4 {
+                opt.gather_params(&mut ps, g.dp).expect("gather");
+                for p in &ps {
+                    p.tensor
+                        .to_kind(Kind::Float)
+                        .square()
+                        .sum(Kind::Float)
+                        .backward();
+                }
+                assert!(!opt.step(&mut ps, &g).expect("step").skipped);
+            }
+            opt.gather_params(&mut ps, g.dp).expect("gather");
+            let masters: Vec<Tensor> = match zero {
+                ZeroStage::Off => opt
+                    .replica_master
+                    .iter()
+                    .flatten()
+                    .map(Tensor::copy)
+                    .collect(),
+                _ => opt.master.iter().map(Tensor::copy).collect(),
+            };
+            for (p, b) in ps.iter().zip(&before) {
+                assert_eq!(p.tensor.kind(), Kind::BFloat16, "{zero:?}");
+                // 4 steps of 1e-4 move a weight by at most 4e-4: under
+                // bf16's resolution for most of them.
+                let moved = (p.tensor.to_kind(Kind::Float) - b.to_kind(Kind::Float))
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                assert!(moved < 0.05, "{zero:?}: {moved}");
+            }
+            (
+                ps.iter().map(|p| p.tensor.detach().copy()).collect(),
+                masters,
+            )
+        };
+        let (want, masters) = run(ZeroStage::Off);
+        assert_eq!(masters.len(), 2, "one f32 master per bf16 parameter");
+        for m in &masters {
+            assert_eq!(m.kind(), Kind::Float);
+        }
+        let flat: Vec<Tensor> = masters.iter().map(|m| m.view([-1])).collect();
+        let master_flat = Tensor::cat(&flat, 0);
+        let weights_flat = Tensor::cat(
+            &want
+                .iter()
+                .map(|w| w.to_kind(Kind::Float).view([-1]))
+                .collect::<Vec<_>>(),
+            0,
+        );
+        // The master copy holds what bf16 cannot.
+        assert!(!master_flat.allclose(&weights_flat, 0.0, 0.0, false));
+        assert!(
+            master_flat
+                .to_kind(Kind::BFloat16)
+                .to_kind(Kind::Float)
+                .equal(&weights_flat)
+        );
+        for zero in [ZeroStage::One, ZeroStage::Three] {
+            let (got, _) = run(zero);
+            for (g, w) in got.iter().zip(&want) {
+                assert!(g.equal(w), "{zero:?}");
+            }
+        }
+    }
+
+    /// f16: the loss scale halves on an overflow (the step skipped, state
+    /// untouched) and doubles after `growth_interval` good steps; the
+    /// update is that of the unscaled gradient.
+    #[test]
+    fn the_f16_loss_scale_backs_off_on_overflow_and_grows_back() {
+        let solo = MeshComms::solo();
+        let g = Groups::of(&solo);
+        let lr = LrSchedule {
+            peak_lr: 0.01,
+            warmup_steps: 0,
+            total_steps: 8,
+            min_lr: 0.01,
+        };
+        // Weights of about 0.1: 2p times 2^15 stays within f16's range.
+        let mut ps = params(&[&[4, 2]]);
+        let data = (ps[0].tensor.detach() * 0.1).to_kind(Kind::Half);
+        ps[0].tensor.set_data(&data);
+        let mut plain = params(&[&[4, 2]]);
+        let data = data.to_kind(Kind::Float);
+        plain[0].tensor.set_data(&data);
+        let cfg = OptimConfig::new(AdamW::default(), lr);
+        let mut opt = DpOptimizer::new(cfg, &mut ps, &g).expect("optimizer");
+        let mut reference = DpOptimizer::new(cfg, &mut plain, &g).expect("optimizer");
+        assert_eq!(opt.loss_scale(), 65536.0);
+        assert_eq!(reference.loss_scale(), 1.0, "only f16 scales the loss");
+        let mut s = *opt.scaler().expect("a scaler");
+        s.growth_interval = 2;
+        opt.set_scaler(s).expect("set");
+        assert!(reference.set_scaler(s).is_err());
+        let backward = |ps: &[Param], scale: f64| {
+            for p in ps {
+                (p.tensor.to_kind(Kind::Float).square().sum(Kind::Float) * scale).backward();
+            }
+        };
+        let before = ps[0].tensor.detach().copy();
+        // A gradient beyond f16's range.
+        backward(&ps, 1e9);
+        let stats = opt.step(&mut ps, &g).expect("step");
+        assert!(stats.skipped && stats.overflowed, "{stats:?}");
+        assert_eq!(opt.loss_scale(), 32768.0);
+        assert!(ps[0].tensor.detach().equal(&before), "state untouched");
+        for _ in 0..2 {
+            backward(&ps, opt.loss_scale());
+            backward(&plain, 1.0);
+            let stats = opt.step(&mut ps, &g).expect("step");
+            assert!(!stats.skipped && !stats.overflowed, "{stats:?}");
+            let want = reference.step(&mut plain, &g).expect("step");
+            assert!(
+                (stats.grad_norm - want.grad_norm).abs() < 1e-2 * want.grad_norm,
+                "the unscaled norm: {} vs {}",
+                stats.grad_norm,
+                want.grad_norm
+            );
+        }
+        assert_eq!(opt.loss_scale(), 65536.0, "doubled after 2 good steps");
+        let got = ps[0].tensor.to_kind(Kind::Float);
+        let want = plain[0].tensor.to_kind(Kind::Half).to_kind(Kind::Float);
+        assert!(
+            got.allclose(&want, 1e-2, 1e-3, false),
+            "{got:?} vs {want:?}"
+        );
     }
 
     #[test]

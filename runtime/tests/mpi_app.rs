@@ -84,6 +84,7 @@ fn optim(steps: u64) -> OptimConfig {
         max_norm: Some(1.0),
         bucket_bytes: DEFAULT_BUCKET_BYTES,
         zero: ZeroStage::Off,
+        reduce: tch::Kind::Float,
     }
 }
 

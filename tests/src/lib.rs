@@ -290,12 +290,27 @@ pub fn build_plan_crate(dir: &Path, package: &str) -> Result<PathBuf> {
 /// One tensor of a safetensors file, as f64.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SavedTensor {
+    /// As the header names it: `F32`, `BF16`, ...
+    pub dtype: String,
     pub shape: Vec<usize>,
     pub values: Vec<f64>,
 }
 
+/// An IEEE half-precision value.
+fn f16_to_f64(bits: u16) -> f64 {
+    let sign = if bits >> 15 == 1 { -1.0 } else { 1.0 };
+    let exp = i32::from((bits >> 10) & 0x1f);
+    let frac = f64::from(bits & 0x3ff);
+    sign * match exp {
+        0 => frac * 2f64.powi(-24),
+        31 if frac == 0.0 => f64::INFINITY,
+        31 => f64::NAN,
+        e => (1.0 + frac / 1024.0) * 2f64.powi(e - 15),
+    }
+}
+
 /// Reads a safetensors file (the `--save-params` output) with the
-/// `safetensors` crate. F32 and F64 only.
+/// `safetensors` crate. F32, F64, BF16 and F16.
 pub fn read_safetensors(path: &Path) -> Result<std::collections::BTreeMap<String, SavedTensor>> {
     use safetensors::{Dtype, SafeTensors};
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -313,13 +328,30 @@ pub fn read_safetensors(path: &Path) -> Result<std::collections::BTreeMap<String
                 .chunks_exact(8)
                 .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
                 .collect(),
+            // bf16 is the upper half of an f32.
+            Dtype::BF16 => raw
+                .chunks_exact(2)
+                .map(|c| f64::from(f32::from_le_bytes([0, 0, c[0], c[1]])))
+                .collect(),
+            Dtype::F16 => raw
+                .chunks_exact(2)
+                .map(|c| f16_to_f64(u16::from_le_bytes([c[0], c[1]])))
+                .collect(),
             other => bail!(
-                "{}: {name} has dtype {other:?}, not F32 or F64",
+                "{}: {name} has dtype {other:?}, not F32, F64, BF16 or F16",
                 path.display()
             ),
         };
         let shape = view.shape().to_vec();
-        out.insert(name, SavedTensor { shape, values });
+        let dtype = format!("{:?}", view.dtype());
+        out.insert(
+            name,
+            SavedTensor {
+                dtype,
+                shape,
+                values,
+            },
+        );
     }
     Ok(out)
 }

@@ -53,7 +53,7 @@ const MAIN_RS: &str = r#"//! llama-mini written by hand (the runtime's tests/sup
 #[allow(dead_code)]
 mod llama;
 
-use autopart_runtime::app::{self, BuiltStage, PlanMeta, Schedule, StageCtx, ZeroStage};
+use autopart_runtime::app::{self, BuiltStage, DType, PlanMeta, Schedule, StageCtx, ZeroStage};
 use llama::{LlamaConfig, LlamaStage, Recompute, SeqParallel, TrainPlan};
 use std::process::ExitCode;
 
@@ -168,7 +168,11 @@ fn concat(shards: &[&SavedTensor], dim: usize) -> SavedTensor {
             values.extend_from_slice(&s.values[o * inner..(o + 1) * inner]);
         }
     }
-    SavedTensor { shape, values }
+    SavedTensor {
+        dtype: shards[0].dtype.clone(),
+        shape,
+        values,
+    }
 }
 
 /// One side's tp shards of a parameter as the whole tensor of shape `full`:

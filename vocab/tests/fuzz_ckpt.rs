@@ -105,6 +105,7 @@ fn manifest(world: usize) -> Manifest {
         tensors: BTreeMap::new(),
         files: vec![],
         model_config: None,
+        loss_scale: None,
     }
 }
 

@@ -187,6 +187,10 @@ struct CompileArgs {
     /// Sequence parallelism: true or false.
     #[arg(long)]
     sp: Option<bool>,
+    /// The dtype gradients are summed in over dp: fp32 (the default, as
+    /// Megatron does for bf16) or bf16 (half the bytes).
+    #[arg(long, value_name = "fp32|bf16")]
+    reduce_dtype: Option<DType>,
     /// Print the program the crate is generated from (every block, adapter
     /// and segment, after the rewrite), as program.txt holds it.
     #[arg(long)]
@@ -257,6 +261,7 @@ fn constraints(args: &CompileArgs) -> Result<Constraints> {
     flag!(recompute, args.recompute);
     flag!(zero, args.zero);
     flag!(sequence_parallel, args.sp);
+    flag!(reduce_dtype, args.reduce_dtype);
     Ok(constraints)
 }
 

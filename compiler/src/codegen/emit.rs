@@ -1330,6 +1330,15 @@ fn zero_expr(zero: ZeroStage) -> &'static str {
     }
 }
 
+fn dtype_expr(d: crate::plan::DType) -> &'static str {
+    use crate::plan::DType;
+    match d {
+        DType::Bf16 => "DType::Bf16",
+        DType::Fp16 => "DType::Fp16",
+        DType::Fp32 => "DType::Fp32",
+    }
+}
+
 fn main_rs(program: &ExecProgram, options: &CodegenOptions) -> String {
     let mut w = Writer::new();
     w.lines(&header(options, "//"));
@@ -1352,7 +1361,7 @@ fn main_rs(program: &ExecProgram, options: &CodegenOptions) -> String {
     w.line("use std::process::ExitCode;");
     w.blank();
     w.line(
-        "use autopart_runtime::app::{self, BuiltStage, PlanMeta, Schedule, StageCtx, ZeroStage};",
+        "use autopart_runtime::app::{self, BuiltStage, DType, PlanMeta, Schedule, StageCtx, ZeroStage};",
     );
     w.line("use autopart_runtime::exec::ExecError;");
     w.blank();
@@ -1387,6 +1396,11 @@ fn main_rs(program: &ExecProgram, options: &CodegenOptions) -> String {
         ("runtime_gpus", atom(program.runtime_gpus.to_string())),
         ("schedule", atom(schedule_expr(program.schedule))),
         ("zero", atom(zero.to_string())),
+        ("dtype", atom(dtype_expr(program.dtype).into())),
+        (
+            "reduce_dtype",
+            atom(dtype_expr(program.reduce_dtype).into()),
+        ),
         (
             "predicted_peak_bytes",
             Expr::Array {

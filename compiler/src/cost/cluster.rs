@@ -106,10 +106,10 @@ pub struct Cluster {
 /// `validate`) ran on Megatron-LM, DeepSpeed or FSDP.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MemoryStack {
-    /// autopart's runtime: ZeRO-3 gathers a stage's parameters for the
-    /// whole step, gradients stay whole (no ZeRO-2), replicated AdamW keeps
-    /// no master weights and ZeRO keeps f32 ones, and full recompute keeps
-    /// every tape value of a layer.
+    /// autopart's runtime: ZeRO-3 gathers one layer at a time (its
+    /// weights, not the next layer's too), ZeRO-2/3 stream each layer's
+    /// gradients into f32 slices, f32 master weights whenever the weights
+    /// are not f32, and full recompute keeps each layer's input.
     #[default]
     Autopart,
     /// Megatron-LM / DeepSpeed / FSDP: ZeRO-3 gathers one layer at a time,

@@ -755,6 +755,8 @@ pub fn lower(graph: &Graph, plan: &Plan, cluster: &Cluster) -> Result<ExecProgra
         vocab,
         schedule: plan.schedule,
         zero: plan.zero,
+        dtype: plan.trace.dtype,
+        reduce_dtype: plan.reduce_dtype,
         sequence_parallel: plan.sequence_parallel,
         predicted_step_s: plan.prediction.step_s,
         stream_shape,

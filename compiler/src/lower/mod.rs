@@ -264,6 +264,12 @@ pub struct ExecProgram {
     pub vocab: u64,
     pub schedule: Schedule,
     pub zero: ZeroStage,
+    /// The dtype parameters and activations train in (f32 when not written).
+    #[serde(default = "crate::plan::fp32")]
+    pub dtype: crate::plan::DType,
+    /// The dtype gradients are summed in over dp.
+    #[serde(default = "crate::plan::fp32")]
+    pub reduce_dtype: crate::plan::DType,
     pub sequence_parallel: bool,
     pub predicted_step_s: f64,
     /// The stream's shape on one rank for one micro-batch, and its state.

@@ -61,6 +61,15 @@ fn one() -> u64 {
     1
 }
 
+pub(crate) fn fp32() -> DType {
+    DType::Fp32
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_fp32(d: &DType) -> bool {
+    *d == DType::Fp32
+}
+
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
 fn is_one(n: &u64) -> bool {
     *n == 1
@@ -188,6 +197,9 @@ pub struct Plan {
     pub schedule: Schedule,
     /// Written as its number, 0 to 3.
     pub zero: ZeroStage,
+    /// The dtype gradients are summed in over dp; f32 is not written.
+    #[serde(default = "fp32", skip_serializing_if = "is_fp32")]
+    pub reduce_dtype: DType,
     pub sequence_parallel: bool,
     pub stages: Vec<StagePlan>,
     pub sharding: Vec<OpSplit>,

@@ -31,7 +31,7 @@ use thiserror::Error;
 use crate::anno::{Layout, Registry};
 use crate::cost::Cluster;
 use crate::ir::{Graph, OpId};
-use crate::plan::{Recompute, Schedule, ZeroStage, layer_pattern};
+use crate::plan::{DType, Recompute, Schedule, ZeroStage, layer_pattern};
 use crate::trace::ModelConfig;
 
 pub use model::{Config, Evaluation, StageEval};
@@ -51,6 +51,8 @@ pub struct Constraints {
     pub recompute: Option<Recompute>,
     pub zero: Option<ZeroStage>,
     pub sequence_parallel: Option<bool>,
+    /// The dtype gradients are summed in over dp (`None`: f32).
+    pub reduce_dtype: Option<DType>,
     /// Pinned tp splits: op name (layer ops with `*` for the layer index,
     /// `layers.*.mlp.down_proj`) → identifier to split, or `None` to run it
     /// replicated.
@@ -555,6 +557,7 @@ pub fn search(input: &SearchInput<'_>) -> Result<SearchResult, SearchError> {
                                 sp,
                                 n_layers,
                                 recompute: c.recompute,
+                                reduce_dtype: c.reduce_dtype.unwrap_or(DType::Fp32),
                             });
                         }
                     }

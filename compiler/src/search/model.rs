@@ -9,18 +9,24 @@
 //! gradient reduction overlaps the last micro-batch's backward; the optimizer
 //! step streams its state through HBM.
 //!
-//! Peak memory of a device of stage `s` models what our runtime holds:
-//! parameters and gradients whole (ZeRO-3 gathers a stage's parameters for
-//! the whole step; there is no separate ZeRO-2), f32 AdamW moments (8 B per
-//! parameter replicated; ZeRO-1/3: f32 master weights and moments of the
-//! owned 1/dp slice, 12 B / dp); the activations of the micro-batches in
-//! flight (1F1B: p − s, GPipe: m, interleaved per Megatron's warm-up count),
-//! each what the tape and libtorch autograd keep for our ops
-//! ([`super::segment_cost`]); transient buffers (the largest op output
-//! twice, fp32 logits and their gradient on the last stage, one recomputed
-//! tape segment under full recompute, or the optimizer step's flat buckets
-//! and gradient slices once activations are gone). It must stay under
-//! capacity minus the cluster's reserve.
+//! Peak memory of a device of stage `s` models what our runtime holds
+//! ([`StageModel::autopart_memory`]): parameters in the plan's dtype (under
+//! ZeRO-3 the embedding, the head and one layer gathered at a time);
+//! gradients in the parameters' dtype in `.grad()`, except under ZeRO-2/3,
+//! where each layer's are reduce-scattered into f32 slices of 4 B / dp as
+//! backward leaves it; AdamW's f32 moments (8 B per parameter replicated,
+//! plus a 4 B f32 master copy in bf16 / f16 training; ZeRO-1/2/3: master
+//! and moments of the owned 1/dp slice, 12 B / dp); the activations of the
+//! micro-batches in flight (1F1B: p − s, GPipe: m, interleaved per
+//! Megatron's warm-up count), each what the tape and libtorch autograd keep
+//! for our ops ([`super::segment_cost`]; full recompute: each layer's
+//! input); transient buffers (the largest op output twice, fp32 logits and
+//! their gradient on the last stage, one rebuilt layer under full
+//! recompute, one layer's streamed gradients and its gathered weights, or
+//! the optimizer step's flat buckets and gradient slices once activations
+//! are gone). It must stay under capacity minus the cluster's reserve.
+//! [`MemoryStack::Reference`] prices Megatron-LM / DeepSpeed's formulas
+//! instead, for comparing with their published runs.
 
 use crate::cost::{
     Cluster, Collective, ComputeKind, Group, MemoryStack, collective_time, compute_time,
@@ -47,6 +53,8 @@ pub struct Config {
     pub n_layers: u32,
     /// A recompute mode every stage must use; `None` lets each stage choose.
     pub recompute: Option<Recompute>,
+    /// The dtype gradients are summed in over dp.
+    pub reduce_dtype: crate::plan::DType,
 }
 
 impl Config {
@@ -308,13 +316,16 @@ impl<'a> StageModel<'a> {
         } else {
             p * w
         };
-        // AdamW moments are f32 whatever the weights' dtype. Replicated, the
-        // update writes the weights in place (no master copy, 8 B); ZeRO-1/3
-        // keep f32 master weights and moments of the owned 1/dp slice (12 B).
+        // AdamW moments are f32 whatever the weights' dtype. Replicated, f32
+        // weights are updated in place (8 B); bf16 / f16 ones keep an f32
+        // master copy (12 B). ZeRO-1/2/3 keep f32 master weights and moments
+        // of the owned 1/dp slice (12 B / dp).
         let optimizer_bytes = if z.shards_optimizer() {
             (p * 12).div_ceil(dp)
-        } else {
+        } else if w >= 4 {
             p * 8
+        } else {
+            p * 12
         };
         let mut backward = self.backward_transient(s);
         if r == Recompute::Full && k > 0 {
@@ -323,12 +334,14 @@ impl<'a> StageModel<'a> {
         }
         if streamed {
             // One layer's gradients as backward hands them over, flattened
-            // to f32 for the reduce-scatter.
-            backward = backward.saturating_add(l.params * (w + 4));
+            // to the reduce dtype for the reduce-scatter.
+            let r = self.cfg.reduce_dtype.size_bytes();
+            backward = backward.saturating_add(l.params * (w + r));
         }
         if z.shards_parameters() && k > 0 {
-            // The all-gathered f32 bucket a layer's weights are cut from.
-            backward = backward.saturating_add(l.params * 4);
+            // The all-gathered bucket (in the weights' dtype) a layer's
+            // weights are cut from.
+            backward = backward.saturating_add(l.params * w);
         }
         // The optimizer step runs once the micro-batches' tapes are gone:
         // under ZeRO the reduce-scattered f32 gradient slices (4 B / dp per
@@ -405,7 +418,8 @@ impl<'a> StageModel<'a> {
             let k = st.end_layer - st.first_layer;
             let p_elems = self.params(s, k);
             let w = self.dtype_bytes;
-            let grad_bytes = (p_elems * w) as f64;
+            // Gradients travel in the plan's reduce dtype (f32 by default).
+            let grad_bytes = (p_elems * cfg.reduce_dtype.size_bytes()) as f64;
             let mut exposed = 0.0;
             if dp > 1 {
                 let group = Group::placed(self.cluster, dp as u32, cfg.tp);
@@ -417,8 +431,10 @@ impl<'a> StageModel<'a> {
                 let overlap = f64::from(k) * self.seg.layer.bwd_s();
                 exposed = (reduce - overlap).max(0.0);
                 if cfg.zero.shards_optimizer() && !cfg.zero.shards_parameters() {
+                    // The updated weights travel in their own dtype.
+                    let weights = (p_elems * w) as f64;
                     exposed +=
-                        collective_time(self.cluster, Collective::AllGather, &group, grad_bytes);
+                        collective_time(self.cluster, Collective::AllGather, &group, weights);
                 }
             }
             dp_comm = dp_comm.max(exposed);

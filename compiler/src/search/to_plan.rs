@@ -103,6 +103,7 @@ pub fn to_plan(ctx: &PlanContext<'_>, candidate: &Candidate) -> Plan {
         n_micro_batches: cfg.n_micro,
         schedule: cfg.schedule,
         zero: cfg.zero,
+        reduce_dtype: cfg.reduce_dtype,
         sequence_parallel: cfg.sp,
         stages,
         sharding,

@@ -5,7 +5,8 @@
 //! **Who writes what.** Every dp rank holds (under ZeRO 0) or owns (under
 //! ZeRO 1–3) the `r`-th slice of each bucket; rank `r` writes exactly that
 //! slice of every state — the parameter values, AdamW's two moments and,
-//! for parameters that are not f32 under ZeRO, the f32 master copy — cut
+//! for parameters that are not f32 (bf16 / f16 training), the f32 master
+//! copy — cut
 //! at parameter boundaries into regions of the parameters' global tensors
 //! ([`flat_range_regions`] of the tp shard, shifted to the shard's place).
 //! A tp-replicated parameter is written by tp rank 0 only (the rank that
@@ -127,6 +128,9 @@ impl DpOptimizer {
                             Ok(t.f_detach()?.f_reshape([-1])?.f_narrow(0, a, n)?)
                         };
                         states.push((State::Param, flat(&p.tensor)?));
+                        if let Some(m) = &self.replica_master[s.param] {
+                            states.push((State::Master, flat(m)?));
+                        }
                         states.push((State::ExpAvg, flat(&self.state.exp_avg[s.param])?));
                         states.push((State::ExpAvgSq, flat(&self.state.exp_avg_sq[s.param])?));
                     }
@@ -216,12 +220,17 @@ impl DpOptimizer {
                     for (i, p) in params.iter().enumerate() {
                         let n = p.tensor.numel() as i64;
                         let size = p.tensor.size();
-                        for (state, target) in [
-                            (State::ExpAvg, &self.state.exp_avg[i]),
-                            (State::ExpAvgSq, &self.state.exp_avg_sq[i]),
-                        ] {
-                            let t = self.read_flat(ck, p, state, 0, n)?;
-                            target.detach().f_copy_(&t.f_view(size.as_slice())?)?;
+                        let master = self.replica_master[i].as_ref();
+                        let targets = [
+                            (State::ExpAvg, Some(&self.state.exp_avg[i])),
+                            (State::ExpAvgSq, Some(&self.state.exp_avg_sq[i])),
+                            (State::Master, master),
+                        ];
+                        for (state, target) in targets {
+                            if let Some(target) = target {
+                                let t = self.read_flat(ck, p, state, 0, n)?;
+                                target.detach().f_copy_(&t.f_view(size.as_slice())?)?;
+                            }
                         }
                     }
                 }

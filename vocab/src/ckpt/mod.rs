@@ -254,6 +254,21 @@ pub struct Manifest {
     /// in checkpoints of hand-written plan binaries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_config: Option<serde_json::Value>,
+    /// f16 training's dynamic loss scale when saved, so that a resumed run
+    /// scales as the uninterrupted one would; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<LossScale>,
+}
+
+/// The state of a dynamic loss scaler (f16 training).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossScale {
+    pub scale: f64,
+    /// Good steps since the scale last changed.
+    pub good_steps: u64,
+    /// Good steps in a row after which the scale doubles.
+    pub growth_interval: u64,
 }
 
 impl Manifest {

@@ -69,6 +69,7 @@ fn manifest(step: u64, world: usize) -> Manifest {
         tensors: BTreeMap::new(),
         files: vec![],
         model_config: None,
+        loss_scale: None,
     }
 }
 
