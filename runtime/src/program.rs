@@ -176,6 +176,7 @@ impl<'s, M: StageModule + ?Sized> Step<'s, M> {
         mb: usize,
         input: Option<Tensor>,
     ) -> Result<InFlight<'s>, ExecError> {
+        crate::malloc::trim_if_on();
         let (m, tp) = (self.m, self.g.tp);
         let mut tape = match self.hooks {
             Some(h) => Tape::with_hooks(h),
@@ -199,6 +200,7 @@ impl<'s, M: StageModule + ?Sized> Step<'s, M> {
     /// activation, if it has one.
     fn backward(&self, flight: InFlight<'_>, seed: Tensor) -> Result<Option<Tensor>, ExecError> {
         let (tape, inp, out) = flight;
+        crate::malloc::trim_if_on();
         let grads = tape.backward(vec![(out, seed)])?;
         match inp {
             Some(inp) => Ok(Some(match grads.get(inp) {
