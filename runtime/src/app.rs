@@ -488,6 +488,11 @@ pub struct Options {
     /// memory benchmark, for 5-15% less resident memory).
     #[arg(long)]
     pub no_malloc_trim: bool,
+    /// Under ZeRO-3, gather each layer's weights when it runs instead of one
+    /// layer ahead on a thread of its own (which needs MPI with
+    /// MPI_THREAD_MULTIPLE and holds two layers' weights at a time).
+    #[arg(long)]
+    pub no_prefetch: bool,
     /// End the job when a collective or point-to-point transfer has not
     /// completed after SECONDS (a rank stopped or hung), with a message
     /// naming the rank, the operation and the step; 0 waits forever.
@@ -1258,6 +1263,17 @@ fn train(
     let mut optim = opts.optim_config(meta.zero);
     optim.reduce = crate::exec::kind_of_dtype(meta.reduce_dtype);
     let mut opt = DpOptimizer::for_stage(optim, stage.params_mut(), &g, &uncounted, &blocks)?;
+    // ZeRO-3 gathers the next layer ahead on a thread of its own, over a
+    // duplicate of the dp group (every dp rank decides alike: same stage).
+    let prefetching =
+        if meta.zero == ZeroStage::Three && mesh.dp > 1 && blocks.len() > 1 && !opts.no_prefetch {
+            match comms.dp.duplicate().into_sendable() {
+                Some(dp) => opt.prefetch_over(dp)?,
+                None => false,
+            }
+        } else {
+            false
+        };
     if rank0 {
         note(
             &opts,
@@ -1289,6 +1305,18 @@ fn train(
                 n_params
             ),
         );
+        if meta.zero == ZeroStage::Three && mesh.dp > 1 && blocks.len() > 1 {
+            note(
+                &opts,
+                if prefetching {
+                    "ZeRO-3: each layer's weights are gathered one layer ahead (prefetch thread)"
+                } else if opts.no_prefetch {
+                    "ZeRO-3: each layer's weights are gathered when it runs (--no-prefetch)"
+                } else {
+                    "ZeRO-3: each layer's weights are gathered when it runs (MPI lacks MPI_THREAD_MULTIPLE: no prefetch)"
+                },
+            );
+        }
         for n in &notes {
             note(&opts, &format!("resume: {n}"));
         }
@@ -1687,6 +1715,12 @@ fn train(
             &step_times,
             last_over,
         ));
+        if let Some((used, wasted)) = opt.prefetch_counts() {
+            say(&format!(
+                "ZeRO-3 prefetch: {used} of {} layer gathers made ahead were used",
+                used + wasted
+            ));
+        }
     }
     Ok(())
 }
@@ -1979,6 +2013,7 @@ mod tests {
                 exit_at_step: None,
                 skip_nonfinite_steps: false,
                 no_malloc_trim: false,
+                no_prefetch: false,
                 collective_timeout: 600.0,
             }
         );
@@ -2042,6 +2077,7 @@ mod tests {
                 exit_at_step: None,
                 skip_nonfinite_steps: false,
                 no_malloc_trim: false,
+                no_prefetch: false,
                 collective_timeout: 600.0,
             }
         );
@@ -2103,6 +2139,7 @@ mod tests {
             "--exit-at-step <N>",
             "--skip-nonfinite-steps",
             "--no-malloc-trim",
+            "--no-prefetch",
             "--collective-timeout <SECONDS>",
             "--help",
         ] {

@@ -187,6 +187,13 @@ pub trait BlockHooks {
     /// One micro-batch's gradients of [`BlockHooks::params`] (`None`: not
     /// reached), right after the block's backward.
     fn grads(&self, block: usize, grads: Vec<Option<Tensor>>) -> Result<(), ExecError>;
+    /// The block the tape expects to acquire next (the following one in
+    /// forward, the next one backward reaches), told right after
+    /// [`BlockHooks::acquire`]: ZeRO-3 gathers its weights ahead. A hint: it
+    /// may name no block, or a block that is not acquired next.
+    fn prefetch(&self, block: usize) {
+        let _ = block;
+    }
     /// Whether the stage's parameter `param` has its gradient handed to
     /// these hooks (so it never reaches `.grad()`).
     fn streams(&self, param: usize) -> bool {
@@ -458,6 +465,7 @@ impl<'a> Tape<'a> {
         let hooks = self.hooks;
         if let Some(h) = hooks {
             h.acquire(block)?;
+            h.prefetch(block + 1);
         }
         let x = self.value(input)?.shallow_clone();
         let (out, saved) = match keep {
@@ -554,6 +562,17 @@ impl<'a> Tape<'a> {
             grads.add(id, g)?;
         }
         let hooks = self.hooks;
+        // The blocks in the order backward reaches them, for the prefetch hint.
+        let order: Vec<usize> = self
+            .steps
+            .iter()
+            .rev()
+            .filter_map(|s| match s {
+                Step::Block { block, .. } => Some(*block),
+                _ => None,
+            })
+            .collect();
+        let mut upcoming = order.into_iter().skip(1);
         for step in self.steps.into_iter().rev() {
             match step {
                 Step::Adapter {
@@ -573,12 +592,16 @@ impl<'a> Tape<'a> {
                     output,
                     saved,
                 } => {
+                    let next = upcoming.next();
                     let Some(g) = grads.0[output.0].take() else {
                         // Nothing downstream depended on the block.
                         continue;
                     };
                     if let Some(h) = hooks {
                         h.acquire(block)?;
+                        if let Some(next) = next {
+                            h.prefetch(next);
+                        }
                     }
                     let (sub, sub_in, sub_out) = match saved {
                         Some((sub, i, o)) => (*sub, i, o),

@@ -15,16 +15,19 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// The operation in flight: what, over which group, since when.
+/// The operation in flight on one thread: what, over which group, since when.
 #[derive(Clone, Copy, Debug)]
 struct InFlight {
     op: &'static str,
     group: &'static str,
     size: usize,
     since: Instant,
+    thread: std::thread::ThreadId,
 }
 
-static CURRENT: Mutex<Option<InFlight>> = Mutex::new(None);
+/// At most one operation per thread (the main thread's, and ZeRO-3's
+/// prefetch thread's).
+static CURRENT: Mutex<Vec<InFlight>> = Mutex::new(Vec::new());
 static STEP: AtomicU64 = AtomicU64::new(0);
 
 /// Marks the training step (from 1) that the messages name.
@@ -43,20 +46,24 @@ impl Drop for Guard {
         if self.0
             && let Ok(mut c) = CURRENT.lock()
         {
-            *c = None;
+            let me = std::thread::current().id();
+            c.retain(|f| f.thread != me);
         }
     }
 }
 
-/// Marks `op` over `group` (of `size` ranks) in flight until the guard drops.
+/// Marks `op` over `group` (of `size` ranks) in flight on this thread until
+/// the guard drops.
 pub fn enter(op: &'static str, group: &'static str, size: usize) -> Guard {
+    let me = std::thread::current().id();
     match CURRENT.lock() {
-        Ok(mut c) if c.is_none() => {
-            *c = Some(InFlight {
+        Ok(mut c) if !c.iter().any(|f| f.thread == me) => {
+            c.push(InFlight {
                 op,
                 group,
                 size,
                 since: Instant::now(),
+                thread: me,
             });
             Guard(true)
         }
@@ -73,8 +80,7 @@ pub fn start(rank: usize, timeout: Duration) {
             let late = CURRENT
                 .lock()
                 .ok()
-                .and_then(|c| *c)
-                .filter(|f| f.since.elapsed() > timeout);
+                .and_then(|c| c.iter().find(|f| f.since.elapsed() > timeout).copied());
             if let Some(f) = late {
                 use std::io::Write;
                 let _ = writeln!(
@@ -102,11 +108,24 @@ mod tests {
         let inner = enter("send", "pp", 2);
         assert!(outer.0 && !inner.0);
         drop(inner);
-        assert_eq!(
-            CURRENT.lock().expect("lock").map(|f| f.op),
-            Some("send_recv")
-        );
+        let me = std::thread::current().id();
+        let mine = || {
+            CURRENT
+                .lock()
+                .expect("lock")
+                .iter()
+                .find(|f| f.thread == me)
+                .map(|f| f.op)
+        };
+        assert_eq!(mine(), Some("send_recv"));
+        // Another thread's operation is its own.
+        std::thread::spawn(|| {
+            let other = enter("all_gather", "dp", 2);
+            assert!(other.0);
+        })
+        .join()
+        .expect("thread");
         drop(outer);
-        assert!(CURRENT.lock().expect("lock").is_none());
+        assert_eq!(mine(), None);
     }
 }

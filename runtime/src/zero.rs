@@ -59,6 +59,7 @@ use crate::optim::{self, AdamW, AdamWState, LrSchedule, NormShare, OptimError};
 use std::cell::RefCell;
 use tch::{Device, Kind, Tensor};
 
+mod prefetch;
 mod state;
 pub use state::kind_of;
 
@@ -240,6 +241,8 @@ pub struct DpOptimizer {
     acc: RefCell<Vec<Option<Tensor>>>,
     /// ZeRO-3 with blocks: how many in-flight forwards hold each block gathered.
     held: RefCell<Vec<usize>>,
+    /// ZeRO-3 with blocks: the thread that gathers the next block ahead.
+    prefetcher: Option<prefetch::Prefetcher>,
 }
 
 /// Consecutive parameters in buckets of at most `bucket_bytes`, a bucket
@@ -413,6 +416,7 @@ impl DpOptimizer {
             streamed,
             streamed_params,
             held: RefCell::new(vec![0; n_blocks]),
+            prefetcher: None,
         };
         if cfg.zero == ZeroStage::Three {
             opt.release_params(params)?;
@@ -422,6 +426,40 @@ impl DpOptimizer {
 
     pub fn config(&self) -> &OptimConfig {
         &self.cfg
+    }
+
+    /// Under ZeRO-3 with blocks and dp > 1, gathers each block's weights one
+    /// block ahead on a thread of its own over `dp` (a duplicate of the dp
+    /// group, movable to that thread: MPI with `MPI_THREAD_MULTIPLE`).
+    /// Returns whether prefetching is on; otherwise `dp` is dropped.
+    pub fn prefetch_over(&mut self, dp: crate::comm::SendableComm) -> Result<bool, OptimError> {
+        if self.cfg.zero != ZeroStage::Three || self.block_buckets.len() < 2 || self.dp_size < 2 {
+            return Ok(false);
+        }
+        let p = prefetch::Prefetcher::start(dp).map_err(|e| {
+            OptimError::Invalid(format!("starting the ZeRO-3 prefetch thread: {e}"))
+        })?;
+        self.prefetcher = Some(p);
+        Ok(true)
+    }
+
+    /// Whether the next block's weights are gathered ahead.
+    pub fn prefetching(&self) -> bool {
+        self.prefetcher.is_some()
+    }
+
+    /// With prefetching on: how many gathers ahead were used (the block
+    /// acquired next was the one gathered) and how many wasted.
+    pub fn prefetch_counts(&self) -> Option<(u64, u64)> {
+        self.prefetcher.as_ref().map(prefetch::Prefetcher::counts)
+    }
+
+    /// Waits for a prefetch still in flight and drops it (the end of a step).
+    fn drain_prefetch(&self) -> Result<(), OptimError> {
+        if let Some(p) = &self.prefetcher {
+            p.take(usize::MAX).map_err(OptimError::Invalid)?;
+        }
+        Ok(())
     }
 
     /// Optimizer steps taken so far.
@@ -583,6 +621,7 @@ impl DpOptimizer {
     }
 
     fn clear(&self, params: &mut [Param]) -> Result<(), OptimError> {
+        self.drain_prefetch()?;
         for a in self.acc.borrow_mut().iter_mut() {
             *a = None;
         }
@@ -883,13 +922,43 @@ impl BlockHooks for ZeroHooks<'_> {
         // The layer's saved graph must hold the weights themselves, so that
         // `release` frees them (ops.rs).
         crate::ops::save_weights_whole(true);
-        for &k in buckets {
-            for (param, t) in gather_bucket(&opt.buckets[k], &opt.master[k], opt.dp_size, self.dp)?
-            {
-                self.set_data(param, &t)?;
+        let prefetched = match &opt.prefetcher {
+            Some(p) => p.take(block).map_err(|e| block_error(block, e))?,
+            None => None,
+        };
+        match prefetched {
+            Some(ts) => {
+                for (param, t) in ts {
+                    self.set_data(param, &t)?;
+                }
+            }
+            None => {
+                for &k in buckets {
+                    let (b, m) = (&opt.buckets[k], &opt.master[k]);
+                    for (param, t) in gather_bucket(b, m, opt.dp_size, self.dp)? {
+                        self.set_data(param, &t)?;
+                    }
+                }
             }
         }
         Ok(())
+    }
+
+    fn prefetch(&self, block: usize) {
+        let opt = self.opt;
+        let Some(p) = &opt.prefetcher else {
+            return;
+        };
+        // Not a block of this stage, or already whole: nothing to fetch.
+        let held = opt.held.borrow().get(block).copied();
+        if held != Some(0) || p.busy() {
+            return;
+        }
+        let work = opt.block_buckets[block]
+            .iter()
+            .map(|&k| (opt.buckets[k].clone(), opt.master[k].shallow_clone()))
+            .collect();
+        p.submit(block, work);
     }
 
     fn release(&self, block: usize) -> Result<(), ExecError> {

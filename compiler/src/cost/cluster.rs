@@ -106,8 +106,8 @@ pub struct Cluster {
 /// `validate`) ran on Megatron-LM, DeepSpeed or FSDP.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MemoryStack {
-    /// autopart's runtime: ZeRO-3 gathers one layer at a time (its
-    /// weights, not the next layer's too), ZeRO-2/3 stream each layer's
+    /// autopart's runtime: ZeRO-3 gathers each layer one layer ahead (two
+    /// layers' weights whole at a time), ZeRO-2/3 stream each layer's
     /// gradients into f32 slices, f32 master weights whenever the weights
     /// are not f32, and full recompute keeps each layer's input.
     #[default]

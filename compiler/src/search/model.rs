@@ -11,7 +11,8 @@
 //!
 //! Peak memory of a device of stage `s` models what our runtime holds
 //! ([`StageModel::autopart_memory`]): parameters in the plan's dtype (under
-//! ZeRO-3 the embedding, the head and one layer gathered at a time);
+//! ZeRO-3 the embedding, the head, the layer running and the next one,
+//! gathered ahead);
 //! gradients in the parameters' dtype in `.grad()`, except under ZeRO-2/3,
 //! where each layer's are reduce-scattered into f32 slices of 4 B / dp as
 //! backward leaves it; AdamW's f32 moments (8 B per parameter replicated,
@@ -281,8 +282,8 @@ impl<'a> StageModel<'a> {
     /// keeps each layer's input and rebuilds one layer in backward; under
     /// ZeRO-2/3 each layer's gradients are reduce-scattered into f32 slices
     /// as backward leaves it (the embedding's and head's stay whole until
-    /// the step), and ZeRO-3 gathers a layer's weights just before its
-    /// forward and again before its backward, freeing them after each.
+    /// the step), and ZeRO-3 gathers a layer's weights one layer ahead of
+    /// its forward and again of its backward, freeing them after each.
     fn autopart_memory(&self, s: u32, k: u32, r: Recompute) -> MemoryBreakdown {
         let p = self.params(s, k);
         let dp = self.cfg.dp_total().max(1);
@@ -292,9 +293,12 @@ impl<'a> StageModel<'a> {
         let layer_p = u64::from(k) * l.params;
         let other_p = p - layer_p;
         let streamed = z.shards_gradients() && k > 0;
-        // Weights: whole, except ZeRO-3's layers, gathered one at a time.
+        // Weights: whole, except ZeRO-3's layers: the one running and, with
+        // dp > 1 and a next layer, the next one, gathered ahead by the
+        // prefetch thread.
         let params_bytes = if z.shards_parameters() && k > 0 {
-            (other_p + l.params) * w
+            let gathered = if dp > 1 && k > 1 { 2 } else { 1 };
+            (other_p + gathered * l.params) * w
         } else {
             p * w
         };

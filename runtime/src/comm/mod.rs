@@ -24,7 +24,7 @@ mod mpi;
 mod nccl;
 mod solo;
 
-pub use self::mpi::MpiComm;
+pub use self::mpi::{MpiComm, SendableComm};
 #[cfg(feature = "nccl")]
 pub use self::nccl::NcclComm;
 pub use self::solo::SoloComm;

@@ -103,6 +103,27 @@ pub struct MpiComm {
     universe: Arc<Universe>,
 }
 
+/// Set by [`MpiComm::init_world`].
+static THREAD_MULTIPLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// An [`MpiComm`] that may move to another thread ([`MpiComm::into_sendable`]).
+#[derive(Debug)]
+pub struct SendableComm(MpiComm);
+
+// SAFETY: MPI was initialised with MPI_THREAD_MULTIPLE (checked by
+// `into_sendable`), so any thread may call MPI; the communicator is owned
+// by one thread at a time (it is moved, never shared), and its universe's
+// reference count is atomic (`Arc`).
+#[allow(unsafe_code)]
+unsafe impl Send for SendableComm {}
+
+impl SendableComm {
+    /// The communicator, in the thread that now owns it.
+    pub fn get(&self) -> &MpiComm {
+        &self.0
+    }
+}
+
 impl std::fmt::Debug for MpiComm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MpiComm")
@@ -127,12 +148,32 @@ impl MpiComm {
     /// Initialises MPI and returns the world communicator. Call once per
     /// process; MPI is finalised when this and every communicator split from it
     /// are dropped.
+    /// It asks for `MPI_THREAD_MULTIPLE` ([`MpiComm::thread_multiple`]
+    /// says whether the library provides it), so that ZeRO-3's prefetch
+    /// thread can gather while the main thread runs its own collectives.
     pub fn init_world() -> Result<Self, CommError> {
-        let universe = mpi::initialize().ok_or(CommError::MpiInit)?;
+        let (universe, provided) =
+            mpi::initialize_with_threading(mpi::Threading::Multiple).ok_or(CommError::MpiInit)?;
+        THREAD_MULTIPLE.store(
+            provided == mpi::Threading::Multiple,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let comm = universe.world();
         let out = Self::wrap(comm, Arc::new(universe));
         tracing::debug!(rank = out.rank, size = out.size, "mpi world initialised");
         Ok(out)
+    }
+
+    /// Whether MPI was initialised with `MPI_THREAD_MULTIPLE`: two threads
+    /// may then call collectives at once (on different communicators).
+    pub fn thread_multiple() -> bool {
+        THREAD_MULTIPLE.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// This communicator, movable to another thread; `None` unless MPI
+    /// runs with `MPI_THREAD_MULTIPLE`.
+    pub fn into_sendable(self) -> Option<SendableComm> {
+        Self::thread_multiple().then_some(SendableComm(self))
     }
 
     fn wrap(comm: SimpleCommunicator, universe: Arc<Universe>) -> Self {
