@@ -101,8 +101,8 @@ done
 
 {
   echo
-  echo "Caveats: the step-time model prices ZeRO-3's gathers as prefetched behind compute, which this runtime does"
-  echo "not do yet (it gathers each layer between layers). Every plan trains bf16 with f32 master weights and moments"
+  echo "Caveats: the step-time model prices ZeRO-3's gathers as hidden behind compute; the runtime gathers one layer"
+  echo "ahead on a thread of its own (with MPI_THREAD_MULTIPLE). Every plan trains bf16 with f32 master weights and moments"
   echo "and reduces gradients over dp in f32 (as Megatron and FSDP do by default), as the runtime does; the seeds'"
   echo "Float8 (torchtitan's 405B) is not modelled. Every plan's memory is the runtime's own model."
   echo

@@ -349,6 +349,43 @@ fn dp2_zero2() {
     same_steps_and_weights_of(2, args);
 }
 
+/// ZeRO-3's prefetch thread gathers each layer one layer ahead: the
+/// gathers are used (the tape's hint names the layer that runs next), and
+/// the run is bit for bit the one that gathers each layer when it runs.
+#[test]
+fn dp2_zero3_prefetch_is_used_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("plan");
+    compile(
+        &out,
+        &["--plan-ngpus", "2", "--tp", "1", "--dp", "2", "--zero", "3"],
+    )
+    .expect("compile the plan");
+    let ahead = autopart_tests::train_run(2, &out, STEPS, &[]).expect("train with prefetch");
+    let metrics = out.join("metrics.jsonl");
+    let with = autopart_tests::loss_text(&metrics).expect("metrics");
+    let when = autopart_tests::train_run(2, &out, STEPS, &["--no-prefetch"]).expect("train");
+    let without = autopart_tests::loss_text(&metrics).expect("metrics");
+    assert_eq!(with, without);
+    assert!(
+        when.stdout
+            .contains("gathered when it runs (--no-prefetch)"),
+        "{}",
+        when.stdout
+    );
+    let line = ahead
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("ZeRO-3 prefetch: "))
+        .unwrap_or_else(|| panic!("no prefetch line in:\n{}", ahead.stdout));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let (used, total): (u64, u64) = (
+        words[2].parse().expect("used"),
+        words[4].parse().expect("total"),
+    );
+    assert!(used > 0 && used == total, "{line}");
+}
+
 /// Per-layer ZeRO-3 with full recompute: each layer's weights gathered for
 /// its forward and again for its recompute, freed after each.
 #[test]

@@ -336,17 +336,21 @@ impl<'a> StageModel<'a> {
             // Backward rebuilds one layer with its autograd graph.
             backward = backward.saturating_add(l.saved_none_bytes);
         }
+        // One layer's gradients as backward hands them over, flattened to
+        // the reduce dtype for the reduce-scatter; and ZeRO-3's all-gathered
+        // bucket (in the weights' dtype) the next layer's weights are cut
+        // from. The gather ahead runs while the layer's backward computes and
+        // is done by the time its gradients are handed over: one or the
+        // other, not both.
+        let mut layer_transient = 0;
         if streamed {
-            // One layer's gradients as backward hands them over, flattened
-            // to the reduce dtype for the reduce-scatter.
             let r = self.cfg.reduce_dtype.size_bytes();
-            backward = backward.saturating_add(l.params * (w + r));
+            layer_transient = l.params * (w + r);
         }
         if z.shards_parameters() && k > 0 {
-            // The all-gathered bucket (in the weights' dtype) a layer's
-            // weights are cut from.
-            backward = backward.saturating_add(l.params * w);
+            layer_transient = layer_transient.max(l.params * w);
         }
+        backward = backward.saturating_add(layer_transient);
         // The optimizer step runs once the micro-batches' tapes are gone:
         // under ZeRO the reduce-scattered f32 gradient slices (4 B / dp per
         // parameter) live through the update; each bucket is flattened into
