@@ -60,8 +60,9 @@ pub(super) struct EvalArgs {
     /// (~/.cache/... without it), HASH of the config and the shape.
     #[arg(long, value_name = "DIR")]
     plan_dir: Option<PathBuf>,
-    /// Cargo profile of the plan made: release or dev.
-    #[arg(long, default_value = "release")]
+    /// Cargo profile of the plan made: release or dev
+    /// ($AUTOPART_BUILD_PROFILE sets the default).
+    #[arg(long, env = "AUTOPART_BUILD_PROFILE", default_value = "release")]
     build_profile: BuildProfile,
     /// Torch threads per process.
     #[arg(long, value_name = "N", default_value_t = 1)]

@@ -69,18 +69,23 @@ pub(super) struct GenerateArgs {
     /// Where the plan made is kept. Default: $XDG_CACHE_HOME/autopart/generate/HASH.
     #[arg(long, value_name = "DIR")]
     plan_dir: Option<PathBuf>,
-    /// Cargo profile of the plan made: release or dev.
-    #[arg(long, default_value = "release")]
+    /// Cargo profile of the plan made: release or dev
+    /// ($AUTOPART_BUILD_PROFILE sets the default).
+    #[arg(long, env = "AUTOPART_BUILD_PROFILE", default_value = "release")]
     build_profile: BuildProfile,
 }
 
 /// The ids of `eos_token_id` (a number or a list) in `file`, if it has any.
 fn eos_in(file: &Path) -> Result<Option<Vec<i64>>> {
-    let Ok(text) = std::fs::read_to_string(file) else {
+    let Ok(text) = std::fs::read(file) else {
         return Ok(None);
     };
-    let v: Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", file.display()))?;
+    eos_of(&text).with_context(|| format!("{}: not JSON", file.display()))
+}
+
+/// The ids of `eos_token_id` in a config's JSON text.
+fn eos_of(text: &[u8]) -> Result<Option<Vec<i64>>> {
+    let v: Value = serde_json::from_slice(text)?;
     Ok(match &v["eos_token_id"] {
         Value::Number(n) => n.as_i64().map(|x| vec![x]),
         Value::Array(a) => Some(a.iter().filter_map(Value::as_i64).collect()),
@@ -123,7 +128,11 @@ pub(super) fn generate(args: &GenerateArgs) -> Result<()> {
     } else {
         match eos_in(&args.init_from.join("generation_config.json"))? {
             Some(ids) => ids,
-            None => eos_in(&args.init_from.join("config.json"))?.unwrap_or_default(),
+            // DIR's config.json, or the one a checkpoint's manifest carries.
+            None => match super::eval::model_config(&args.init_from) {
+                Ok(config) => eos_of(&config)?.unwrap_or_default(),
+                Err(_) => vec![],
+            },
         }
     };
     let out = match &args.out {

@@ -209,8 +209,9 @@ struct CompileArgs {
     /// Generate the crate in OUT/gencode but do not build it.
     #[arg(long)]
     no_build: bool,
-    /// Cargo profile of the plan binary: release or dev.
-    #[arg(long, default_value = "release")]
+    /// Cargo profile of the plan binary: release or dev
+    /// ($AUTOPART_BUILD_PROFILE sets the default).
+    #[arg(long, env = "AUTOPART_BUILD_PROFILE", default_value = "release")]
     build_profile: BuildProfile,
 }
 

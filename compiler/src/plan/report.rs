@@ -100,6 +100,12 @@ pub fn render_report(plan: &Plan) -> String {
         "sequence parallel".into(),
         if p.sequence_parallel { "on" } else { "off" }.into(),
     ]);
+    if p.trace.kv_copies > 1 {
+        config.row([
+            "kv-head copies".into(),
+            format!("{} (one kv head per tp rank)", p.trace.kv_copies),
+        ]);
+    }
     out.push_str(&config.markdown());
 
     out.push_str("\n## Predictions\n\n");
@@ -194,6 +200,13 @@ pub fn render_summary(plan: &Plan) -> String {
         p.zero,
         if p.sequence_parallel { "on" } else { "off" }
     );
+    if p.trace.kv_copies > 1 {
+        let _ = writeln!(
+            out,
+            "  kv heads: each copied {} times, one per tp rank (tp {} exceeds the kv heads)",
+            p.trace.kv_copies, p.mesh.tp
+        );
+    }
     let _ = writeln!(out, "  recompute: {}", recompute_summary(p));
     let _ = writeln!(
         out,
