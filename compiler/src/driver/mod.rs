@@ -582,7 +582,7 @@ impl fmt::Display for Searched {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "searched {} configurations ({} sharding problems solved with z3) in {:.2} s",
+            "searched {} configurations ({} sharding problems solved exactly) in {:.2} s",
             self.result.evaluated, self.result.sharding_solves, self.seconds
         )?;
         for (i, c) in self.result.plans.iter().enumerate() {

@@ -7,7 +7,7 @@
 //!    sequence parallelism, schedule and ZeRO stage, each pinned by a
 //!    [`Constraints`] field when the user fixed it;
 //! 2. per (tp, sp, micro-batch, micro-batch count), solve the sharding of one
-//!    transformer layer with z3 ([`sharding`]) and reuse it for every
+//!    transformer layer exactly ([`sharding`], [`eliminate`]) and reuse it for every
 //!    isomorphic layer; the embedding and head segments likewise;
 //! 3. per configuration, a dynamic program over layer intervals places
 //!    stage boundaries and picks each stage's recompute mode, minimising the
@@ -18,6 +18,7 @@
 //! with the brute-force reference used in tests, so "exact within its
 //! space" is checked against the same objective.
 
+pub mod eliminate;
 pub mod model;
 pub mod segment_cost;
 pub mod sharding;
@@ -162,7 +163,7 @@ pub struct SearchResult {
     pub plans: Vec<Candidate>,
     /// Configurations priced (after pruning by memory and bounds).
     pub evaluated: u64,
-    /// Sharding jobs: distinct (tp, sp) pairs, each solved with z3 over its
+    /// Sharding jobs: distinct (tp, sp) pairs, each solved exactly over its
     /// micro-batch sizes.
     pub sharding_solves: u64,
 }
@@ -583,7 +584,7 @@ pub fn search(input: &SearchInput<'_>) -> Result<SearchResult, SearchError> {
     }
 
     // Sharding problems: one job per (tp, sp) over its micro-batch sizes,
-    // spread over the machine's cores (each thread has its own z3 context).
+    // spread over the machine's cores (each thread has its own z3 context for the fallback).
     let mut jobs: BTreeMap<(u32, bool), Vec<u64>> = BTreeMap::new();
     for cfg in &configs {
         jobs.entry((cfg.tp, cfg.sp))

@@ -440,15 +440,6 @@ impl Segment {
         }
     }
 
-    /// The layout a tensor holds in forward under the producer's choice.
-    fn forward_layout(&self, t: &SegTensor, assignment: &[usize]) -> Option<Layout> {
-        match t.source {
-            Source::Op(p, out) => Some(self.ops[p].choices[assignment[p]].outputs[out]),
-            Source::Boundary(b) => Some(b),
-            Source::Data | Source::Param => None,
-        }
-    }
-
     /// Cost of an assignment (choice index per op), picoseconds, with the
     /// cheapest legal combined gradient layout per tensor.
     pub fn evaluate(&self, cluster: &Cluster, assignment: &[usize]) -> Ps {
@@ -465,40 +456,11 @@ impl Segment {
             b.bwd_compute = b.bwd_compute.saturating_add(ch.bwd_ps);
         }
         for t in &self.tensors {
-            let fwd = self.forward_layout(t, assignment);
-            if let Some(from) = fwd {
-                for &(o, j) in &t.consumers {
-                    let to = self.ops[o].choices[assignment[o]].inputs[j];
-                    b.fwd_comm = b
-                        .fwd_comm
-                        .saturating_add(self.conv(cluster, from, to, t.bytes));
-                }
-                if let Some(l) = t.leaves_as {
-                    b.fwd_comm = b
-                        .fwd_comm
-                        .saturating_add(self.conv(cluster, from, l, t.bytes));
-                }
-            }
-            let mut grads: BTreeSet<Layout> = t
-                .consumers
-                .iter()
-                .map(|&(o, j)| self.grad_layout(o, j, assignment[o]))
-                .collect();
-            if let Some(l) = t.leaves_as {
-                grads.insert(l);
-            }
-            if grads.is_empty() {
+            let (fwd_comm, grad) = self.tensor_parts(cluster, t, &|o| assignment[o]);
+            b.fwd_comm = b.fwd_comm.saturating_add(fwd_comm);
+            let Some(cost) = grad else {
                 continue;
-            }
-            let options: Vec<Layout> = match grads.iter().next() {
-                Some(&only) if grads.len() == 1 => vec![only, Layout::V],
-                _ => vec![Layout::V],
             };
-            let cost = options
-                .iter()
-                .map(|&g| self.grad_cost(cluster, t, fwd, g))
-                .min()
-                .unwrap_or(0);
             if t.source == Source::Param {
                 b.param_sync = b
                     .param_sync
@@ -509,6 +471,70 @@ impl Segment {
             }
         }
         b
+    }
+
+    /// What one tensor costs under the choices `choice` gives its producer
+    /// and consumers (nothing else is read): its forward conversions plus
+    /// its backward gradient combination and, for a parameter traced as
+    /// copies, their sync: the term of [`Self::evaluate`] for it.
+    pub(super) fn tensor_cost(
+        &self,
+        cluster: &Cluster,
+        t: &SegTensor,
+        choice: &dyn Fn(usize) -> usize,
+    ) -> Ps {
+        let (fwd, grad) = self.tensor_parts(cluster, t, choice);
+        let sync = match grad {
+            Some(_) if t.source == Source::Param => t.copies_sync,
+            _ => 0,
+        };
+        fwd.saturating_add(grad.unwrap_or(0)).saturating_add(sync)
+    }
+
+    /// A tensor's forward conversion cost and, if it has a gradient, its
+    /// backward cost.
+    fn tensor_parts(
+        &self,
+        cluster: &Cluster,
+        t: &SegTensor,
+        choice: &dyn Fn(usize) -> usize,
+    ) -> (Ps, Option<Ps>) {
+        let fwd = match t.source {
+            Source::Op(p, out) => Some(self.ops[p].choices[choice(p)].outputs[out]),
+            Source::Boundary(b) => Some(b),
+            Source::Data | Source::Param => None,
+        };
+        let mut fwd_comm: Ps = 0;
+        if let Some(from) = fwd {
+            for &(o, j) in &t.consumers {
+                let to = self.ops[o].choices[choice(o)].inputs[j];
+                fwd_comm = fwd_comm.saturating_add(self.conv(cluster, from, to, t.bytes));
+            }
+            if let Some(l) = t.leaves_as {
+                fwd_comm = fwd_comm.saturating_add(self.conv(cluster, from, l, t.bytes));
+            }
+        }
+        let mut grads: BTreeSet<Layout> = t
+            .consumers
+            .iter()
+            .map(|&(o, j)| self.grad_layout(o, j, choice(o)))
+            .collect();
+        if let Some(l) = t.leaves_as {
+            grads.insert(l);
+        }
+        if grads.is_empty() {
+            return (fwd_comm, None);
+        }
+        let options: Vec<Layout> = match grads.iter().next() {
+            Some(&only) if grads.len() == 1 => vec![only, Layout::V],
+            _ => vec![Layout::V],
+        };
+        let cost = options
+            .iter()
+            .map(|&g| self.grad_cost(cluster, t, fwd, g))
+            .min()
+            .unwrap_or(0);
+        (fwd_comm, Some(cost))
     }
 
     /// Backward cost of a tensor whose consumers' gradients combine to `g`.
@@ -562,10 +588,25 @@ impl Segment {
         best
     }
 
+    /// The optimum assignment and its cost, `fixed` pinning ops to a choice
+    /// index (user constraints): by variable elimination
+    /// ([`super::eliminate`]), or by z3 when its tables would exceed 2^22
+    /// entries.
+    pub fn solve(
+        &self,
+        cluster: &Cluster,
+        fixed: &[(usize, usize)],
+    ) -> Result<(Vec<usize>, Ps), ShardingError> {
+        match super::eliminate::solve(self, cluster, fixed, 1 << 22) {
+            Some(found) => Ok(found),
+            None => self.solve_z3(cluster, fixed),
+        }
+    }
+
     /// The optimum found by z3 (exact: an optimisation over pseudo-boolean
     /// choice variables with an integer objective). `fixed` pins ops to a
     /// choice index (user constraints).
-    pub fn solve(
+    pub fn solve_z3(
         &self,
         cluster: &Cluster,
         fixed: &[(usize, usize)],
