@@ -37,7 +37,19 @@ fn layer_segment(
     boundary: Layout,
 ) -> Segment {
     let ops: Vec<OpId> = graph.layer_ops(0).map(|(id, _)| id).collect();
-    let (bin, bout) = boundaries(graph, &ops);
+    segment(graph, registry, cluster, tp, boundary, &ops)
+}
+
+/// The segment of `ops` at tp, two sequences a micro-batch.
+fn segment(
+    graph: &Graph,
+    registry: &Registry,
+    cluster: &Cluster,
+    tp: u32,
+    boundary: Layout,
+    ops: &[OpId],
+) -> Segment {
+    let (bin, bout) = boundaries(graph, ops);
     let ctx = SegmentCtx {
         graph,
         registry,
@@ -46,7 +58,7 @@ fn layer_segment(
         boundary,
         scale: 2.0,
     };
-    Segment::build(&ctx, &ops, bin, bout).expect("builds")
+    Segment::build(&ctx, ops, bin, bout).expect("builds")
 }
 
 /// The search's solver (variable elimination) and z3's MaxSAT both equal
@@ -121,16 +133,7 @@ fn elimination_equals_z3_on_full_spaces() {
         for &tp in tps {
             for boundary in [Layout::R, Layout::D(1)] {
                 for ops in [&pre, &layer, &post] {
-                    let (bin, bout) = boundaries(&graph, ops);
-                    let ctx = SegmentCtx {
-                        graph: &graph,
-                        registry: &registry,
-                        cluster: &cluster,
-                        tp,
-                        boundary,
-                        scale: 2.0,
-                    };
-                    let seg = Segment::build(&ctx, ops, bin, bout).expect("builds");
+                    let seg = segment(&graph, &registry, &cluster, tp, boundary, ops);
                     let (_, z3) = seg.solve_z3(&cluster, &[]).expect("z3 solves");
                     let (a, ve) = seg.solve(&cluster, &[]).expect("solves");
                     assert_eq!(ve, z3, "{model} tp{tp} {boundary}: {} ops", seg.ops.len());

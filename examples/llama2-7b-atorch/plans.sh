@@ -44,9 +44,11 @@ for n in 8 16 32 64; do
   plan free-$n "${a100[@]}" --plan-ngpus $n --global-batch $((4 * n)) --dtype bf16
 done
 
-"$py" - "$outputs" <<'PY' >"$outputs/summary.md"
-import re, sys
+PYTHONPATH="$example/.." "$py" - "$outputs" <<'PY' >"$outputs/summary.md"
+import sys
 from pathlib import Path
+
+import compile_output
 
 out = Path(sys.argv[1])
 L, h, f, V, s = 32, 4096, 11008, 32000, 4096
@@ -60,23 +62,13 @@ def hfu_flops(batch, recompute):
     return L * (attn + mlp) * (4 if recompute else 3) + logits * 3
 
 def read(name):
-    text = (out / f"{name}.txt").read_text()
-    pred = re.search(r"predicted: step ([\d.,]+) (m?s), ([\d,]+) tokens/s", text)
-    peak = re.search(r"peak memory: ([\d.]+) of ([\d.]+) GiB", text)
-    need = re.search(r"needs ([\d.]+) GiB per device", text)
-    cfg = re.search(r"config: tp=(\d+) pp=(\d+) dp=(\d+).*schedule (\S+), ZeRO (\d)", text)
-    rec = re.search(r"recompute: (\w+)", text)
-    batch = re.search(r"batch: (\d+) sequences .*\((\d+) micro-batches of (\d+)\)", text)
-    step = None
-    if pred:
-        step = float(pred.group(1).replace(",", "")) / (1000 if pred.group(2) == "ms" else 1)
-    return dict(step=step, peak=peak and float(peak.group(1)), cap=peak and float(peak.group(2)),
-                need=need and float(need.group(1)), cfg=cfg, rec=rec and rec.group(1),
-                batch=batch and int(batch.group(1)), mb=batch and batch.group(3), nmb=batch and batch.group(2))
+    r = compile_output.read(out / f"{name}.txt")
+    r["rec"] = r["recompute"] and r["recompute"].split()[0]
+    return r
 
 def tflops(r, n):
     full = r["rec"] == "full"
-    return hfu_flops(r["batch"], full) / r["step"] / n / 1e12
+    return hfu_flops(r["batch"], full) / r["step_s"] / n / 1e12
 
 measured = {"fsdp-8": 204.67, "fsdp-16": 197.22, "fsdp-32": 196.04, "fsdp-64": 195.14,
             "ds3d-8-tp1-pp2-dp4": 190.27, "ds3d-8-tp2-pp1-dp4": 159.19, "ds3d-8-tp2-pp2-dp2": 155.73,
@@ -101,8 +93,7 @@ for name, got in measured.items():
     r = read(name)
     n = int(name.split("-")[1])
     kind = "FSDP" if name.startswith("fsdp") else "DeepSpeed 3D"
-    c = r["cfg"]
-    layout = f"tp{c.group(1)} pp{c.group(2)} dp{c.group(3)}, ZeRO-{c.group(5)}, {r['nmb']} x {r['mb']} micro-batches"
+    layout = f"tp{r['tp']} pp{r['pp']} dp{r['dp']}, ZeRO-{r['zero']}, {r['n_micro']} x {r['micro']} micro-batches"
     t = tflops(r, n)
     err = (t - got) / got * 100
     errors.append(abs(err))
@@ -125,10 +116,10 @@ def verdict(name, rate):
     if name is None:
         return ""
     r = read(name)
-    if r["step"] is None:
+    if r["step_s"] is None:
         return f"out of memory: needs {r['need']:.1f} GiB of 76.0"
     # fp32 plans are priced at the A100's fp32 rate; amp computes in bf16.
-    return f"fits: {r['peak']:.1f} GiB" + (f", {32 / r['step']:.2f} samples/s" if rate else "")
+    return f"fits: {r['peak']:.1f} GiB" + (f", {32 / r['step_s']:.2f} samples/s" if rate else "")
 for num, what, theirs, bf16, fp32 in cands:
     print(f"| {num} | {what} | {theirs} | {verdict(bf16, True)} | {verdict(fp32, False)} |")
 fsdp8 = measured["fsdp-8"] * 8e12 / hfu_flops(1, True)
@@ -142,10 +133,9 @@ print("| GPUs | plan | predicted samples/s | ATorch's FSDP, measured | ratio | p
 print("|---|---|---|---|---|---|---|")
 for n in [8, 16, 32, 64]:
     r = read(f"free-{n}")
-    c = r["cfg"]
-    layout = f"tp{c.group(1)} pp{c.group(2)} dp{c.group(3)}, ZeRO-{c.group(5)}, recompute {r['rec']}, {r['nmb']} x {r['mb']}"
+    layout = f"tp{r['tp']} pp{r['pp']} dp{r['dp']}, ZeRO-{r['zero']}, recompute {r['rec']}, {r['n_micro']} x {r['micro']}"
     t = tflops(r, n)
-    ours = r["batch"] / r["step"]
+    ours = r["batch"] / r["step_s"]
     theirs = measured[f"fsdp-{n}"] * n * 1e12 / hfu_flops(1, True)
     print(f"| {n} | {layout} | {ours:.2f} | {theirs:.2f} | {ours / theirs:.2f}x | {t:.1f} | {r['peak']:.1f} GiB |")
 print()

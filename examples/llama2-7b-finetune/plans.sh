@@ -12,9 +12,11 @@ trn1=(--model llama2-7b --plan-ngpus 32 --cluster trn1 --seq-len 4096 --global-b
 plan nxd-tp8-zero1 "${trn1[@]}" --tp 8 --pp 1 --dp 4 --zero 1
 plan free "${trn1[@]}"
 
-"$py" - "$outputs" <<'PY' >"$outputs/summary.md"
-import re, sys
+PYTHONPATH="$example/.." "$py" - "$outputs" <<'PY' >"$outputs/summary.md"
+import sys
 from pathlib import Path
+
+import compile_output
 
 out = Path(sys.argv[1])
 print("# Llama 2 7B fine-tuning on one trn1.32xlarge: NxD's layout and autopart's")
@@ -24,13 +26,9 @@ print()
 print("| layout | plan | predicted step | tokens/s (per core) | MFU | peak per core |")
 print("|---|---|---|---|---|---|")
 for name, what in [("nxd-tp8-zero1", "NxD's tutorial: tp8, ZeRO-1"), ("free", "autopart's search")]:
-    text = (out / f"{name}.txt").read_text()
-    pred = re.search(r"predicted: step ([\d.,]+) s, ([\d,]+) tokens/s \(([\d,]+) per GPU\), MFU ([\d.]+%)", text)
-    peak = re.search(r"peak memory: ([\d.]+) of ([\d.]+) GiB", text)
-    cfg = re.search(r"config: (tp=\d+ pp=\d+ dp=\d+).*schedule (\S+), ZeRO (\d)", text)
-    rec = re.search(r"recompute: (.*)", text)
-    print(f"| {what} | {cfg.group(1)}, ZeRO-{cfg.group(3)}, recompute {rec.group(1)} | {pred.group(1)} s | "
-          f"{pred.group(2)} ({pred.group(3)}) | {pred.group(4)} | {peak.group(1)} of {peak.group(2)} GiB |")
+    r = compile_output.read(out / f"{name}.txt")
+    print(f"| {what} | {r['mesh']}, ZeRO-{r['zero']}, recompute {r['recompute']} | {r['step_text']} s | "
+          f"{r['tokens_s']} ({r['per_gpu']}) | {r['mfu']}% | {r['peak_text']} |")
 print()
 print("No measured throughput for this job was found to set against these (the examples take published figures only from their sources).")
 PY

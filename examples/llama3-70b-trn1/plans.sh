@@ -18,9 +18,11 @@ plan 32-nodes-tp8-pp8 "${n32[@]}" --tp 8 --pp 8
 plan 32-nodes-nxd "${n32[@]}" --tp 32 --pp 8 --dp 4
 plan 32-nodes-free "${n32[@]}"
 
-"$py" - "$outputs" <<'PY' >"$outputs/summary.md"
-import re, sys
+PYTHONPATH="$example/.." "$py" - "$outputs" <<'PY' >"$outputs/summary.md"
+import sys
 from pathlib import Path
+
+import compile_output
 
 out = Path(sys.argv[1])
 rows = [
@@ -38,25 +40,19 @@ print()
 print("| workload | layout asked | plan | predicted step | tokens/s (per core) | peak per core | measured |")
 print("|---|---|---|---|---|---|---|")
 for name, what, asked, measured in rows:
-    text = (out / f"{name}.txt").read_text()
-    pred = re.search(r"predicted: step ([\d.,]+) s, ([\d,]+) tokens/s \(([\d,]+) per GPU\)", text)
-    peak = re.search(r"peak memory: ([\d.]+) of ([\d.]+) GiB", text)
-    cfg = re.search(r"config: (tp=\d+ pp=\d+ dp=\d+).*schedule (\S+), ZeRO (\d)", text)
-    kv = re.search(r"kv heads: each copied (\d+) times", text)
-    mb = re.search(r"\((\d+) micro-batches of (\d+)\)", text)
-    if not pred:
-        why = re.search(r"error: (.*)", text)
-        print(f"| {what} | {asked} | no plan: {why.group(1) if why else '?'} | | | | |")
+    r = compile_output.read(out / f"{name}.txt")
+    if r["step_s"] is None:
+        print(f"| {what} | {asked} | no plan: {r['error'] or '?'} | | | | |")
         continue
-    plan = f"{cfg.group(1)}, {cfg.group(2)}, ZeRO-{cfg.group(3)}, {mb.group(1)} x {mb.group(2)} micro-batches"
-    if kv:
-        plan += f", kv heads x{kv.group(1)}"
+    plan = f"{r['mesh']}, {r['schedule']}, ZeRO-{r['zero']}, {r['n_micro']} x {r['micro']} micro-batches"
+    if r["kv"]:
+        plan += f", kv heads x{r['kv']}"
     versus = ""
     if measured:
-        got = float(pred.group(2).replace(",", ""))
+        got = float(r["tokens_s"].replace(",", ""))
         versus = f"{int(measured):,} tokens/s (AWS); predicted {(got - int(measured)) / int(measured) * 100:+.0f}%"
-    print(f"| {what} | {asked} | {plan} | {pred.group(1)} s | {pred.group(2)} ({pred.group(3)}) | "
-          f"{peak.group(1)} of {peak.group(2)} GiB | {versus} |")
+    print(f"| {what} | {asked} | {plan} | {r['step_text']} s | {r['tokens_s']} ({r['per_gpu']}) | "
+          f"{r['peak_text']} | {versus} |")
 print()
 print("Measured: AWS Neuron's trn1 training performance table (Llama 3.1 70B, TP=32 DP=4 PP=8, seq 8192,")
 print("BF16 autocast with an FP32 optimizer: 7.51 sequences/s = 61,522 tokens/s on 32 nodes). NxD's 16-node layout")
