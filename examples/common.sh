@@ -61,25 +61,6 @@ show() {
   "$@"
 }
 
-# `check PYTHON-EXPR ...`: fails the example unless the expression holds;
-# the further arguments are in `a` (a list of strings) and `j(i)` reads
-# a[i] as a JSON file, `jl(i)` as JSON lines.
-check() {
-  local expr="$1"
-  shift
-  "$py" - "$expr" "$@" <<'PY'
-import json, sys
-expr, a = sys.argv[1], sys.argv[2:]
-def j(i):
-    return json.load(open(a[i]))
-def jl(i):
-    return [json.loads(l) for l in open(a[i]) if l.strip()]
-if not eval(expr):
-    sys.exit(f"check failed: {expr} (with {a})")
-print(f"ok: {expr}", file=sys.stderr)
-PY
-}
-
 # The GPU-cluster part (plans.sh): `plan NAME FLAGS...` compiles without
 # building (`autopart compile FLAGS --no-build`) and keeps what it printed in
 # $outputs/NAME.txt, the command first; "no plan fits" is a result too.

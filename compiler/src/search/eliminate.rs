@@ -25,16 +25,37 @@ struct Factor {
 }
 
 impl Factor {
-    fn new(scope: Vec<usize>, dims: &[usize]) -> Factor {
+    /// The factor over `scope` whose entry for each assignment of it
+    /// (written into `pos`, positions into the allowed choices) is `cost`.
+    fn fill(
+        scope: Vec<usize>,
+        dims: &[usize],
+        pos: &mut [usize],
+        mut cost: impl FnMut(&[usize]) -> Ps,
+    ) -> Factor {
         let mut strides = vec![1; scope.len()];
         for i in (0..scope.len().saturating_sub(1)).rev() {
             strides[i] = strides[i + 1] * dims[scope[i + 1]];
         }
-        let size = scope.iter().map(|&v| dims[v]).product();
+        let size: usize = scope.iter().map(|&v| dims[v]).product();
+        for &v in &scope {
+            pos[v] = 0;
+        }
+        let mut table = Vec::with_capacity(size);
+        for _ in 0..size {
+            table.push(cost(pos));
+            for &v in scope.iter().rev() {
+                pos[v] += 1;
+                if pos[v] < dims[v] {
+                    break;
+                }
+                pos[v] = 0;
+            }
+        }
         Factor {
             scope,
             strides,
-            table: vec![0; size],
+            table,
         }
     }
 
@@ -46,26 +67,6 @@ impl Factor {
             .map(|(&v, &s)| pos[v] * s)
             .sum();
         self.table[i]
-    }
-
-    /// Calls `f` with every assignment of the scope (written into `pos`)
-    /// and its table index, in table order (the table itself may be taken
-    /// out meanwhile).
-    fn each(&self, dims: &[usize], pos: &mut [usize], mut f: impl FnMut(&[usize], usize)) {
-        for &v in &self.scope {
-            pos[v] = 0;
-        }
-        let size: usize = self.scope.iter().map(|&v| dims[v]).product();
-        for i in 0..size {
-            f(pos, i);
-            for &v in self.scope.iter().rev() {
-                pos[v] += 1;
-                if pos[v] < dims[v] {
-                    break;
-                }
-                pos[v] = 0;
-            }
-        }
     }
 }
 
@@ -93,12 +94,10 @@ pub fn solve(
     let mut pos = vec![0usize; n];
     let mut factors: Vec<Factor> = Vec::new();
     for (o, choices) in allowed.iter().enumerate() {
-        let mut f = Factor::new(vec![o], &dims);
-        for (k, &c) in choices.iter().enumerate() {
-            let ch = &seg.ops[o].choices[c];
-            f.table[k] = ch.fwd_ps.saturating_add(ch.bwd_ps);
-        }
-        factors.push(f);
+        factors.push(Factor::fill(vec![o], &dims, &mut pos, |pos| {
+            let ch = &seg.ops[o].choices[choices[pos[o]]];
+            ch.fwd_ps.saturating_add(ch.bwd_ps)
+        }));
     }
     let mut constant: Ps = 0;
     for t in &seg.tensors {
@@ -108,15 +107,16 @@ pub fn solve(
         }
         scope.sort_unstable();
         scope.dedup();
-        let mut f = Factor::new(scope, &dims);
-        if f.table.len() > max_entries {
+        let size = scope
+            .iter()
+            .map(|&v| dims[v])
+            .fold(1, usize::saturating_mul);
+        if size > max_entries {
             return None;
         }
-        let mut table = std::mem::take(&mut f.table);
-        f.each(&dims, &mut pos, |pos, i| {
-            table[i] = seg.tensor_cost(cluster, t, &|o| allowed[o][pos[o]]);
+        let f = Factor::fill(scope, &dims, &mut pos, |pos| {
+            seg.tensor_cost(cluster, t, &|o| allowed[o][pos[o]])
         });
-        f.table = table;
         if f.scope.is_empty() {
             constant = constant.saturating_add(f.table[0]);
         } else {
@@ -155,11 +155,9 @@ pub fn solve(
         let (bucket, rest): (Vec<Factor>, Vec<Factor>) =
             factors.into_iter().partition(|f| f.scope.contains(&v));
         factors = rest;
-        let mut merged = Factor::new(scope, &dims);
-        let mut table = std::mem::take(&mut merged.table);
-        merged.each(&dims, &mut pos, |pos, i| {
+        let merged = Factor::fill(scope, &dims, &mut pos, |pos| {
             let mut here = pos.to_vec();
-            table[i] = (0..dims[v])
+            (0..dims[v])
                 .map(|k| {
                     here[v] = k;
                     bucket
@@ -167,9 +165,8 @@ pub fn solve(
                         .fold(0 as Ps, |acc, f| acc.saturating_add(f.at(&here)))
                 })
                 .min()
-                .unwrap_or(0);
+                .unwrap_or(0)
         });
-        merged.table = table;
         if merged.scope.is_empty() {
             constant = constant.saturating_add(merged.table[0]);
         } else {
