@@ -19,7 +19,8 @@
 //! per-layer gradient streaming and ZeRO-3's per-layer gathers), `data` (the
 //! global batch: synthetic or from prepared or token files), `metrics`
 //! (per-step records, console line, JSON lines, resident memory),
-//! `checkpoint`, `malloc` (glibc's mmap threshold pinned, so that freed
+//! `checkpoint`, `profile` (the `autopart-profile` binary: times ops and
+//! collectives for `autopart profile`), `malloc` (glibc's mmap threshold pinned, so that freed
 //! tensors return to the system) and `app` (the `main` of a plan binary:
 //! flags, launcher checks, training loop).
 //!
@@ -40,6 +41,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod ops;
 pub mod optim;
+pub mod profile;
 pub mod program;
 /// The plan vocabulary shared with the compiler (`autopart-vocab`).
 pub use autopart_vocab as vocab;

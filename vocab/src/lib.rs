@@ -18,12 +18,15 @@
 //!   manifests, completion, listing, resume resolution, region reads).
 //! - [`data`]: the prepared-data format (`autopart data prepare` writes it,
 //!   the runtime reads rows of tokens, labels and loss mask).
+//! - [`profile`]: `autopart profile`'s raw measurements (the runtime's
+//!   profiler times ops and collectives, the compiler fits a cluster file).
 
 pub mod ckpt;
 pub mod data;
 pub mod fs;
 pub mod hash;
 pub mod launcher;
+pub mod profile;
 pub mod schedule;
 pub mod st;
 

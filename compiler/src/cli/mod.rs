@@ -16,7 +16,9 @@ mod eval;
 mod export;
 mod generate;
 mod launch;
+mod profile;
 mod run;
+mod tune;
 
 use crate::cost::load_cluster;
 use crate::driver::{self, BuildProfile, Observer, Pass, Request};
@@ -64,6 +66,11 @@ enum Command {
     /// Run a job and restart it when it fails: `autopart launch --max-restarts 3 --
     /// mpirun -np 8 autopart run OUT --checkpoint-dir ck --checkpoint-every 50 --resume auto`.
     Launch(launch::LaunchArgs),
+    /// Measure this machine (matmuls, attention, bandwidth-bound ops, the
+    /// fixed cost of an op, every collective) under the launcher and write
+    /// a cluster file for `compile --cluster FILE.ron`: `mpirun -np N
+    /// autopart profile --out FILE.ron [--quick]`.
+    Profile(Box<profile::ProfileArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -213,6 +220,22 @@ struct CompileArgs {
     /// ($AUTOPART_BUILD_PROFILE sets the default).
     #[arg(long, env = "AUTOPART_BUILD_PROFILE", default_value = "release")]
     build_profile: BuildProfile,
+    /// Build the K best predicted plans, train each a few steps under
+    /// --tune-launcher, and compile the one that measured fastest within
+    /// the device's memory; OUT/tune.md reports predicted against measured.
+    #[arg(long, value_name = "K")]
+    tune: Option<usize>,
+    /// Steps each tuned plan trains (the first is not timed).
+    #[arg(long, value_name = "N", default_value_t = 3, requires = "tune")]
+    tune_steps: u64,
+    /// The launcher of the tuning runs; {n} is the plan's process count.
+    #[arg(
+        long,
+        value_name = "COMMAND",
+        default_value = "mpirun -np {n}",
+        requires = "tune"
+    )]
+    tune_launcher: String,
 }
 
 fn trace(args: &TraceArgs) -> Result<()> {
@@ -315,7 +338,28 @@ fn compile(args: &CompileArgs) -> Result<()> {
         passes: &dump,
         to_stderr: args.json,
     };
-    let done = driver::compile(&req, &mut dumps)?;
+    let done = match args.tune {
+        Some(k) => {
+            let opts = tune::TuneOptions {
+                k,
+                steps: args.tune_steps,
+                launcher: args.tune_launcher.clone(),
+            };
+            let (tuned, done) = tune::tune(&req, &opts)?;
+            if !args.json {
+                println!("{}", tuned.report);
+                println!(
+                    "wrote {}; compiling plan {} of the {} tried into {}\n",
+                    tuned.report_path.display(),
+                    tuned.chosen + 1,
+                    tuned.tried.len(),
+                    args.out.display()
+                );
+            }
+            done
+        }
+        None => driver::compile(&req, &mut dumps)?,
+    };
     let (Some(searched), Some(planned)) = (&done.searched, &done.planned) else {
         // Stopped before the plan: the dumps were the output.
         return Ok(());
@@ -487,6 +531,7 @@ pub fn main() -> ExitCode {
         Command::Ckpt(args) => ckpt::ckpt(args),
         Command::Data(args) => data::data(args),
         Command::Launch(args) => launch::launch(args),
+        Command::Profile(args) => profile::profile(args),
         Command::Eval(args) => eval::eval(args),
         Command::Generate(args) => generate::generate(args),
     };

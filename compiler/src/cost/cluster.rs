@@ -12,6 +12,7 @@
 //! figure is a device's share of its node's NICs, so it already accounts for
 //! devices that share a NIC.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -99,6 +100,51 @@ pub struct Cluster {
     /// Whose memory behaviour the plan is priced on (default: ours).
     #[serde(default)]
     pub memory_stack: MemoryStack,
+    /// Fixed seconds of one op's forward beyond its roofline time (kernel
+    /// launch, libtorch dispatch and autograd bookkeeping); its backward
+    /// pays the op's backward factor of it. Default 0: on large GPU
+    /// workloads it hides behind the queue; `autopart profile` measures it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub op_overhead_s: f64,
+    /// Achieved bandwidth of single bandwidth-bound ops, by annotation name
+    /// (`rms_norm`, `rope`, `add`, ...), over the bytes of their inputs and
+    /// outputs: an op listed here is priced at its own rate instead of
+    /// `hbm_bytes_per_s · efficiency.memory_bound` (an RMSNorm in f32 runs
+    /// several passes, an add one). `autopart profile` measures them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub op_bandwidth_bytes_per_s: BTreeMap<String, f64>,
+    /// Achieved attention FLOP/s per dtype (the annotation files' count),
+    /// overriding `peak · efficiency.attention` (a CPU's bf16 attention can
+    /// be slower than its f32 one while its bf16 GEMMs are faster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_flops_per_s: Option<PeakFlops>,
+    /// Where the figures came from when `autopart profile` wrote the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured: Option<Measured>,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
+}
+
+/// The provenance `autopart profile` records: when, how and on what each
+/// figure was measured, or which preset it was taken from and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Measured {
+    /// UTC time the profiling started (RFC 3339).
+    pub at: String,
+    /// The command that measured (the launcher's process count with it).
+    pub command: String,
+    /// Host names, one per node.
+    pub hosts: Vec<String>,
+    /// Processes, and torch threads per process.
+    pub ranks: u32,
+    pub threads: u32,
+    /// The preset the figures that could not be measured came from.
+    pub base: String,
+    /// Figure (its path in this file) → how it was measured, or why not.
+    pub figures: BTreeMap<String, String>,
 }
 
 /// The training stack whose memory behaviour the memory model follows where
@@ -309,6 +355,30 @@ impl Cluster {
                 self.allocator_overhead
             ),
         );
+        check(
+            "op_overhead_s",
+            self.op_overhead_s.is_finite() && (0.0..1.0).contains(&self.op_overhead_s),
+            format!(
+                "must be a finite number of seconds in [0, 1), got {}",
+                self.op_overhead_s
+            ),
+        );
+        for (name, &bw) in &self.op_bandwidth_bytes_per_s {
+            check(
+                "op_bandwidth_bytes_per_s",
+                positive(bw),
+                format!("{name}: {}", must_be_positive(bw)),
+            );
+        }
+        if let Some(a) = &self.attention_flops_per_s {
+            for (field, value) in [
+                ("attention_flops_per_s.bf16", a.bf16),
+                ("attention_flops_per_s.fp16", a.fp16),
+                ("attention_flops_per_s.fp32", a.fp32),
+            ] {
+                check(field, positive(value), must_be_positive(value));
+            }
+        }
         let eff = &self.efficiency;
         for (field, value) in [
             ("efficiency.matmul", Some(eff.matmul)),
@@ -404,7 +474,20 @@ impl fmt::Display for Cluster {
             f,
             ", memory-bound {:.2}, collective {:.2}",
             eff.memory_bound, eff.collective
-        )
+        )?;
+        if self.op_overhead_s > 0.0 {
+            writeln!(f, "  op overhead      {:>9.1} us", self.op_overhead_s * 1e6)?;
+        }
+        if let Some(m) = &self.measured {
+            writeln!(
+                f,
+                "  measured         {} by `{}` on {}",
+                m.at,
+                m.command,
+                m.hosts.join(", ")
+            )?;
+        }
+        Ok(())
     }
 }
 

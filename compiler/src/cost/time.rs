@@ -51,6 +51,40 @@ pub fn compute_time(
     flops_s.max(bytes_s)
 }
 
+/// Seconds of one op's forward named `op` (its annotation name): as
+/// [`compute_time`], except that a bandwidth-bound op with a measured rate
+/// of its own (`Cluster::op_bandwidth_bytes_per_s`) and attention with
+/// measured FLOP/s (`Cluster::attention_flops_per_s`) use those, plus the
+/// cluster's fixed cost of an op (`Cluster::op_overhead_s`).
+pub fn op_time(
+    cluster: &Cluster,
+    op: &str,
+    flops: f64,
+    bytes: f64,
+    kind: ComputeKind,
+    dtype: DType,
+) -> f64 {
+    let roofline = match kind {
+        ComputeKind::MemoryBound => match cluster.op_bandwidth_bytes_per_s.get(op) {
+            Some(&bw) => {
+                let eff = &cluster.efficiency;
+                let flops_s = flops / (cluster.peak_flops_per_s.for_dtype(dtype) * eff.matmul);
+                flops_s.max(bytes / bw)
+            }
+            None => compute_time(cluster, flops, bytes, kind, dtype),
+        },
+        ComputeKind::Attention => match &cluster.attention_flops_per_s {
+            Some(rates) => {
+                let bytes_s = bytes / (cluster.hbm_bytes_per_s * cluster.efficiency.memory_bound);
+                (flops / rates.for_dtype(dtype)).max(bytes_s)
+            }
+            None => compute_time(cluster, flops, bytes, kind, dtype),
+        },
+        ComputeKind::Matmul => compute_time(cluster, flops, bytes, kind, dtype),
+    };
+    roofline + cluster.op_overhead_s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +156,61 @@ mod tests {
         assert_close(t32, 1e12 / (19.5e12 * 0.8));
         let t16 = compute_time(&cluster, 1e12, 0.0, ComputeKind::Matmul, DType::F16);
         assert_close(t16, 1e12 / (312e12 * 0.8));
+    }
+
+    #[test]
+    fn measured_op_rates_and_the_fixed_cost_override_the_roofline() {
+        let mut cluster = a100();
+        let bytes = 1e9;
+        let plain = op_time(
+            &cluster,
+            "rms_norm",
+            0.0,
+            bytes,
+            ComputeKind::MemoryBound,
+            DType::F32,
+        );
+        assert_close(
+            plain,
+            compute_time(&cluster, 0.0, bytes, ComputeKind::MemoryBound, DType::F32),
+        );
+        cluster
+            .op_bandwidth_bytes_per_s
+            .insert("rms_norm".into(), 1e11);
+        cluster.op_overhead_s = 1e-5;
+        let t = op_time(
+            &cluster,
+            "rms_norm",
+            0.0,
+            bytes,
+            ComputeKind::MemoryBound,
+            DType::F32,
+        );
+        assert_close(t, bytes / 1e11 + 1e-5);
+        // Other ops keep the cluster-wide bandwidth.
+        let add = op_time(
+            &cluster,
+            "add",
+            0.0,
+            bytes,
+            ComputeKind::MemoryBound,
+            DType::F32,
+        );
+        assert_close(add, plain + 1e-5);
+        cluster.attention_flops_per_s = Some(crate::cost::PeakFlops {
+            bf16: 1e12,
+            fp16: 2e12,
+            fp32: 4e12,
+        });
+        let att = op_time(
+            &cluster,
+            "attention",
+            1e12,
+            0.0,
+            ComputeKind::Attention,
+            DType::Bf16,
+        );
+        assert_close(att, 1.0 + 1e-5);
     }
 
     #[test]

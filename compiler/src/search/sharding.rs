@@ -39,7 +39,7 @@ use z3::ast::Bool;
 use z3::{Optimize, SatResult};
 
 use crate::anno::{Layout, partition};
-use crate::cost::{Cluster, Collective, ComputeKind, Group, collective_time, compute_time};
+use crate::cost::{Cluster, Collective, ComputeKind, Group, collective_time, op_time};
 use crate::ir::{Graph, OpId, OpKind, Role, TensorId};
 
 /// Picoseconds: the integer time unit of the sharding problem.
@@ -311,8 +311,9 @@ impl Segment {
                     .map(|(t, l)| local_bytes(tensor_bytes(t), *l, ctx.tp))
                     .sum();
                 let bytes = bytes + materialized_attention_bytes(ctx, op, &split);
-                let fwd = compute_time(
+                let fwd = op_time(
                     ctx.cluster,
+                    op.kind.name(),
                     local_flops,
                     bytes,
                     compute_kind(&op.kind),

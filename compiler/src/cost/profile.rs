@@ -1,0 +1,601 @@
+//! Fitting a cluster file to `autopart profile`'s measurements.
+//!
+//! The runtime's profiler ([`autopart_vocab::profile::Raw`]) times ops and
+//! collectives; this module turns the samples into the figures a
+//! [`Cluster`] holds by inverting the formulas that price plans
+//! ([`super::time::compute_time`] plus [`Cluster::op_overhead_s`] per op,
+//! backward at the op's backward factor; [`super::collective`]'s ring
+//! formulas), so that a profiled cluster predicts what it measured:
+//!
+//! - `op_overhead_s`: a chain of tiny ops (a Llama layer's op mix on 1×4×64
+//!   tensors) forward plus backward, divided by the ops and by 1 + 2 (an
+//!   op's forward and its backward at twice the forward);
+//! - `peak_flops_per_s.<dtype>`: the median `linear` of that dtype over the
+//!   shapes, forward plus backward with the fixed cost taken off, at 3× the
+//!   forward FLOPs, with `efficiency.matmul` 1 (the rate is the achieved one);
+//! - `efficiency.attention`: the median f32 attention at 1 + 2.5 times its
+//!   forward FLOPs (FlashAttention-2's backward factor) over the f32 peak;
+//! - `hbm_bytes_per_s`: the median bandwidth-bound op at 3× its forward
+//!   bytes, `efficiency.memory_bound` 1;
+//! - links ([`fit_link`]): over every collective of the world group (one
+//!   node) or of one rank per node (across nodes), bandwidth from the
+//!   messages of 1 MiB and up, latency from the smallest, with
+//!   `efficiency.collective` 1 (the fitted bandwidth is the achieved one);
+//! - memory: the host's memory over the ranks on it (CPU ranks share it).
+//!
+//! What cannot be measured (the inter-node link on one node, the memory
+//! reserve, the allocator's slack) comes from a base preset, and the file
+//! says so figure by figure ([`Measured::figures`]).
+
+use std::collections::BTreeMap;
+
+use autopart_vocab::profile::{CollectiveKind, CollectiveSample, ComputeClass, Raw};
+
+use super::cluster::{Cluster, Measured};
+use super::collective::{Collective, Group, collective_time};
+
+/// The fitted cluster and the fit's per-sample report.
+#[derive(Debug)]
+pub struct Fitted {
+    pub cluster: Cluster,
+    /// One line per sample: what ran, measured and as the fitted cluster
+    /// prices it.
+    pub rows: Vec<FitRow>,
+}
+
+/// One sample against the fitted cluster.
+#[derive(Debug, Clone)]
+pub struct FitRow {
+    pub what: String,
+    pub measured_s: f64,
+    pub predicted_s: f64,
+}
+
+impl FitRow {
+    pub fn error(&self) -> f64 {
+        self.predicted_s / self.measured_s - 1.0
+    }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    })
+}
+
+/// Backward as a multiple of forward, as the search prices it.
+fn backward_factor(class: ComputeClass) -> f64 {
+    match class {
+        ComputeClass::Attention => 2.5,
+        _ => 2.0,
+    }
+}
+
+fn to_collective(kind: CollectiveKind) -> Collective {
+    match kind {
+        CollectiveKind::AllReduce => Collective::AllReduce,
+        CollectiveKind::AllGather => Collective::AllGather,
+        CollectiveKind::ReduceScatter => Collective::ReduceScatter,
+        CollectiveKind::AllToAll => Collective::AllToAll,
+        CollectiveKind::Broadcast => Collective::Broadcast,
+        CollectiveKind::SendRecv => Collective::SendRecv,
+    }
+}
+
+/// Coefficients (of latency, of bytes / bandwidth) of a flat ring of `n`.
+fn ring_coefficients(kind: CollectiveKind, n: f64) -> (f64, f64) {
+    let steps = n - 1.0;
+    match kind {
+        CollectiveKind::AllReduce => (2.0 * steps, 2.0 * steps / n),
+        CollectiveKind::AllGather | CollectiveKind::ReduceScatter | CollectiveKind::AllToAll => {
+            (steps, steps / n)
+        }
+        CollectiveKind::Broadcast => (steps, 1.0),
+        CollectiveKind::SendRecv => (1.0, 1.0),
+    }
+}
+
+/// Latency and bandwidth of `t = a·L + c·S/B` over `samples` (flat
+/// rings): the bandwidth by least squares on relative error over the
+/// messages of at least 1 MiB (what gradient buckets and activations
+/// move; below that caches flatter the rate), the latency as the median
+/// of what the smallest messages leave after their bytes; twice, each
+/// with the other's estimate. `None` with no samples.
+pub fn fit_link(samples: &[&CollectiveSample]) -> Option<(f64, f64)> {
+    const LARGE: f64 = (1u64 << 20) as f64;
+    if samples.is_empty() {
+        return None;
+    }
+    let smallest = samples
+        .iter()
+        .map(|s| s.bytes)
+        .fold(f64::INFINITY, f64::min);
+    let large: Vec<&&CollectiveSample> = samples
+        .iter()
+        .filter(|s| s.bytes >= LARGE.min(samples.iter().map(|s| s.bytes).fold(0.0, f64::max)))
+        .collect();
+    let (mut latency, mut inv_bw) = (0.0, 0.0);
+    for _ in 0..3 {
+        // Minimise sum ((c·S·x + a·L - t) / t)^2 over x = 1/B.
+        let (mut num, mut den) = (0.0, 0.0);
+        for s in &large {
+            let (a, c) = ring_coefficients(s.kind, f64::from(s.size));
+            let y = c * s.bytes / s.seconds;
+            num += y * (1.0 - a * latency / s.seconds);
+            den += y * y;
+        }
+        inv_bw = (num / den).max(1e-15);
+        let rest: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.bytes == smallest)
+            .map(|s| {
+                let (a, c) = ring_coefficients(s.kind, f64::from(s.size));
+                ((s.seconds - c * s.bytes * inv_bw) / a).max(0.0)
+            })
+            .collect();
+        latency = median(rest).unwrap_or(0.0);
+    }
+    Some((latency, 1.0 / inv_bw))
+}
+
+/// Fits `base`'s figures to `raw`; `command` is recorded as how they were
+/// measured.
+pub fn fit(raw: &Raw, base: &Cluster, base_name: &str, command: &str) -> Result<Fitted, String> {
+    let mut c = base.clone();
+    let mut figures: BTreeMap<String, String> = BTreeMap::new();
+    let ranks = raw.ranks.max(1);
+    let nodes = raw.nodes();
+    let per_node = ranks.div_ceil(nodes.len().max(1) as u32);
+    let at = rfc3339(raw.started_unix_s);
+    let how = |what: &str| format!("measured {at}: {what}");
+    let by_class = |class| raw.compute.iter().filter(move |s| s.class == class);
+
+    c.name = format!("profiled-{}", nodes.first().copied().unwrap_or("host"));
+    c.devices_per_node = per_node;
+    figures.insert(
+        "devices_per_node".into(),
+        how(&format!("{ranks} ranks on {} host(s)", nodes.len())),
+    );
+
+    // Fixed cost per op.
+    let overhead: Vec<f64> = by_class(ComputeClass::Overhead)
+        .map(|s| s.fwd_bwd_s / (f64::from(s.ops.max(1)) * 3.0))
+        .collect();
+    let o = median(overhead).ok_or("the profile has no fixed-cost (overhead) sample")?;
+    c.op_overhead_s = o;
+    figures.insert(
+        "op_overhead_s".into(),
+        how(&format!(
+            "a Llama layer's op mix on tiny tensors, forward + backward over 3 x its ops ({:.1} us)",
+            o * 1e6
+        )),
+    );
+
+    // Matmul rates with the fixed cost taken off.
+    let rate = |s: &autopart_vocab::profile::ComputeSample| {
+        let f = 1.0 + backward_factor(s.class);
+        let t = (s.fwd_bwd_s - f * o).max(s.fwd_bwd_s * 0.05);
+        f * s.flops / t
+    };
+    let rates_of = |dtype: &str| -> Vec<f64> {
+        by_class(ComputeClass::Matmul)
+            .filter(|s| s.dtype == dtype)
+            .map(rate)
+            .collect()
+    };
+    // One rate per dtype: the median over the model families' shapes (a
+    // GEMM's rate varies with its shape by 2x on a CPU; the median is the
+    // rate a layer's mix of them gets), efficiency 1.
+    let mut peak32 = f64::NAN;
+    for (dtype, field) in [("f32", "fp32"), ("bf16", "bf16"), ("f16", "fp16")] {
+        let rates = rates_of(dtype);
+        let note = match median(rates.clone()) {
+            Some(rate) => {
+                match dtype {
+                    "f32" => {
+                        c.peak_flops_per_s.fp32 = rate;
+                        peak32 = rate;
+                    }
+                    "bf16" => c.peak_flops_per_s.bf16 = rate,
+                    _ => c.peak_flops_per_s.fp16 = rate,
+                }
+                let lo = rates.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = rates.iter().copied().fold(0.0, f64::max);
+                how(&format!(
+                    "median of {} {dtype} linears (forward + backward at 3x the forward FLOPs, fixed cost off; {:.1} to {:.1} GFLOP/s)",
+                    rates.len(),
+                    lo / 1e9,
+                    hi / 1e9
+                ))
+            }
+            None => format!("not measured: from preset {base_name}"),
+        };
+        figures.insert(format!("peak_flops_per_s.{field}"), note);
+    }
+    if !peak32.is_finite() {
+        return Err("the profile has no f32 linear sample".into());
+    }
+    c.efficiency.matmul = 1.0;
+    figures.insert(
+        "efficiency.matmul".into(),
+        "1: the peaks are the measured rates".into(),
+    );
+
+    // Attention, in the annotation files' FLOPs, per dtype (a dtype not
+    // measured runs at the f32 rate).
+    let att_rate = |dtype: &str| -> (Option<f64>, usize) {
+        let rates: Vec<f64> = by_class(ComputeClass::Attention)
+            .filter(|s| s.dtype == dtype)
+            .map(rate)
+            .collect();
+        (median(rates.clone()), rates.len())
+    };
+    if let (Some(a32), n32) = att_rate("f32") {
+        let mut rates = crate::cost::PeakFlops {
+            bf16: a32,
+            fp16: a32,
+            fp32: a32,
+        };
+        c.efficiency.attention = Some((a32 / peak32).clamp(1e-3, 1.0));
+        figures.insert(
+            "efficiency.attention".into(),
+            how(
+                "the f32 attention rate over the f32 linear rate (attention_flops_per_s prices it)",
+            ),
+        );
+        for (dtype, field) in [("f32", "fp32"), ("bf16", "bf16"), ("f16", "fp16")] {
+            let (r, n) = if dtype == "f32" {
+                (Some(a32), n32)
+            } else {
+                att_rate(dtype)
+            };
+            let note = match r {
+                Some(r) => {
+                    match dtype {
+                        "bf16" => rates.bf16 = r,
+                        "f16" => rates.fp16 = r,
+                        _ => {}
+                    }
+                    how(&format!(
+                        "median of {n} {dtype} causal attentions (4·b·l·s·h·d FLOPs, backward 2.5x, fixed cost off)"
+                    ))
+                }
+                None => "not measured: the f32 rate".into(),
+            };
+            figures.insert(format!("attention_flops_per_s.{field}"), note);
+        }
+        c.attention_flops_per_s = Some(rates);
+    }
+
+    // Bandwidth-bound ops: each op at its own median rate over the sizes,
+    // the median of all as the rate of ops not measured.
+    let mb_rate = |s: &autopart_vocab::profile::ComputeSample| {
+        let t = (s.fwd_bwd_s - 3.0 * o).max(s.fwd_bwd_s * 0.05);
+        3.0 * s.bytes / t
+    };
+    let f32_mb: Vec<&autopart_vocab::profile::ComputeSample> = by_class(ComputeClass::MemoryBound)
+        .filter(|s| s.dtype == "f32")
+        .collect();
+    let Some(hbm) = median(f32_mb.iter().map(|s| mb_rate(s)).collect()) else {
+        return Err("the profile has no f32 bandwidth-bound sample".into());
+    };
+    c.hbm_bytes_per_s = hbm;
+    c.efficiency.memory_bound = 1.0;
+    figures.insert(
+        "hbm_bytes_per_s".into(),
+        how(&format!(
+            "median of {} f32 bandwidth-bound ops (3x the forward bytes, fixed cost off): the rate of ops not in op_bandwidth_bytes_per_s",
+            f32_mb.len()
+        )),
+    );
+    figures.insert(
+        "efficiency.memory_bound".into(),
+        "1: the bandwidth is the measured one".into(),
+    );
+    let mut names: Vec<&str> = f32_mb.iter().map(|s| s.op.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    for name in names {
+        let rates: Vec<f64> = f32_mb
+            .iter()
+            .filter(|s| s.op == name)
+            .map(|s| mb_rate(s))
+            .collect();
+        if let Some(r) = median(rates.clone()) {
+            c.op_bandwidth_bytes_per_s.insert(name.to_owned(), r);
+            figures.insert(
+                format!("op_bandwidth_bytes_per_s.{name}"),
+                how(&format!(
+                    "median of {} f32 sizes, forward + backward at 3x the forward bytes",
+                    rates.len()
+                )),
+            );
+        }
+    }
+
+    // Links. The base's collective efficiency is folded into its
+    // bandwidths, so that efficiency.collective 1 keeps an unmeasured link
+    // as fast as the base priced it.
+    let base_eff = base.efficiency.collective;
+    c.efficiency.collective = 1.0;
+    c.intra_node.bandwidth_bytes_per_s = base.intra_node.bandwidth_bytes_per_s * base_eff;
+    c.inter_node.bandwidth_bytes_per_s = base.inter_node.bandwidth_bytes_per_s * base_eff;
+    figures.insert(
+        "efficiency.collective".into(),
+        "1: the link bandwidths are the achieved ones".into(),
+    );
+    let intra: Vec<&CollectiveSample> = raw
+        .collectives
+        .iter()
+        .filter(|s| s.nodes == 1 && s.size > 1)
+        .collect();
+    let inter: Vec<&CollectiveSample> = raw
+        .collectives
+        .iter()
+        .filter(|s| s.nodes > 1 && s.ranks_per_node == 1)
+        .collect();
+    for (label, samples, link) in [
+        ("intra_node", &intra, &mut c.intra_node),
+        ("inter_node", &inter, &mut c.inter_node),
+    ] {
+        match fit_link(samples) {
+            Some((latency, bandwidth)) => {
+                link.latency_s = latency;
+                link.bandwidth_bytes_per_s = bandwidth;
+                let sizes: Vec<f64> = samples.iter().map(|s| s.bytes).collect();
+                let lo = sizes.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = sizes.iter().copied().fold(0.0, f64::max);
+                let text = how(&format!(
+                    "{} samples (6 collectives, {} to {} bytes, {} ranks): bandwidth by least squares over those of 1 MiB and up, latency from the smallest",
+                    samples.len(),
+                    lo,
+                    hi,
+                    samples[0].size
+                ));
+                figures.insert(format!("{label}.bandwidth_bytes_per_s"), text.clone());
+                figures.insert(format!("{label}.latency_s"), text);
+            }
+            None => {
+                let why = if label == "intra_node" {
+                    "one process per node"
+                } else {
+                    "one node"
+                };
+                let text = format!(
+                    "not measured ({why}): from preset {base_name} (bandwidth x its collective efficiency {base_eff})"
+                );
+                figures.insert(format!("{label}.bandwidth_bytes_per_s"), text.clone());
+                figures.insert(format!("{label}.latency_s"), text);
+            }
+        }
+    }
+
+    // Memory: CPU ranks share the host's memory.
+    match raw.host_memory_bytes {
+        Some(total) if raw.device == "cpu" => {
+            c.memory_bytes = total / u64::from(per_node.max(1));
+            if c.memory_reserve_bytes >= c.memory_bytes {
+                c.memory_reserve_bytes = c.memory_bytes / 8;
+            }
+            figures.insert(
+                "memory_bytes".into(),
+                how(&format!(
+                    "MemTotal {total} bytes over {per_node} ranks per host"
+                )),
+            );
+        }
+        _ => {
+            figures.insert(
+                "memory_bytes".into(),
+                format!("not measured: from preset {base_name}"),
+            );
+        }
+    }
+    for field in [
+        "memory_reserve_bytes",
+        "allocator_overhead",
+        "attention_kernel",
+        "memory_stack",
+    ] {
+        figures.insert(
+            field.into(),
+            format!("not measured: from preset {base_name}"),
+        );
+    }
+    c.measured = Some(Measured {
+        at,
+        command: command.to_owned(),
+        hosts: nodes.iter().map(|h| (*h).to_owned()).collect(),
+        ranks,
+        threads: raw.threads,
+        base: base_name.to_owned(),
+        figures,
+    });
+    c.validate("the profiled cluster")
+        .map_err(|e| format!("the fit gave an invalid cluster: {e}"))?;
+    let rows = report(raw, &c);
+    Ok(Fitted { cluster: c, rows })
+}
+
+/// Every sample as the fitted cluster prices it.
+fn report(raw: &Raw, c: &Cluster) -> Vec<FitRow> {
+    use super::time::{ComputeKind, op_time};
+    let mut rows = Vec::new();
+    for s in &raw.compute {
+        let dtype = match s.dtype.as_str() {
+            "bf16" => crate::ir::DType::Bf16,
+            "f16" => crate::ir::DType::F16,
+            _ => crate::ir::DType::F32,
+        };
+        let kind = match s.class {
+            ComputeClass::Matmul => ComputeKind::Matmul,
+            ComputeClass::Attention => ComputeKind::Attention,
+            _ => ComputeKind::MemoryBound,
+        };
+        let fwd = if s.class == ComputeClass::Overhead {
+            f64::from(s.ops) * c.op_overhead_s
+        } else {
+            op_time(c, &s.op, s.flops, s.bytes, kind, dtype)
+        };
+        rows.push(FitRow {
+            what: format!("{} (forward + backward)", s.name),
+            measured_s: s.fwd_bwd_s,
+            predicted_s: fwd * (1.0 + backward_factor(s.class)),
+        });
+    }
+    for s in &raw.collectives {
+        let group = if s.nodes <= 1 {
+            Group::within_node(s.size)
+        } else {
+            // One rank per node: stride a node; k per node: stride 1.
+            Group::placed(c, s.size, c.devices_per_node / s.ranks_per_node.max(1))
+        };
+        rows.push(FitRow {
+            what: format!(
+                "{} {} B over {} ranks on {} node(s)",
+                s.kind.name(),
+                s.bytes,
+                s.size,
+                s.nodes
+            ),
+            measured_s: s.seconds,
+            predicted_s: collective_time(c, to_collective(s.kind), &group, s.bytes),
+        });
+    }
+    rows
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of a Unix time (civil-from-days, proleptic
+/// Gregorian).
+pub fn rfc3339(unix_s: u64) -> String {
+    let days = (unix_s / 86_400) as i64;
+    let secs = unix_s % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cost::cluster::load_cluster;
+    use autopart_vocab::profile::{ComputeSample, FORMAT_VERSION};
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_796_169_600 + 3661), "2026-12-02T01:01:01Z");
+    }
+
+    /// Samples made from a known cluster are fitted back to it.
+    #[test]
+    fn fit_recovers_a_synthetic_machine() {
+        let (peak, eff, hbm, o, lat, bw) = (50e9, 1.0, 10e9, 20e-6, 8e-6, 3e9);
+        let sample = |class, name: &str, flops: f64, bytes: f64, ops: u32| {
+            let op = name.to_owned();
+            let f = 1.0 + backward_factor(class);
+            let t = (flops / (peak * eff)).max(bytes / hbm) + f64::from(ops) * o;
+            ComputeSample {
+                class,
+                op,
+                name: name.into(),
+                dtype: "f32".into(),
+                flops,
+                bytes,
+                ops,
+                fwd_s: t,
+                fwd_bwd_s: f * t,
+            }
+        };
+        let mut compute = vec![
+            sample(ComputeClass::Overhead, "tiny", 0.0, 0.0, 240),
+            sample(ComputeClass::Attention, "att", 1e9, 1e6, 1),
+            sample(ComputeClass::MemoryBound, "add", 1e6, 1e8, 1),
+        ];
+        for n in [256.0, 1024.0] {
+            compute.push(sample(
+                ComputeClass::Matmul,
+                "mm",
+                2.0 * 512.0 * n * n,
+                1e3,
+                1,
+            ));
+        }
+        let mut collectives = Vec::new();
+        for kind in CollectiveKind::ALL {
+            for bytes in [4096.0, 1e6, 6.4e7] {
+                let (a, c) = ring_coefficients(kind, 2.0);
+                collectives.push(CollectiveSample {
+                    kind,
+                    size: 2,
+                    nodes: 1,
+                    ranks_per_node: 2,
+                    bytes,
+                    seconds: a * lat + c * bytes / bw,
+                });
+            }
+        }
+        let raw = Raw {
+            format_version: FORMAT_VERSION,
+            started_unix_s: 1_796_169_600,
+            seconds: 60.0,
+            ranks: 2,
+            hosts: vec!["box".into(), "box".into()],
+            threads: 1,
+            device: "cpu".into(),
+            launcher: None,
+            host_memory_bytes: Some(24 << 30),
+            budget_s: 0.1,
+            compute,
+            collectives,
+        };
+        let base = load_cluster("cpu").expect("cpu preset");
+        let fitted = fit(&raw, &base, "cpu", "mpirun -np 2 autopart profile").expect("fits");
+        let c = &fitted.cluster;
+        let close = |a: f64, b: f64| (a / b - 1.0).abs() < 1e-6;
+        assert!(close(c.op_overhead_s, o), "{}", c.op_overhead_s);
+        assert!(
+            close(c.peak_flops_per_s.fp32, peak),
+            "{}",
+            c.peak_flops_per_s.fp32
+        );
+        assert!(close(c.hbm_bytes_per_s, hbm));
+        assert!(
+            close(c.intra_node.latency_s, lat),
+            "{}",
+            c.intra_node.latency_s
+        );
+        assert!(close(c.intra_node.bandwidth_bytes_per_s, bw));
+        assert_eq!(c.devices_per_node, 2);
+        assert_eq!(c.memory_bytes, 12 << 30);
+        for row in &fitted.rows {
+            assert!(row.error().abs() < 1e-6, "{}: {}", row.what, row.error());
+        }
+        let m = c.measured.as_ref().expect("provenance");
+        assert!(m.figures["inter_node.latency_s"].contains("not measured (one node)"));
+        assert!(m.figures["op_overhead_s"].starts_with("measured 2026-12-02T00:00:00Z"));
+        // The file it writes reads back as the same cluster.
+        let text = c.to_ron_string().expect("serializes");
+        assert_eq!(&Cluster::from_ron_str(&text, "x").expect("reads back"), c);
+    }
+}
