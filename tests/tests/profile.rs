@@ -146,7 +146,7 @@ fn tune_trains_the_top_plans_and_compiles_the_measured_best() {
             "--tune-steps",
             "2",
             "--tune-launcher",
-            "mpirun --allow-run-as-root --oversubscribe --bind-to none -np {n}",
+            "mpirun --allow-run-as-root --oversubscribe --bind-to none -np {np}",
         ]
         .map(String::from),
     );

@@ -228,11 +228,11 @@ struct CompileArgs {
     /// Steps each tuned plan trains (the first is not timed).
     #[arg(long, value_name = "N", default_value_t = 3, requires = "tune")]
     tune_steps: u64,
-    /// The launcher of the tuning runs; {n} is the plan's process count.
+    /// The launcher of the tuning runs; {np} is the plan's process count.
     #[arg(
         long,
         value_name = "COMMAND",
-        default_value = "mpirun -np {n}",
+        default_value = "mpirun -np {np}",
         requires = "tune"
     )]
     tune_launcher: String,

@@ -29,7 +29,7 @@ pub struct TuneOptions {
     pub k: usize,
     /// Steps each plan trains (the first is not timed).
     pub steps: u64,
-    /// The launcher, `{n}` standing for the plan's process count.
+    /// The launcher, `{np}` standing for the plan's process count.
     pub launcher: String,
 }
 
@@ -113,10 +113,10 @@ fn launch_command(
 ) -> Result<Command> {
     let words: Vec<String> = launcher
         .split_whitespace()
-        .map(|w| w.replace("{n}", &n.to_string()))
+        .map(|w| w.replace("{np}", &n.to_string()))
         .collect();
     let Some((program, args)) = words.split_first() else {
-        bail!("--tune-launcher is empty (expected e.g. \"mpirun -np {{n}}\")");
+        bail!("--tune-launcher is empty (expected e.g. \"mpirun -np {{np}}\")");
     };
     let autopart = std::env::current_exe().context("locating the autopart binary")?;
     let mut cmd = Command::new(program);
@@ -414,7 +414,7 @@ mod tests {
     #[test]
     fn launcher_words_take_the_process_count() {
         let cmd = launch_command(
-            "mpirun --oversubscribe -np {n}",
+            "mpirun --oversubscribe -np {np}",
             4,
             Path::new("o"),
             3,
