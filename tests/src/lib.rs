@@ -97,6 +97,9 @@ pub struct StepMetrics {
     pub grad_norm: f64,
     pub step_s: f64,
     pub tokens_per_s: f64,
+    /// Updates skipped so far (non-finite steps; f16 overflows while the
+    /// loss scale finds its level).
+    pub skipped_steps: u64,
 }
 
 /// Reads a metrics file: one JSON object per line per step.
@@ -117,9 +120,15 @@ pub fn read_metrics(path: &Path) -> Result<Vec<StepMetrics>> {
             Ok(StepMetrics {
                 step: num("step")? as u64,
                 loss: num("loss")?,
-                grad_norm: num("grad_norm")?,
+                // null on a step whose update was skipped (non-finite).
+                grad_norm: if v["grad_norm"].is_null() {
+                    f64::NAN
+                } else {
+                    num("grad_norm")?
+                },
                 step_s: num("step_s")?,
                 tokens_per_s: num("tokens_per_s")?,
+                skipped_steps: num("skipped_steps")? as u64,
             })
         })
         .collect()

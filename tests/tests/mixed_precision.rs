@@ -6,29 +6,36 @@
 //! **Tolerance.** Every run trains 20 steps from seed 7 on a learnable token
 //! stream at lr 1e-2, 8 sequences of 16 tokens per step, so the loss falls
 //! from 5.56 to about 3.7, by up to 0.2 a step. bf16 keeps 8 bits of
-//! mantissa (each op's result within 2^-9 relative); the f32 master weights
-//! take every update in full, so the rounding does not accumulate in the
-//! weights, but it moves the trajectory: a run slightly ahead or behind the
-//! fp32 one differs most where the loss falls fastest. Measured (this file's
-//! plans): at most 4.6% at any step for bf16 and 1.5% for f16, and the
-//! loss's fall over the 20 steps within 4% of fp32's. The bounds are about
-//! twice that: each step's loss within [`BF16_RTOL`] (8%) / [`F16_RTOL`]
-//! (4%) of fp32's, the fall within [`DROP_RTOL`] (8%). A run that trained
-//! in fp32 after all would match bit for bit and fails; so would one whose
-//! saved weights are not in the plan's dtype.
+//! mantissa (each op's result within 2^-9 relative), f16 11; the f32 master
+//! weights take every update in full, so the rounding does not accumulate in
+//! the weights, but it moves the trajectory: a run slightly ahead or behind
+//! the fp32 one differs most where the loss falls fastest, and by how much
+//! depends on the CPU's kernels as much as on the dtype. Measured: at most
+//! 4.6% at any step for bf16 and 1.5% for f16 on this project's AVX-512
+//! EPYC, 4.2% for f16 in one CI run on another machine, and the loss's fall
+//! over the 20 steps within 4% of fp32's. The bounds are about twice that:
+//! each step's loss within [`LOSS_RTOL`] (8%) of fp32's, the fall within
+//! [`DROP_RTOL`] (8%). A run that trained in fp32 after all would match bit
+//! for bit and fails; so would one whose saved weights are not in the plan's
+//! dtype.
 //!
-//! f16 scales the loss dynamically from 2^16; llama-mini's gradients stay
-//! within f16's range at that scale, so no step overflows here (the back-off
-//! and growth are `runtime/src/zero.rs`'s unit tests).
+//! f16 scales the loss dynamically from 2^16. llama-mini's largest gradients
+//! sit near f16's range at that scale, so an early step may overflow on some
+//! CPUs (none does here). A skipped update leaves the run one update behind
+//! fp32 (measured with the scale forced to start at 2^17, one skip at step
+//! 5: 7.3% at the worst step, the fall within 5.3%), so at most
+//! [`MAX_SKIPPED`] skips are allowed (the back-off and growth themselves are
+//! `runtime/src/zero.rs`'s unit tests).
 
 use std::path::Path;
 
 use autopart_tests::{StepMetrics, autopart, compile_args, read_safetensors, train_run};
 
 const STEPS: u32 = 20;
-const BF16_RTOL: f64 = 0.08;
-const F16_RTOL: f64 = 0.04;
+const LOSS_RTOL: f64 = 0.08;
 const DROP_RTOL: f64 = 0.08;
+/// f16 updates that may be skipped while the loss scale finds its level.
+const MAX_SKIPPED: u64 = 2;
 
 /// Compiles llama-mini into `out` in `dtype` with `extra` arguments.
 fn compile_in(out: &Path, dtype: &str, extra: &[&str]) {
@@ -102,15 +109,24 @@ fn tracks_fp32(
         .unwrap_or_else(|e| panic!("train {name}: {e:#}"));
     let got = &run.metrics;
     assert_eq!(got.len(), want.len(), "{name}: steps");
+    let skipped = got.last().map_or(0, |m| m.skipped_steps);
+    assert!(
+        skipped <= MAX_SKIPPED,
+        "{name}: {skipped} updates skipped (at most {MAX_SKIPPED} expected)"
+    );
     let mut worst = 0.0f64;
     for (g, w) in got.iter().zip(want) {
         let rel = (g.loss - w.loss).abs() / w.loss.abs();
         assert!(
             rel <= rtol,
-            "{name}: step {} loss {} vs fp32 {} ({rel:.2e} > {rtol})",
+            "{name}: step {} loss {} vs fp32 {} ({rel:.2e} > {rtol})\n{name} (loss, skipped so far): {:?}\nfp32: {:?}",
             g.step,
             g.loss,
-            w.loss
+            w.loss,
+            got.iter()
+                .map(|m| (m.loss, m.skipped_steps))
+                .collect::<Vec<_>>(),
+            want.iter().map(|m| m.loss).collect::<Vec<_>>()
         );
         worst = worst.max(rel);
     }
@@ -152,7 +168,7 @@ fn dtype_name(flag: &str) -> &str {
 
 /// bf16 on one process, at tp2 x pp2 (bf16 activations and gradients over
 /// pp, tp collectives on bf16) and at dp2 under ZeRO-3 with gradients
-/// reduced in bf16; each tracks the fp32 run within [`BF16_RTOL`].
+/// reduced in bf16; each tracks the fp32 run within [`LOSS_RTOL`].
 #[test]
 fn bf16_plans_track_the_fp32_run() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -163,7 +179,7 @@ fn bf16_plans_track_the_fp32_run() {
         "bf16",
         &["--plan-ngpus", "1"],
         &want,
-        BF16_RTOL,
+        LOSS_RTOL,
     );
     let console = tracks_fp32(
         dir.path(),
@@ -171,7 +187,7 @@ fn bf16_plans_track_the_fp32_run() {
         "bf16",
         &["--plan-ngpus", "4", "--tp", "2", "--pp", "2", "--dp", "1"],
         &want,
-        BF16_RTOL,
+        LOSS_RTOL,
     );
     assert!(console.contains("gradients reduced in f32"), "{console}");
     let console = tracks_fp32(
@@ -191,13 +207,13 @@ fn bf16_plans_track_the_fp32_run() {
             "bf16",
         ],
         &want,
-        BF16_RTOL,
+        LOSS_RTOL,
     );
     assert!(console.contains("gradients reduced in bf16"), "{console}");
 }
 
 /// f16 at dp2 (ZeRO-0: whole f32 master copies) with dynamic loss scaling
-/// tracks the fp32 run within [`F16_RTOL`].
+/// tracks the fp32 run within [`LOSS_RTOL`].
 #[test]
 fn f16_with_dynamic_loss_scaling_tracks_the_fp32_run() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -208,7 +224,7 @@ fn f16_with_dynamic_loss_scaling_tracks_the_fp32_run() {
         "fp16",
         &["--plan-ngpus", "2", "--tp", "1", "--dp", "2", "--zero", "0"],
         &want,
-        F16_RTOL,
+        LOSS_RTOL,
     );
     assert!(
         console.contains("dynamic loss scale from 65536"),
