@@ -1525,10 +1525,12 @@ fn train(
         opt.gather_for_step(stage.params_mut(), g.dp)?;
         // Every rank reads the same global batch, so all agree on this.
         let all_masked = loss_tokens == 0;
+        let (mut forward_backward_s, mut optimizer_s) = (0.0, 0.0);
         let (loss, stats) = if all_masked {
             (f64::NAN, opt.skip(stage.params_mut())?)
         } else {
             let hooks = opt.hooks(stage.params(), &g);
+            let t_fb = Instant::now();
             let loss = program::forward_backward_with(
                 stage.as_mut(),
                 &plan,
@@ -1538,16 +1540,19 @@ fn train(
                 opt.loss_scale(),
             )?;
             drop(hooks);
+            forward_backward_s = t_fb.elapsed().as_secs_f64();
             if nan_at == Some((comms.world.rank(), step + 1)) {
                 poison_a_gradient(stage.params_mut())?;
             }
             crate::malloc::trim_if_on();
             // The loss is the same on every rank, so all skip alike.
+            let t_opt = Instant::now();
             let stats = if loss.is_finite() {
                 opt.step(stage.params_mut(), &g)?
             } else {
                 opt.skip(stage.params_mut())?
             };
+            optimizer_s = t_opt.elapsed().as_secs_f64();
             (loss, stats)
         };
         if all_masked {
@@ -1666,6 +1671,8 @@ fn train(
             grad_norm: stats.grad_norm,
             lr: stats.lr,
             step_s,
+            forward_backward_s,
+            optimizer_s,
             loss_tokens: loss_tokens as u64,
             tokens_per_s,
             tokens_per_s_per_device: tokens_per_s / devices as f64,
@@ -1733,6 +1740,8 @@ fn scalars(r: &StepRecord) -> Vec<(&'static str, f64)> {
         ("grad_norm", r.grad_norm),
         ("lr", r.lr),
         ("step_s", r.step_s),
+        ("forward_backward_s", r.forward_backward_s),
+        ("optimizer_s", r.optimizer_s),
         ("tokens_per_s", r.tokens_per_s),
         ("tokens_per_s_per_device", r.tokens_per_s_per_device),
     ];

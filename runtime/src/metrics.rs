@@ -35,6 +35,14 @@ pub struct StepRecord {
     pub lr: f64,
     /// Wall-clock seconds of the step (batch, forward, backward, update).
     pub step_s: f64,
+    /// Of `step_s`, rank 0's seconds in the forward and backward passes
+    /// (with the pipeline's sends and receives and the gradient reductions
+    /// they overlap).
+    pub forward_backward_s: f64,
+    /// Of `step_s`, rank 0's seconds in the optimizer step: what is left of
+    /// the gradient reduction, clipping, the AdamW update and ZeRO's
+    /// gathers.
+    pub optimizer_s: f64,
     /// Labels of the global batch that count in the loss (those not
     /// masked): the loss is their mean.
     pub loss_tokens: u64,
@@ -122,12 +130,14 @@ impl StepRecord {
             .map_or_else(|| "null".to_string(), num);
         let opt = |x: Option<f64>| x.map_or_else(|| "null".to_string(), num);
         format!(
-            "{{\"step\":{},\"loss\":{},\"grad_norm\":{},\"lr\":{},\"step_s\":{},\"loss_tokens\":{},\"tokens_per_s\":{},\"tokens_per_s_per_device\":{},\"mfu\":{},\"peak_rss_bytes\":{},\"rss_over_baseline_bytes\":{},\"rank_peaks_over_baseline_bytes\":[{}],\"checkpoint_block_s\":{block},\"checkpoint_saved\":{saved},\"skipped_steps\":{},\"eval_loss\":{}}}",
+            "{{\"step\":{},\"loss\":{},\"grad_norm\":{},\"lr\":{},\"step_s\":{},\"forward_backward_s\":{},\"optimizer_s\":{},\"loss_tokens\":{},\"tokens_per_s\":{},\"tokens_per_s_per_device\":{},\"mfu\":{},\"peak_rss_bytes\":{},\"rss_over_baseline_bytes\":{},\"rank_peaks_over_baseline_bytes\":[{}],\"checkpoint_block_s\":{block},\"checkpoint_saved\":{saved},\"skipped_steps\":{},\"eval_loss\":{}}}",
             self.step,
             num(self.loss),
             num(self.grad_norm),
             num(self.lr),
             num(self.step_s),
+            num(self.forward_backward_s),
+            num(self.optimizer_s),
             self.loss_tokens,
             num(self.tokens_per_s),
             num(self.tokens_per_s_per_device),
@@ -409,6 +419,8 @@ mod tests {
             grad_norm: 2.314,
             lr: 3e-3,
             step_s: 0.4134,
+            forward_backward_s: 0.375,
+            optimizer_s: 0.03125,
             loss_tokens: 512,
             tokens_per_s: 1250.2,
             tokens_per_s_per_device: 625.1,
@@ -433,7 +445,7 @@ mod tests {
         assert_eq!(
             r.json(),
             "{\"step\":3,\"loss\":5.40123,\"grad_norm\":2.314,\"lr\":0.003,\"step_s\":0.4134,\
-             \"loss_tokens\":512,\"tokens_per_s\":1250.2,\"tokens_per_s_per_device\":625.1,\
+             \"forward_backward_s\":0.375,\"optimizer_s\":0.03125,\"loss_tokens\":512,\"tokens_per_s\":1250.2,\"tokens_per_s_per_device\":625.1,\
              \"mfu\":null,\"peak_rss_bytes\":943718400,\
              \"rss_over_baseline_bytes\":125829120,\
              \"rank_peaks_over_baseline_bytes\":[125829120,104857600],\

@@ -495,6 +495,39 @@ impl Profiler<'_> {
             });
         }
         self.say("per-op fixed cost: done");
+        // The optimizer step, as training runs it (the runtime's own
+        // optimizer: clipping by the global norm, AdamW in f32, clearing the
+        // gradients) over one Llama layer's parameters, f32, no ZeRO.
+        let dims: &[i64] = if quick { &[1024] } else { &[1024, 2048] };
+        for &d in dims {
+            let f = (d * 11 / 4 + 63) / 64 * 64;
+            let t = self.optimizer_step(&[
+                &[d, d],
+                &[d, d],
+                &[d, d],
+                &[d, d],
+                &[f, d],
+                &[f, d],
+                &[d, f],
+                &[d],
+                &[d],
+            ])?;
+            let numel = (4 * d * d + 3 * f * d + 2 * d) as f64;
+            pending.push(Pending {
+                class: ComputeClass::Optimizer,
+                op: "adamw".into(),
+                name: format!(
+                    "optimizer step over a {d}-wide layer's 9 tensors ({numel} parameters)"
+                ),
+                dtype: Kind::Float,
+                flops: 0.0,
+                bytes: 4.0 * numel,
+                ops: 9,
+                fwd_s: t,
+                fwd_bwd_s: t,
+            });
+        }
+        self.say("optimizer step: done");
         // The slowest rank's median for each sample.
         let mine: Vec<f64> = pending
             .iter()
@@ -516,6 +549,60 @@ impl Profiler<'_> {
                 fwd_bwd_s: t[1],
             })
             .collect())
+    }
+
+    /// Median seconds of the runtime's optimizer step (ZeRO off, one rank,
+    /// clipping at 1) over f32 parameters of `shapes` whose gradients the
+    /// untimed part of each run fills.
+    fn optimizer_step(&self, shapes: &[&[i64]]) -> Result<f64, ProfileError> {
+        use crate::comm::{Groups, MeshComms};
+        use crate::exec::{Init, ParamSpec, TpGrad};
+        use crate::optim::{AdamW, LrSchedule};
+        use crate::zero::{DpOptimizer, OptimConfig};
+        let solo = MeshComms::solo();
+        let g = Groups::of(&solo);
+        let mut params = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                ParamSpec {
+                    name: format!("p{i}"),
+                    shape: s.to_vec(),
+                    init: Init::Normal { std: 0.02 },
+                    tp_dim: None,
+                    tp_grad: TpGrad::Complete,
+                }
+                .materialise(0, 0, 1)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ProfileError::Flags(format!("optimizer sample: {e}")))?;
+        let lr = LrSchedule {
+            peak_lr: 1e-4,
+            warmup_steps: 0,
+            total_steps: 1_000_000,
+            min_lr: 1e-5,
+        };
+        let cfg = OptimConfig {
+            max_norm: Some(1.0),
+            ..OptimConfig::new(AdamW::default(), lr)
+        };
+        let opt_err =
+            |e: crate::optim::OptimError| ProfileError::Flags(format!("optimizer sample: {e}"));
+        let mut opt = DpOptimizer::new(cfg, &mut params, &g).map_err(opt_err)?;
+        let mut times = Vec::new();
+        let start = Instant::now();
+        while times.len() < 4 || (start.elapsed().as_secs_f64() < self.budget && times.len() < 1000)
+        {
+            for p in &params {
+                p.tensor.f_sum(Kind::Float)?.f_backward()?;
+            }
+            let t = Instant::now();
+            opt.step(&mut params, &g).map_err(opt_err)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        // The first step allocates the moments' pages.
+        times.remove(0);
+        Ok(median(times))
     }
 
     /// The element-wise maximum of every rank's `values`.

@@ -307,6 +307,8 @@ fn tensorboard_holds_the_metrics(tb: &Path, metrics: &[Value]) -> Result<()> {
         "grad_norm",
         "lr",
         "step_s",
+        "forward_backward_s",
+        "optimizer_s",
         "tokens_per_s",
         "tokens_per_s_per_device",
         "mfu",

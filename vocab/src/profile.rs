@@ -63,6 +63,10 @@ pub enum ComputeClass {
     MemoryBound,
     /// Chains of ops on tiny tensors: the fixed cost of one op.
     Overhead,
+    /// The runtime's optimizer step (clipping, AdamW, clearing the
+    /// gradients) over f32 parameters whose bytes `bytes` holds; `fwd_s`
+    /// and `fwd_bwd_s` are both the step's seconds.
+    Optimizer,
 }
 
 /// One op (or chain of `ops` ops) timed at one shape.

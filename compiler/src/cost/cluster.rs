@@ -118,6 +118,14 @@ pub struct Cluster {
     /// be slower than its f32 one while its bf16 GEMMs are faster).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_flops_per_s: Option<PeakFlops>,
+    /// Seconds of the runtime's optimizer step per parameter element it
+    /// updates (clipping by the global norm, AdamW on f32 master weights
+    /// and moments, clearing the gradient), overriding the estimate of
+    /// twice the optimizer state's bytes at `hbm_bytes_per_s` (the update
+    /// makes about a dozen passes over memory). `autopart profile` measures
+    /// it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer_s_per_param: Option<f64>,
     /// Where the figures came from when `autopart profile` wrote the file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub measured: Option<Measured>,
@@ -370,6 +378,13 @@ impl Cluster {
                 format!("{name}: {}", must_be_positive(bw)),
             );
         }
+        if let Some(o) = self.optimizer_s_per_param {
+            check(
+                "optimizer_s_per_param",
+                o.is_finite() && (0.0..1.0).contains(&o),
+                format!("must be a finite number of seconds in [0, 1), got {o}"),
+            );
+        }
         if let Some(a) = &self.attention_flops_per_s {
             for (field, value) in [
                 ("attention_flops_per_s.bf16", a.bf16),
@@ -477,6 +492,9 @@ impl fmt::Display for Cluster {
         )?;
         if self.op_overhead_s > 0.0 {
             writeln!(f, "  op overhead      {:>9.1} us", self.op_overhead_s * 1e6)?;
+        }
+        if let Some(o) = self.optimizer_s_per_param {
+            writeln!(f, "  optimizer step   {:>9.2} ns per parameter", o * 1e9)?;
         }
         if let Some(m) = &self.measured {
             writeln!(

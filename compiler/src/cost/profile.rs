@@ -21,6 +21,8 @@
 //!   node) or of one rank per node (across nodes), bandwidth from the
 //!   messages of 1 MiB and up, latency from the smallest, with
 //!   `efficiency.collective` 1 (the fitted bandwidth is the achieved one);
+//! - `optimizer_s_per_param`: the runtime's optimizer step over a layer's
+//!   f32 parameters, per parameter (median over the layer widths);
 //! - memory: the host's memory over the ranks on it (CPU ranks share it).
 //!
 //! What cannot be measured (the inter-node link on one node, the memory
@@ -320,6 +322,31 @@ pub fn fit(raw: &Raw, base: &Cluster, base_name: &str, command: &str) -> Result<
         }
     }
 
+    // The optimizer step per parameter: the median over the layer widths.
+    let per_param: Vec<f64> = by_class(ComputeClass::Optimizer)
+        .filter(|s| s.bytes > 0.0)
+        .map(|s| s.fwd_bwd_s / (s.bytes / 4.0))
+        .collect();
+    match median(per_param.clone()) {
+        Some(o) => {
+            c.optimizer_s_per_param = Some(o);
+            figures.insert(
+                "optimizer_s_per_param".into(),
+                how(&format!(
+                    "median of {} optimizer steps over a layer's f32 parameters (clipping, AdamW, clearing the gradients; {:.2} ns per parameter)",
+                    per_param.len(),
+                    o * 1e9
+                )),
+            );
+        }
+        None => {
+            figures.insert(
+                "optimizer_s_per_param".into(),
+                "not measured (a profile from before it was): twice the optimizer state at hbm_bytes_per_s".into(),
+            );
+        }
+    }
+
     // Links. The base's collective efficiency is folded into its
     // bandwidths, so that efficiency.collective 1 keeps an unmeasured link
     // as fast as the base priced it.
@@ -439,6 +466,14 @@ fn report(raw: &Raw, c: &Cluster) -> Vec<FitRow> {
             ComputeClass::Attention => ComputeKind::Attention,
             _ => ComputeKind::MemoryBound,
         };
+        if s.class == ComputeClass::Optimizer {
+            rows.push(FitRow {
+                what: s.name.clone(),
+                measured_s: s.fwd_bwd_s,
+                predicted_s: s.bytes / 4.0 * c.optimizer_s_per_param.unwrap_or(0.0),
+            });
+            continue;
+        }
         let fwd = if s.class == ComputeClass::Overhead {
             f64::from(s.ops) * c.op_overhead_s
         } else {
@@ -541,6 +576,15 @@ mod tests {
                 1,
             ));
         }
+        // The optimizer at 2 ns per parameter, over two layer sizes.
+        let per_param = 2e-9;
+        for params in [4e6, 1.6e7] {
+            compute.push(ComputeSample {
+                fwd_s: params * per_param,
+                fwd_bwd_s: params * per_param,
+                ..sample(ComputeClass::Optimizer, "adamw", 0.0, 4.0 * params, 9)
+            });
+        }
         let mut collectives = Vec::new();
         for kind in CollectiveKind::ALL {
             for bytes in [4096.0, 1e6, 6.4e7] {
@@ -580,6 +624,7 @@ mod tests {
             c.peak_flops_per_s.fp32
         );
         assert!(close(c.hbm_bytes_per_s, hbm));
+        assert!(close(c.optimizer_s_per_param.expect("fitted"), per_param));
         assert!(
             close(c.intra_node.latency_s, lat),
             "{}",

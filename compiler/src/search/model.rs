@@ -453,13 +453,17 @@ impl<'a> StageModel<'a> {
                 1
             };
             let state_bytes = (p_elems * (2 * w + opt_per_param)) as f64 / shard as f64;
-            let t = compute_time(
-                self.cluster,
-                0.0,
-                2.0 * state_bytes,
-                ComputeKind::MemoryBound,
-                DType::F32,
-            );
+            let t = match self.cluster.optimizer_s_per_param {
+                // Measured on the runtime's own optimizer.
+                Some(per_param) => p_elems as f64 / shard as f64 * per_param,
+                None => compute_time(
+                    self.cluster,
+                    0.0,
+                    2.0 * state_bytes,
+                    ComputeKind::MemoryBound,
+                    DType::F32,
+                ),
+            };
             optimizer = optimizer.max(t);
         }
         // Tensor-parallel all-reduce of replicated weights' gradients.
