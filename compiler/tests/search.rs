@@ -543,3 +543,51 @@ fn tp_beyond_the_kv_heads_copies_them() {
     let err = at(3).expect_err("3 copies of 2-head groups");
     assert!(err.contains("do not divide"), "{err}");
 }
+
+/// A profiled CPU cluster prices what `autopart profile` measured: the
+/// optimizer step per parameter it updates (ZeRO-3 over dp 2: half of
+/// them), and collectives paid in full when they cannot overlap compute
+/// (CPU ranks copy with the cores that compute).
+#[test]
+fn measured_optimizer_and_unoverlapped_collectives_are_priced() {
+    let (model, graph, registry) = traced("llama-mini", 128, DType::F32);
+    let c = Constraints {
+        tp: Some(1),
+        pp: Some(1),
+        dp: Some(2),
+        micro_batch: Some(2),
+        recompute: Some(Recompute::None),
+        zero: Some(ZeroStage::Three),
+        ..Constraints::default()
+    };
+    let eval = |cluster: &Cluster| {
+        search(&compile_input(&graph, &registry, &model, cluster, 2, 8, &c))
+            .expect("fits")
+            .plans[0]
+            .eval
+            .clone()
+    };
+    let base = load_cluster("cpu").expect("preset");
+    let mut slow = base.clone();
+    slow.optimizer_s_per_param = Some(1e-9);
+    let mut slower = base.clone();
+    slower.optimizer_s_per_param = Some(3e-9);
+    let (a, b) = (eval(&slow), eval(&slower));
+    let params = graph.n_params() as f64 / 2.0;
+    let got = b.optimizer_s - a.optimizer_s;
+    assert!(
+        (got / (params * 2e-9) - 1.0).abs() < 1e-6,
+        "{got} s for {params} parameters"
+    );
+    assert!((b.step_s - a.step_s - got).abs() < 1e-12);
+    let overlapped = eval(&base);
+    let mut cpu = base.clone();
+    cpu.comm_overlaps_compute = false;
+    let paid = eval(&cpu);
+    assert!(
+        paid.step_s > overlapped.step_s && paid.dp_comm_s >= overlapped.dp_comm_s,
+        "{} vs {}",
+        paid.step_s,
+        overlapped.step_s
+    );
+}

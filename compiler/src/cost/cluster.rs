@@ -126,6 +126,14 @@ pub struct Cluster {
     /// it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub optimizer_s_per_param: Option<f64>,
+    /// Whether collectives run beside compute (a GPU's copy engines and
+    /// NICs: gradient reduction hides behind the backward, ZeRO-3's gathers
+    /// behind the layers before them). `false` on CPU ranks, whose
+    /// collectives are memory copies by the very cores that compute: each
+    /// is paid in full. Default `true`; `autopart profile` on CPU writes
+    /// `false`.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub comm_overlaps_compute: bool,
     /// Where the figures came from when `autopart profile` wrote the file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub measured: Option<Measured>,
@@ -133,6 +141,14 @@ pub struct Cluster {
 
 fn is_zero(v: &f64) -> bool {
     *v == 0.0
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(v: &bool) -> bool {
+    *v
 }
 
 /// The provenance `autopart profile` records: when, how and on what each
@@ -492,6 +508,9 @@ impl fmt::Display for Cluster {
         )?;
         if self.op_overhead_s > 0.0 {
             writeln!(f, "  op overhead      {:>9.1} us", self.op_overhead_s * 1e6)?;
+        }
+        if !self.comm_overlaps_compute {
+            writeln!(f, "  collectives      not overlapped with compute")?;
         }
         if let Some(o) = self.optimizer_s_per_param {
             writeln!(f, "  optimizer step   {:>9.2} ns per parameter", o * 1e9)?;

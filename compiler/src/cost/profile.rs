@@ -347,6 +347,17 @@ pub fn fit(raw: &Raw, base: &Cluster, base_name: &str, command: &str) -> Result<
         }
     }
 
+    // CPU ranks copy collective data with the cores that compute.
+    c.comm_overlaps_compute = raw.device != "cpu";
+    figures.insert(
+        "comm_overlaps_compute".into(),
+        if c.comm_overlaps_compute {
+            format!("from the device ({})", raw.device)
+        } else {
+            "false: CPU collectives are memory copies by the cores that compute".into()
+        },
+    );
+
     // Links. The base's collective efficiency is folded into its
     // bandwidths, so that efficiency.collective 1 keeps an unmeasured link
     // as fast as the base priced it.
