@@ -798,6 +798,18 @@ fn seed_of(seed: u64, name: &str) -> i64 {
 }
 
 impl ParamSpec {
+    /// A parameter every rank holds whole (no tp split), named `p{i}`: the
+    /// optimizer's tests and profiler build sets of them.
+    pub fn replicated(i: usize, shape: &[i64], init: Init) -> Self {
+        Self {
+            name: format!("p{i}"),
+            shape: shape.to_vec(),
+            init,
+            tp_dim: None,
+            tp_grad: TpGrad::Complete,
+        }
+    }
+
     /// Ranks holding each block: `m` for [`TpGrad::Copies`], else 1.
     pub fn copies(&self) -> usize {
         match self.tp_grad {

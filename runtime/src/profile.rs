@@ -556,7 +556,7 @@ impl Profiler<'_> {
     /// untimed part of each run fills.
     fn optimizer_step(&self, shapes: &[&[i64]]) -> Result<f64, ProfileError> {
         use crate::comm::{Groups, MeshComms};
-        use crate::exec::{Init, ParamSpec, TpGrad};
+        use crate::exec::{Init, ParamSpec};
         use crate::optim::{AdamW, LrSchedule};
         use crate::zero::{DpOptimizer, OptimConfig};
         let solo = MeshComms::solo();
@@ -564,16 +564,7 @@ impl Profiler<'_> {
         let mut params = shapes
             .iter()
             .enumerate()
-            .map(|(i, s)| {
-                ParamSpec {
-                    name: format!("p{i}"),
-                    shape: s.to_vec(),
-                    init: Init::Normal { std: 0.02 },
-                    tp_dim: None,
-                    tp_grad: TpGrad::Complete,
-                }
-                .materialise(0, 0, 1)
-            })
+            .map(|(i, s)| ParamSpec::replicated(i, s, Init::Normal { std: 0.02 }).materialise(0, 0, 1))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ProfileError::Flags(format!("optimizer sample: {e}")))?;
         let lr = LrSchedule {

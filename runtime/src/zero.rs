@@ -1095,22 +1095,16 @@ fn accumulate_shard(slot: &mut Option<Tensor>, shard: Tensor) -> Result<(), Exec
 mod tests {
     use super::*;
     use crate::comm::{MeshComms, SoloComm};
-    use crate::exec::{Init, ParamSpec, TpGrad};
+    use crate::exec::{Init, ParamSpec};
 
     fn params(shapes: &[&[i64]]) -> Vec<Param> {
         shapes
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                ParamSpec {
-                    name: format!("p{i}"),
-                    shape: s.to_vec(),
-                    init: Init::Normal { std: 1.0 },
-                    tp_dim: None,
-                    tp_grad: TpGrad::Complete,
-                }
-                .materialise(3, 0, 1)
-                .expect("init")
+                ParamSpec::replicated(i, s, Init::Normal { std: 1.0 })
+                    .materialise(3, 0, 1)
+                    .expect("init")
             })
             .collect()
     }
