@@ -545,7 +545,14 @@ pub fn search(input: &SearchInput<'_>) -> Result<SearchResult, SearchError> {
                         schedules.push(Schedule::GPipe);
                     }
                     for schedule in pick(schedules, c.schedule) {
-                        for zero in pick(ZeroStage::ALL.to_vec(), c.zero) {
+                        // With no data parallelism the ZeRO stages shard
+                        // nothing: one candidate, not four copies of it.
+                        let zeros = match c.zero {
+                            Some(z) => vec![z],
+                            None if dp_total > 1 => ZeroStage::ALL.to_vec(),
+                            None => vec![ZeroStage::Off],
+                        };
+                        for zero in zeros {
                             configs.push(Config {
                                 tp,
                                 pp,
