@@ -564,7 +564,9 @@ impl Profiler<'_> {
         let mut params = shapes
             .iter()
             .enumerate()
-            .map(|(i, s)| ParamSpec::replicated(i, s, Init::Normal { std: 0.02 }).materialise(0, 0, 1))
+            .map(|(i, s)| {
+                ParamSpec::replicated(i, s, Init::Normal { std: 0.02 }).materialise(0, 0, 1)
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ProfileError::Flags(format!("optimizer sample: {e}")))?;
         let lr = LrSchedule {
