@@ -237,22 +237,14 @@ impl AdamWState {
             for ((p, g), (m, v)) in params.iter_mut().zip(grads).zip(moments) {
                 let g = g.f_to_kind(Kind::Float)?;
                 let n = p.numel() as i64;
-                let flat = [
-                    p.is_contiguous(),
-                    g.is_contiguous(),
-                    m.is_contiguous(),
-                    v.is_contiguous(),
-                ];
-                if flat.iter().all(|&c| c) && n > CHUNK {
+                if n > CHUNK && [&*p, &g, &*m, &*v].iter().all(|t| t.is_contiguous()) {
                     let (pf, gf, mf, vf) = (
                         p.f_view([n])?,
                         g.f_view([n])?,
                         m.f_view([n])?,
                         v.f_view([n])?,
                     );
-                    let mut at = 0;
-                    while at < n {
-                        let len = CHUNK.min(n - at);
+                    for (at, len) in pieces(n, CHUNK) {
                         let piece = |t: &Tensor| t.f_narrow(0, at, len);
                         let (mut pc, mut mc, mut vc) = (piece(&pf)?, piece(&mf)?, piece(&vf)?);
                         adamw_update(
@@ -265,7 +257,6 @@ impl AdamWState {
                             bias2_sqrt,
                             decay,
                         )?;
-                        at += len;
                     }
                 } else {
                     adamw_update(p, &g, m, v, hp, step_size, bias2_sqrt, decay)?;
@@ -284,6 +275,14 @@ impl AdamWState {
 /// for every temporary of every parameter; and big enough that the op
 /// dispatch per piece is a few percent of its time.
 const CHUNK: i64 = 1 << 19;
+
+/// `(start, len)` of the consecutive pieces of at most `len` elements that
+/// cover `0..n`.
+fn pieces(n: i64, len: i64) -> impl Iterator<Item = (i64, i64)> {
+    (0..n)
+        .step_by(len as usize)
+        .map(move |at| (at, len.min(n - at)))
+}
 
 /// The AdamW update of [`AdamWState::step`] on one parameter (or one piece
 /// of it, all four tensors alike), with one scratch tensor reused in place
@@ -407,15 +406,12 @@ pub fn sum_of_squares(t: &Tensor) -> Result<f64, OptimError> {
     }
     let flat = t.f_view([n])?;
     let mut total = 0.0;
-    let mut at = 0;
-    while at < n {
-        let len = piece_len.min(n - at);
+    for (at, len) in pieces(n, piece_len) {
         let mut d = flat
             .f_narrow(0, at, len)?
             .f_to_dtype(Kind::Double, false, true)?;
         let _ = d.f_square_()?;
         total += d.f_sum(Kind::Double)?.f_double_value(&[])?;
-        at += len;
     }
     Ok(total)
 }

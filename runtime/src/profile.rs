@@ -63,6 +63,10 @@ enum ProfileError {
     Torch(#[from] tch::TchError),
     #[error(transparent)]
     Op(#[from] OpError),
+    #[error("optimizer sample: {0}")]
+    Exec(#[from] crate::exec::ExecError),
+    #[error("optimizer sample: {0}")]
+    Optim(#[from] crate::optim::OptimError),
     #[error("writing {path}: {source}")]
     Write {
         path: PathBuf,
@@ -567,8 +571,7 @@ impl Profiler<'_> {
             .map(|(i, s)| {
                 ParamSpec::replicated(i, s, Init::Normal { std: 0.02 }).materialise(0, 0, 1)
             })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ProfileError::Flags(format!("optimizer sample: {e}")))?;
+            .collect::<Result<Vec<_>, _>>()?;
         let lr = LrSchedule {
             peak_lr: 1e-4,
             warmup_steps: 0,
@@ -579,9 +582,7 @@ impl Profiler<'_> {
             max_norm: Some(1.0),
             ..OptimConfig::new(AdamW::default(), lr)
         };
-        let opt_err =
-            |e: crate::optim::OptimError| ProfileError::Flags(format!("optimizer sample: {e}"));
-        let mut opt = DpOptimizer::new(cfg, &mut params, &g).map_err(opt_err)?;
+        let mut opt = DpOptimizer::new(cfg, &mut params, &g)?;
         let mut times = Vec::new();
         let start = Instant::now();
         while times.len() < 4 || (start.elapsed().as_secs_f64() < self.budget && times.len() < 1000)
@@ -590,7 +591,7 @@ impl Profiler<'_> {
                 p.tensor.f_sum(Kind::Float)?.f_backward()?;
             }
             let t = Instant::now();
-            opt.step(&mut params, &g).map_err(opt_err)?;
+            opt.step(&mut params, &g)?;
             times.push(t.elapsed().as_secs_f64());
         }
         // The first step allocates the moments' pages.

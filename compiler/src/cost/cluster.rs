@@ -268,6 +268,17 @@ impl fmt::Display for LinkLevel {
 }
 
 impl Cluster {
+    /// How much of a collective `compute_s` seconds of compute beside it
+    /// can hide: all of it where collectives overlap compute, none on CPU
+    /// ranks ([`Self::comm_overlaps_compute`]).
+    pub fn comm_hidden_by(&self, compute_s: f64) -> f64 {
+        if self.comm_overlaps_compute {
+            compute_s
+        } else {
+            0.0
+        }
+    }
+
     /// The built-in preset `name`, if there is one.
     pub fn preset(name: &str) -> Option<Cluster> {
         PRESETS

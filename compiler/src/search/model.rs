@@ -197,11 +197,8 @@ impl<'a> StageModel<'a> {
             let dp_group = Group::placed(self.cluster, self.cfg.dp_total() as u32, self.cfg.tp);
             let bytes = (self.params(s, k) * self.dtype_bytes) as f64;
             let gather = collective_time(self.cluster, Collective::AllGather, &dp_group, bytes);
-            let (fwd, bwd) = if self.cluster.comm_overlaps_compute {
-                (f64::from(k) * l.fwd_s(), f64::from(k) * l.bwd_s())
-            } else {
-                (0.0, 0.0)
-            };
+            let fwd = self.cluster.comm_hidden_by(f64::from(k) * l.fwd_s());
+            let bwd = self.cluster.comm_hidden_by(f64::from(k) * l.bwd_s());
             t += (gather - fwd).max(0.0) + (gather - bwd).max(0.0);
         }
         (t, comm)
@@ -439,11 +436,9 @@ impl<'a> StageModel<'a> {
                 } else {
                     collective_time(self.cluster, Collective::AllReduce, &group, grad_bytes)
                 };
-                let overlap = if self.cluster.comm_overlaps_compute {
-                    f64::from(k) * self.seg.layer.bwd_s()
-                } else {
-                    0.0
-                };
+                let overlap = self
+                    .cluster
+                    .comm_hidden_by(f64::from(k) * self.seg.layer.bwd_s());
                 exposed = (reduce - overlap).max(0.0);
                 if cfg.zero.shards_optimizer() && !cfg.zero.shards_parameters() {
                     // The updated weights travel in their own dtype.
