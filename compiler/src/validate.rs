@@ -1,13 +1,23 @@
 //! Validation of the cost model against published training runs.
 //!
-//! Each row of a runs file (`shared/data/published_runs.csv`) gives a model,
-//! a GPU count, a parallel configuration and the measured TFLOP/s per GPU
-//! under that source's FLOP-counting convention. The row's configuration is
-//! evaluated with everything the source published fixed (what it left out,
-//! such as the micro-batch size, is searched), the predicted step time is
-//! converted into the source's convention, and compared. The free search on
-//! the same model, GPUs, batch and sequence must find a plan at least as
-//! fast. This module reads rows and computes; the CLI prints.
+//! Each row of a runs file (`shared/data/published_runs.csv` for A100s,
+//! `published_runs_h100.csv` for H100s) gives a model, a GPU count, a
+//! parallel configuration and what was measured: tokens/s per GPU where the
+//! file has that column (convention-free, the H100 file), else TFLOP/s per
+//! GPU under that source's FLOP-counting convention. The row's
+//! configuration is evaluated with everything the source published fixed
+//! (what it left out, such as the micro-batch size or the recompute of an
+//! older recipe, is searched), the predicted step time is converted into
+//! the measured unit, and compared. The free search on the same model, GPUs,
+//! batch and sequence must find a plan at least as fast. This module reads
+//! rows and computes; the CLI prints, with the error per hardware type.
+//!
+//! Rows the tracer can only approximate are priced as the nearest model it
+//! traces, and [`Run::approximation`] says how: Nemotron-4 is a GPT with
+//! grouped-query attention and an untied head (its squared-ReLU MLP and
+//! rotary positions cost what GeLU and learned positions cost, to within a
+//! memory-bound kernel); the tied/untied head is read from the row's notes
+//! (`untied embeddings`), the only place the files record it.
 
 use std::path::Path;
 
@@ -50,12 +60,38 @@ pub struct Run {
     pub dp: u32,
     pub virtual_stages: Option<u32>,
     pub sequence_parallel: bool,
-    pub recompute: Recompute,
     pub zero: ZeroStage,
+    /// `None`: the source did not publish it (searched).
+    pub recompute: Option<Recompute>,
     pub micro_batch: Option<u64>,
     pub global_batch: u64,
-    pub measured_tflops: f64,
-    pub convention: Convention,
+    pub measured: Measured,
+    /// How the traced model departs from the published one, if it does.
+    pub approximation: Option<String>,
+}
+
+/// What a row measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Measured {
+    /// Tokens per second per GPU.
+    TokensPerS(f64),
+    /// TFLOP/s per GPU under the source's convention.
+    Tflops(f64, Convention),
+}
+
+impl Measured {
+    pub fn value(&self) -> f64 {
+        match *self {
+            Measured::TokensPerS(v) | Measured::Tflops(v, _) => v,
+        }
+    }
+
+    pub fn unit(&self) -> &'static str {
+        match self {
+            Measured::TokensPerS(_) => "tok/s",
+            Measured::Tflops(..) => "TFLOP/s",
+        }
+    }
 }
 
 /// How a source counts FLOPs.
@@ -144,6 +180,7 @@ pub fn read_runs(path: &Path) -> Result<Vec<Run>, ValidateError> {
                 })
             }
         };
+        let has = |name: &str| header.iter().any(|h| h == name);
         let seq_len = num("seq_len")?;
         let family = get("family")?;
         let (layers, hidden, heads, vocab) = (
@@ -152,26 +189,48 @@ pub fn read_runs(path: &Path) -> Result<Vec<Run>, ValidateError> {
             num("heads")?,
             num("vocab")?,
         );
+        let kv_heads = if has("kv_heads") {
+            opt_num("kv_heads")?.unwrap_or(heads)
+        } else {
+            heads
+        };
+        let notes = if has("notes") { get("notes")? } else { "" };
+        let untied = notes.to_ascii_lowercase().contains("untied embedding");
         let name = format!("{}-{}l-{}h", family, layers, hidden);
+        let mut approximation = Vec::new();
         let model = match family {
-            "gpt" => ModelConfig::Gpt(GptConfig {
-                name,
-                n_layers: layers,
-                hidden,
-                n_heads: heads,
-                ffn: num("ffn")?,
-                vocab,
-                n_positions: seq_len,
-                layer_norm_eps: 1e-5,
-                token_ids: Default::default(),
-            }),
+            "gpt" => {
+                if kv_heads != heads {
+                    approximation.push(format!("GQA {kv_heads} kv heads"));
+                }
+                if untied {
+                    approximation.push("untied head".to_string());
+                }
+                if notes.contains("squared-ReLU") || notes.contains("RoPE") {
+                    approximation
+                        .push("GeLU and learned positions priced for squared-ReLU and RoPE".into());
+                }
+                ModelConfig::Gpt(GptConfig {
+                    name,
+                    n_layers: layers,
+                    hidden,
+                    n_heads: heads,
+                    n_kv_heads: kv_heads,
+                    ffn: num("ffn")?,
+                    vocab,
+                    n_positions: seq_len,
+                    layer_norm_eps: 1e-5,
+                    tie_embeddings: !untied,
+                    token_ids: Default::default(),
+                })
+            }
             "llama" => ModelConfig::Llama(LlamaConfig {
                 name,
                 hidden,
                 intermediate: num("ffn")?,
                 n_layers: layers,
                 n_heads: heads,
-                n_kv_heads: opt_num("kv_heads")?.unwrap_or(heads),
+                n_kv_heads: kv_heads,
                 head_dim: hidden / heads.max(1),
                 vocab,
                 max_positions: seq_len,
@@ -184,36 +243,88 @@ pub fn read_runs(path: &Path) -> Result<Vec<Run>, ValidateError> {
             }),
             other => return Err(row_err(format!("family '{other}': expected gpt or llama"))),
         };
-        let convention = {
-            let c = get("flops_convention")?;
-            if c.contains("96*B*s*l*h^2") {
-                Convention::Narayanan
-            } else if c.contains("hardware FLOPs") {
-                Convention::HardwareRecompute
-            } else if c.contains("6*N") {
-                Convention::SixN
-            } else {
+        model.validate().map_err(|e| row_err(e.to_string()))?;
+        if has("cp") {
+            if let Some(cp) = opt_num("cp")?.filter(|&cp| cp != 1) {
                 return Err(row_err(format!(
-                    "flops_convention '{c}' is not one autopart knows"
+                    "cp {cp}: context parallelism is not modelled (expected 1 or empty)"
+                )));
+            }
+        }
+        let tokens = if has("measured_tokens_per_s_per_gpu") {
+            let v = get("measured_tokens_per_s_per_gpu")?;
+            if v.is_empty() {
+                None
+            } else {
+                Some(v.parse::<f64>().ok().filter(|x| *x > 0.0).ok_or_else(|| {
+                    row_err(format!(
+                        "measured_tokens_per_s_per_gpu: expected a positive number, found '{v}'"
+                    ))
+                })?)
+            }
+        } else {
+            None
+        };
+        let measured = match tokens {
+            Some(t) => Measured::TokensPerS(t),
+            None => {
+                let c = get("flops_convention")?;
+                let convention = if c.contains("96*B*s*l*h^2") {
+                    Convention::Narayanan
+                } else if c.contains("hardware FLOPs") {
+                    Convention::HardwareRecompute
+                } else if c.contains("6*N") {
+                    Convention::SixN
+                } else {
+                    return Err(row_err(format!(
+                        "flops_convention '{c}' is not one autopart knows, and the row \
+                         gives no measured_tokens_per_s_per_gpu"
+                    )));
+                };
+                let v = get("measured_tflops_per_gpu")?;
+                let tflops = v.parse::<f64>().ok().filter(|x| *x > 0.0).ok_or_else(|| {
+                    row_err(format!(
+                        "measured_tflops_per_gpu: expected a positive number, found '{v}'"
+                    ))
+                })?;
+                Measured::Tflops(tflops, convention)
+            }
+        };
+        let recompute = match get("recompute")? {
+            "" => None,
+            r => Some(r.parse::<Recompute>().map_err(&row_err)?),
+        };
+        let sequence_parallel = match get("sequence_parallel")? {
+            "yes" | "true" => true,
+            "no" | "false" | "" => false,
+            other => {
+                return Err(row_err(format!(
+                    "sequence_parallel '{other}': expected yes/true or no/false"
                 )));
             }
         };
-        let recompute = get("recompute")?.parse::<Recompute>().map_err(&row_err)?;
-        let measured: f64 = get("measured_tflops_per_gpu")?
-            .parse()
-            .map_err(|_| row_err("measured_tflops_per_gpu: expected a number".into()))?;
+        let n_gpus = u32::try_from(num("n_gpus")?)
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| row_err("n_gpus: expected a positive 32-bit count".into()))?;
+        let degree = |name: &str| -> Result<u32, ValidateError> {
+            u32::try_from(num(name)?)
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| row_err(format!("{name}: expected a positive 32-bit degree")))
+        };
         runs.push(Run {
             line: line_no,
             source: get("source")?.to_string(),
             model,
             seq_len,
             gpu: get("gpu")?.to_string(),
-            n_gpus: num("n_gpus")? as u32,
-            tp: num("tp")? as u32,
-            pp: num("pp")? as u32,
-            dp: num("dp")? as u32,
+            n_gpus,
+            tp: degree("tp")?,
+            pp: degree("pp")?,
+            dp: degree("dp")?,
             virtual_stages: opt_num("virtual_stages")?.map(|v| v as u32),
-            sequence_parallel: get("sequence_parallel")? == "yes",
+            sequence_parallel,
             recompute,
             zero: u8::try_from(num("zero")?)
                 .ok()
@@ -221,8 +332,8 @@ pub fn read_runs(path: &Path) -> Result<Vec<Run>, ValidateError> {
                 .ok_or_else(|| row_err("zero: expected 0, 1, 2 or 3".into()))?,
             micro_batch: opt_num("micro_batch")?,
             global_batch: num("global_batch")?,
-            measured_tflops: measured,
-            convention,
+            measured,
+            approximation: (!approximation.is_empty()).then(|| approximation.join("; ")),
         });
     }
     Ok(runs)
@@ -231,17 +342,50 @@ pub fn read_runs(path: &Path) -> Result<Vec<Run>, ValidateError> {
 /// The outcome for one run.
 #[derive(Clone, Debug)]
 pub struct RunResult {
-    pub predicted_tflops: f64,
+    /// In the unit of [`Run::measured`].
+    pub predicted: f64,
     pub error: f64,
     /// The published configuration's predicted step time.
     pub fixed_step_s: f64,
     pub fixed_desc: String,
+    /// The published configuration fits only with the memory model's
+    /// capacity lifted (it ran, so the model is pessimistic there): the
+    /// free search, which respects capacity, may then be slower.
+    pub fixed_over_memory: bool,
     /// The free search's best plan.
     pub free_step_s: f64,
     pub free_desc: String,
     /// Where the free search's plan departs from the published one, and
     /// what the model credits for it.
     pub why: String,
+    /// Where the published configuration's predicted step time goes.
+    pub breakdown: String,
+}
+
+/// The parts of a predicted step: pipeline (with its bubble), exposed
+/// data-parallel communication, optimizer; per micro-batch of the slowest
+/// stage, its time and the tensor-parallel communication in it.
+fn breakdown(e: &crate::search::Evaluation) -> String {
+    let slowest = e
+        .stages
+        .iter()
+        .max_by(|a, b| a.micro_batch_s.total_cmp(&b.micro_batch_s));
+    let mut out = format!(
+        "step {:.3} s = pipeline {:.3} s (bubble {:.0}%) + exposed dp comm {:.3} s + optimizer {:.3} s",
+        e.step_s,
+        e.pipeline_s,
+        100.0 * e.bubble_fraction,
+        e.dp_comm_s,
+        e.optimizer_s
+    );
+    if let Some(s) = slowest {
+        out.push_str(&format!(
+            "; slowest stage per micro-batch {:.1} ms, tp comm {:.1} ms of it",
+            1e3 * s.micro_batch_s,
+            1e3 * s.tp_comm_s
+        ));
+    }
+    out
 }
 
 fn heavier(a: Recompute, b: Recompute) -> bool {
@@ -323,13 +467,13 @@ fn explain(fixed: &crate::search::Candidate, free: &crate::search::Candidate) ->
 }
 
 /// FLOPs per step under the run's convention.
-fn convention_flops(run: &Run, n_params: f64) -> f64 {
+fn convention_flops(run: &Run, convention: Convention, n_params: f64) -> f64 {
     let s = run.seq_len as f64;
     let tokens = run.global_batch as f64 * s;
     match &run.model {
         ModelConfig::Gpt(c) => {
             let (l, h, v) = (c.n_layers as f64, c.hidden as f64, c.vocab as f64);
-            match run.convention {
+            match convention {
                 Convention::Narayanan => {
                     96.0 * run.global_batch as f64
                         * s
@@ -344,7 +488,7 @@ fn convention_flops(run: &Run, n_params: f64) -> f64 {
         }
         ModelConfig::Llama(c) => {
             let (l, h) = (c.n_layers as f64, (c.n_heads * c.head_dim) as f64);
-            match run.convention {
+            match convention {
                 Convention::Narayanan => {
                     let v = c.vocab as f64;
                     96.0 * run.global_batch as f64
@@ -384,6 +528,15 @@ fn describe(p: &crate::search::Candidate) -> String {
     )
 }
 
+/// The cluster preset for a runs file's `gpu` (hardware.csv's names; the
+/// presets drop the form factor).
+pub fn cluster_preset(gpu: &str) -> &str {
+    match gpu {
+        "h100-sxm" => "h100",
+        other => other,
+    }
+}
+
 /// The cluster a run is priced on: the hardware preset, with the memory
 /// behaviour of the published stacks (Megatron-LM, DeepSpeed, FSDP: ZeRO-3
 /// per layer, full recompute keeping layer inputs) and the attention kernel
@@ -392,7 +545,7 @@ fn describe(p: &crate::search::Candidate) -> String {
 pub fn run_cluster(run: &Run, hardware: &Cluster) -> Cluster {
     let mut c = hardware.clone();
     c.memory_stack = crate::cost::MemoryStack::Reference;
-    if run.convention == Convention::Narayanan {
+    if matches!(run.measured, Measured::Tflops(_, Convention::Narayanan)) {
         c.attention_kernel = crate::cost::AttentionKernel::Materialized;
     }
     c
@@ -433,7 +586,7 @@ pub fn validate_run(
             Some(_) if run.pp > 1 => Some(Schedule::OneFOneB),
             _ => None,
         },
-        recompute: Some(run.recompute),
+        recompute: run.recompute,
         zero: Some(run.zero),
         sequence_parallel: Some(run.sequence_parallel && run.tp > 1),
         ..Constraints::default()
@@ -491,15 +644,23 @@ pub fn validate_run(
     } else {
         fixed_plan.clone()
     };
-    let flops = convention_flops(run, graph.n_params() as f64);
-    let predicted = flops / (fixed_plan.eval.step_s * f64::from(run.n_gpus)) / 1e12;
+    let per_gpu_s = fixed_plan.eval.step_s * f64::from(run.n_gpus);
+    let predicted = match run.measured {
+        Measured::TokensPerS(_) => (run.global_batch * run.seq_len) as f64 / per_gpu_s,
+        Measured::Tflops(_, convention) => {
+            convention_flops(run, convention, graph.n_params() as f64) / per_gpu_s / 1e12
+        }
+    };
+    let measured = run.measured.value();
     Ok(RunResult {
-        predicted_tflops: predicted,
-        error: (predicted - run.measured_tflops) / run.measured_tflops,
+        predicted,
+        error: (predicted - measured) / measured,
         fixed_step_s: fixed_plan.eval.step_s,
+        fixed_over_memory: !note.is_empty(),
         fixed_desc: format!("{}{note}", describe(&fixed_plan)),
         free_step_s: free_plan.eval.step_s,
         free_desc: describe(&free_plan),
         why: explain(&fixed_plan, &free_plan),
+        breakdown: breakdown(&fixed_plan.eval),
     })
 }

@@ -195,3 +195,21 @@ fn unreadable_file_is_an_error() {
         "{err}"
     );
 }
+
+/// GPT-2 ties its head to the token embedding; an untied config.json is
+/// refused by name rather than traced as tied.
+#[test]
+fn an_untied_gpt2_config_is_refused() {
+    let text = std::fs::read_to_string(data("gpt2.config.json")).expect("test data");
+    let mut v: serde_json::Value = serde_json::from_str(&text).expect("valid json");
+    v["tie_word_embeddings"] = false.into();
+    let err = parse(&v.to_string()).expect_err("untied gpt2").to_string();
+    assert!(err.contains("tie_word_embeddings: false"), "{err}");
+    assert!(err.contains("config.json"), "{err}");
+    v["tie_word_embeddings"] = true.into();
+    let ModelConfig::Gpt(c) = parse(&v.to_string()).expect("tied gpt2") else {
+        panic!("gpt2 family");
+    };
+    assert!(c.tie_embeddings);
+    assert_eq!(c.n_kv_heads, c.n_heads);
+}

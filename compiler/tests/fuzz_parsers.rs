@@ -1493,6 +1493,13 @@ torchtitan,llama,32,4096,32,8,14336,128256,8192,h100,64,8,8,1,8,2,yes,selective,
 hw,llama,2,64,4,2,176,256,128,cpu,2,2,2,1,1,,no,none,3,1,8,fp32,0.1,hardware FLOPs with full recompute,
 ";
 
+/// The H100 file's columns: cp, tokens/s, url; GQA GPT rows, blank recompute.
+const RUNS_H100: &str = "source,family,n_layers,hidden,heads,kv_heads,ffn,vocab,seq_len,gpu,n_gpus,gpus_per_node,tp,pp,cp,dp,virtual_stages,sequence_parallel,recompute,zero,micro_batch,global_batch,dtype,measured_tokens_per_s_per_gpu,measured_tflops_per_gpu,flops_convention,url,notes
+nvidia,gpt,2,256,8,2,1024,512,128,h100-sxm,16,8,2,1,1,8,,true,none,1,2,64,bf16,6159.4,579.0,NeMo model FLOPs,https://example.com/a,Nemotron-4: RoPE+GQA; squared-ReLU; untied embeddings
+nvidia,gpt,2,256,8,2,1024,512,128,h100-sxm,16,8,4,1,1,4,,true,,1,4,64,bf16,5789.4,614.2,older NeMo formula,https://example.com/b,
+mosaic,gpt,2,128,4,4,512,512,256,h100-sxm,8,8,1,1,1,8,,false,full,3,1,16,bf16,1956,282,\"llm-foundry MFU: (6*N_params + 12*L*d*s)\",https://example.com/c,MPT
+";
+
 fn check_runs(text: &str, p: &mut Pick, dir: &Path) {
     let path = dir.join("runs.csv");
     fs::write(&path, text).expect("runs file");
@@ -1512,7 +1519,7 @@ proptest! {
     /// Runs files mutated: every column's numbers, quoting, rows.
     #[test]
     fn runs_file_mutations_never_panic(
-        (_, text) in mutated(vec![RUNS.to_string()], CSV_TOKENS),
+        (_, text) in mutated(vec![RUNS.to_string(), RUNS_H100.to_string()], CSV_TOKENS),
         mut p in pick(),
     ) {
         let dir = scratch();

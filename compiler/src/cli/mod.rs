@@ -84,13 +84,20 @@ struct RunArgs {
 
 #[derive(Debug, Args)]
 struct ValidateArgs {
-    /// A runs file in the format of shared/data/published_runs.csv.
-    #[arg(long)]
-    runs: PathBuf,
+    /// A runs file in the format of shared/data/published_runs.csv or
+    /// published_runs_h100.csv (repeatable: the error is reported per
+    /// hardware type over all of them).
+    #[arg(long, required = true)]
+    runs: Vec<PathBuf>,
     /// Only evaluate the published configurations (no free search): quicker
     /// calibration runs.
     #[arg(long)]
     skip_free_search: bool,
+    /// Also print where each published configuration's predicted step time
+    /// goes (pipeline and bubble, exposed dp communication, optimizer, tp
+    /// communication per micro-batch).
+    #[arg(long)]
+    breakdown: bool,
 }
 
 #[derive(Debug, Args)]
@@ -449,20 +456,25 @@ const GIB: f64 = (1u64 << 30) as f64;
 
 fn validate(args: &ValidateArgs) -> Result<()> {
     let registry = crate::anno::builtin_registry();
-    let runs = crate::validate::read_runs(&args.runs)?;
+    let mut runs = Vec::new();
+    for path in &args.runs {
+        runs.extend(crate::validate::read_runs(path)?);
+    }
     println!(
-        "{:<22} {:>5} {:>6}  {:<38} {:>9} {:>9} {:>7}  {:<38} {:>8}",
+        "{:<24} {:>5} {:>6}  {:<38} {:>9} {:>9} {:<7} {:>7}  {:<38} {:>8}",
         "source",
         "line",
         "GPUs",
         "published config (as evaluated)",
         "measured",
         "predicted",
+        "unit",
         "error",
         "free search best",
         "speed-up"
     );
-    let mut errors = Vec::new();
+    // Per hardware type, in the order first seen: |error| of each run.
+    let mut errors: Vec<(String, Vec<f64>)> = Vec::new();
     for (i, run) in runs.iter().enumerate() {
         eprint!(
             "\r[{}/{}] {} line {}   ",
@@ -471,43 +483,59 @@ fn validate(args: &ValidateArgs) -> Result<()> {
             run.source,
             run.line
         );
-        let cluster = load_cluster(&run.gpu)
+        let cluster = load_cluster(crate::validate::cluster_preset(&run.gpu))
             .with_context(|| format!("line {}: cluster for gpu '{}'", run.line, run.gpu))?;
+        let source: String = run.source.chars().take(24).collect();
         match crate::validate::validate_run(run, &cluster, &registry, !args.skip_free_search) {
             Ok(r) => {
-                errors.push(r.error.abs());
+                match errors.iter_mut().find(|(g, _)| *g == run.gpu) {
+                    Some((_, e)) => e.push(r.error.abs()),
+                    None => errors.push((run.gpu.clone(), vec![r.error.abs()])),
+                }
                 println!(
-                    "{:<22} {:>5} {:>6}  {:<38} {:>9.1} {:>9.1} {:>+6.1}%  {:<38} {:>7.2}x",
-                    run.source,
+                    "{:<24} {:>5} {:>6}  {:<38} {:>9.1} {:>9.1} {:<7} {:>+6.1}%  {:<38} {:>7.2}x",
+                    source,
                     run.line,
                     run.n_gpus,
                     r.fixed_desc,
-                    run.measured_tflops,
-                    r.predicted_tflops,
+                    run.measured.value(),
+                    r.predicted,
+                    run.measured.unit(),
                     100.0 * r.error,
                     r.free_desc,
                     r.fixed_step_s / r.free_step_s
                 );
+                if let Some(a) = &run.approximation {
+                    println!("{:>38}approximated: {a}", "");
+                }
+                if args.breakdown {
+                    println!("{:>38}{}", "", r.breakdown);
+                }
                 if !args.skip_free_search {
-                    println!("{:>36}why: {}", "", r.why);
+                    println!("{:>38}why: {}", "", r.why);
                 }
             }
             Err(e) => println!(
-                "{:<22} {:>5} {:>6}  error: {e}",
-                run.source, run.line, run.n_gpus
+                "{:<24} {:>5} {:>6}  error: {e}",
+                source, run.line, run.n_gpus
             ),
         }
     }
     eprintln!();
-    errors.sort_by(f64::total_cmp);
-    if !errors.is_empty() {
-        let median = errors[errors.len() / 2];
-        let worst = errors[errors.len() - 1];
+    println!();
+    for (gpu, mut e) in errors {
+        e.sort_by(f64::total_cmp);
+        // The median of an even count is the mean of the middle two.
+        let n = e.len();
+        let median = if n % 2 == 1 {
+            e[n / 2]
+        } else {
+            0.5 * (e[n / 2 - 1] + e[n / 2])
+        };
         println!(
-            "\n{} runs: median |error| {:.1}%, worst {:.1}% (targets: 10%, 25%)",
-            errors.len(),
+            "{gpu}: {n} runs: median |error| {:.1}%, worst {:.1}% (targets: 10%, 25%)",
             100.0 * median,
-            100.0 * worst
+            100.0 * e[n - 1]
         );
     }
     Ok(())

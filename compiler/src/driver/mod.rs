@@ -919,6 +919,15 @@ pub fn codegen(
     runtime_path: PathBuf,
     model: &ModelConfig,
 ) -> Result<Generated> {
+    if let ModelConfig::Gpt(c) = model {
+        anyhow::ensure!(
+            c.n_kv_heads == c.n_heads && c.tie_embeddings,
+            "{}: a GPT with grouped-query attention or an untied head has no \
+             HuggingFace GPT-2 config; such models are priced (`autopart validate`), \
+             not compiled into plans",
+            c.name
+        );
+    }
     let options = CodegenOptions {
         runtime_path,
         custom_ops: custom.0.clone(),

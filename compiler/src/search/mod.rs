@@ -193,7 +193,7 @@ pub const MAX_GLOBAL_BATCH: u64 = 1 << 32;
 fn head_counts(model: &ModelConfig) -> (u64, u64) {
     match model {
         ModelConfig::Llama(c) => (c.n_heads, c.n_kv_heads),
-        ModelConfig::Gpt(c) => (c.n_heads, c.n_heads),
+        ModelConfig::Gpt(c) => (c.n_heads, c.n_kv_heads),
     }
 }
 
@@ -536,8 +536,16 @@ pub fn search(input: &SearchInput<'_>) -> Result<SearchResult, SearchError> {
                     let mut schedules = vec![Schedule::OneFOneB];
                     if pp > 1 {
                         schedules.push(Schedule::GPipe);
-                        for v in [2u32, 4] {
-                            if n_micro % u64::from(pp) == 0 && n_layers % (pp * v) == 0 {
+                        // 2 and 4 chunks are searched; a pinned count is
+                        // taken as given (Megatron recipes run 6 or 12).
+                        let pinned = match c.schedule {
+                            Some(Schedule::Interleaved { chunks }) if chunks > 4 => Some(chunks),
+                            _ => None,
+                        };
+                        for v in [2u32, 4].into_iter().chain(pinned) {
+                            if n_micro % u64::from(pp) == 0
+                                && n_layers % (pp.saturating_mul(v)) == 0
+                            {
                                 schedules.push(Schedule::Interleaved { chunks: v });
                             }
                         }
@@ -577,6 +585,9 @@ pub fn search(input: &SearchInput<'_>) -> Result<SearchResult, SearchError> {
         let why = reasons.keys().cloned().collect::<Vec<_>>().join("; ");
         return Err(SearchError::Constraint(if why.is_empty() {
             match (c.micro_batch, c.schedule) {
+                (Some(mb), Some(s @ Schedule::Interleaved { .. })) => format!(
+                    "micro-batch {mb} with schedule {s} fits no mesh (the micro-batch must divide the per-replica batch; interleaving needs pp > 1, micro-batches a multiple of pp and layers a multiple of pp x chunks)"
+                ),
                 (Some(mb), _) => {
                     format!("micro-batch {mb} does not divide the per-replica batch of any mesh")
                 }

@@ -224,6 +224,12 @@ impl ModelConfig {
                         c.hidden, c.n_heads
                     ));
                 }
+                if c.n_kv_heads == 0 || c.n_heads % c.n_kv_heads != 0 {
+                    return bad(format!(
+                        "{} key/value heads do not divide the {} query heads",
+                        c.n_kv_heads, c.n_heads
+                    ));
+                }
                 if !(c.layer_norm_eps > 0.0 && c.layer_norm_eps.is_finite()) {
                     return bad(format!(
                         "layer_norm_epsilon must be positive, got {}",
@@ -309,7 +315,7 @@ impl ModelConfig {
                 "n_positions": c.n_positions,
                 "layer_norm_epsilon": c.layer_norm_eps,
                 "activation_function": "gelu_new",
-                "tie_word_embeddings": true,
+                "tie_word_embeddings": c.tie_embeddings,
                 "torch_dtype": "float32",
                 });
                 c.token_ids.write_into(&mut json);
@@ -410,6 +416,13 @@ impl ModelConfig {
                         "attention scaled by 1/sqrt(head size) only",
                     ));
                 }
+                if f.opt_bool("tie_word_embeddings")? == Some(false) {
+                    return Err(f.unsupported(
+                        "gpt2",
+                        "tie_word_embeddings: false".into(),
+                        "the head tied to the token embedding",
+                    ));
+                }
                 if f.opt_bool("scale_attn_weights")? == Some(false) {
                     return Err(f.unsupported(
                         "gpt2",
@@ -423,11 +436,13 @@ impl ModelConfig {
                     n_layers: f.uint("n_layer")?,
                     hidden,
                     n_heads: f.uint("n_head")?,
+                    n_kv_heads: f.uint("n_head")?,
                     // Saturating: tracing refuses a width that large.
                     ffn: f.opt_uint("n_inner")?.unwrap_or(hidden.saturating_mul(4)),
                     vocab: f.uint("vocab_size")?,
                     n_positions: f.opt_uint("n_positions")?.unwrap_or(1024),
                     layer_norm_eps: f.opt_float("layer_norm_epsilon")?.unwrap_or(1e-5),
+                    tie_embeddings: true,
                     token_ids: TokenIds::of(&obj),
                 })
             }

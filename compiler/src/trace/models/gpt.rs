@@ -1,5 +1,6 @@
 //! GPT-2/3 style: learned positions, pre-LayerNorm blocks, GeLU MLP, head
-//! tied to the token embedding. Parameter names follow HF's `GPT2LMHeadModel`,
+//! tied to the token embedding (or, for pricing variants, untied and with
+//! grouped-query attention). Parameter names follow HF's `GPT2LMHeadModel`,
 //! except that the fused `c_attn` projection is traced as separate q/k/v
 //! projections (same parameters, same FLOPs, independently shardable).
 
@@ -13,8 +14,14 @@ pub(super) fn trace(
     batch: u64,
     seq: u64,
     dtype: DType,
+    kv_copies: u64,
 ) -> Result<(), TraceError> {
     let h = c.hidden;
+    // Grouped-query variants project keys and values to fewer heads, each
+    // traced `kv_copies` times in a row where tp exceeds them (the caller
+    // checked that the copies divide a group's query heads).
+    let n_kv = c.n_kv_heads.saturating_mul(kv_copies);
+    let kv_width = n_kv.saturating_mul(h / c.n_heads.max(1));
     let eps = || ("eps", AttrValue::Float(c.layer_norm_eps));
 
     let tokens = t.input("tokens", &[batch, seq], DType::I64, Role::Input);
@@ -29,29 +36,38 @@ pub(super) fn trace(
         t.set_layer(Some(u32::try_from(i).unwrap_or(u32::MAX)));
         let p = |s: &str| format!("transformer.h.{i}.{s}");
         let n = |s: &str| format!("h.{i}.{s}");
+        let linear_copied =
+            |t: &mut Tracer<'_>, x, site: &str, n_out: u64, n_in: u64, copies: u64| {
+                let w = t.param(&p(&format!("{site}.weight")), &[n_out, n_in], dtype);
+                let b = t.param(&p(&format!("{site}.bias")), &[n_out], dtype);
+                if copies > 1 {
+                    t.set_copies(w, 0, copies);
+                    t.set_copies(b, 0, copies);
+                }
+                t.op(OpKind::LinearBias, &n(site), &[x, w, b], &[])
+            };
         let linear = |t: &mut Tracer<'_>, x, site: &str, n_out: u64, n_in: u64| {
-            let w = t.param(&p(&format!("{site}.weight")), &[n_out, n_in], dtype);
-            let b = t.param(&p(&format!("{site}.bias")), &[n_out], dtype);
-            t.op(OpKind::LinearBias, &n(site), &[x, w, b], &[])
+            linear_copied(t, x, site, n_out, n_in, 1)
         };
 
         let ln1_w = t.param(&p("ln_1.weight"), &[h], dtype);
         let ln1_b = t.param(&p("ln_1.bias"), &[h], dtype);
         let hn = t.op(OpKind::LayerNorm, &n("ln_1"), &[x, ln1_w, ln1_b], &[eps()])?;
         let q = linear(t, hn, "attn.q_proj", h, h)?;
-        let k = linear(t, hn, "attn.k_proj", h, h)?;
-        let v = linear(t, hn, "attn.v_proj", h, h)?;
+        let k = linear_copied(t, hn, "attn.k_proj", kv_width, h, kv_copies)?;
+        let v = linear_copied(t, hn, "attn.v_proj", kv_width, h, kv_copies)?;
         let heads = [("h", AttrValue::Int(c.n_heads as i64))];
+        let kv_heads = [("h", AttrValue::Int(n_kv as i64))];
         let q = t.op(OpKind::SplitHeads, &n("attn.q_heads"), &[q], &heads)?;
-        let k = t.op(OpKind::SplitHeads, &n("attn.k_heads"), &[k], &heads)?;
-        let v = t.op(OpKind::SplitHeads, &n("attn.v_heads"), &[v], &heads)?;
+        let k = t.op(OpKind::SplitHeads, &n("attn.k_heads"), &[k], &kv_heads)?;
+        let v = t.op(OpKind::SplitHeads, &n("attn.v_heads"), &[v], &kv_heads)?;
         let a = t.op(
             OpKind::Attention,
             &n("attn.attn"),
             &[q, k, v],
             &[
-                ("g", AttrValue::Int(c.n_heads as i64)),
-                ("r", AttrValue::Int(1)),
+                ("g", AttrValue::Int(n_kv as i64)),
+                ("r", AttrValue::Int((c.n_heads / n_kv.max(1)) as i64)),
                 ("causal", AttrValue::Bool(true)),
             ],
         )?;
@@ -72,7 +88,12 @@ pub(super) fn trace(
     let lnf_w = t.param("transformer.ln_f.weight", &[h], dtype);
     let lnf_b = t.param("transformer.ln_f.bias", &[h], dtype);
     let x = t.op(OpKind::LayerNorm, "ln_f", &[x, lnf_w, lnf_b], &[eps()])?;
-    let logits = t.op(OpKind::Linear, "lm_head", &[x, wte], &[])?;
+    let head_w = if c.tie_embeddings {
+        wte
+    } else {
+        t.param("lm_head.weight", &[c.vocab, h], dtype)
+    };
+    let logits = t.op(OpKind::Linear, "lm_head", &[x, head_w], &[])?;
     let per_token = t.op(
         OpKind::CrossEntropy,
         "loss.cross_entropy",

@@ -2,7 +2,8 @@
 //!
 //! `llama` covers Llama 2, Llama 3 and Llama 3.1 (GQA, RoPE, SwiGLU, RMSNorm,
 //! tied or untied head); `gpt` covers GPT-2/3 style models (learned
-//! positions, LayerNorm, GeLU MLP, tied embeddings). Each family builds its
+//! positions, LayerNorm, GeLU MLP, tied embeddings; grouped-query and
+//! untied variants for pricing). Each family builds its
 //! forward graph, ending in a scalar cross-entropy loss, through a [`Tracer`].
 
 mod gpt;
@@ -101,11 +102,19 @@ pub struct GptConfig {
     pub n_layers: u64,
     pub hidden: u64,
     pub n_heads: u64,
+    /// Key/value heads: `n_heads` in GPT-2/3 (multi-head attention); fewer
+    /// in grouped-query variants such as Nemotron-4, which `validate`
+    /// prices (HF's GPT-2 format has no such field, so those are not
+    /// compiled into plans).
+    pub n_kv_heads: u64,
     /// MLP inner width (4 × hidden in GPT-2/3).
     pub ffn: u64,
     pub vocab: u64,
     pub n_positions: u64,
     pub layer_norm_eps: f64,
+    /// The head reuses the token embedding (GPT-2/3); `false` gives it its
+    /// own `lm_head.weight` (Nemotron-4).
+    pub tie_embeddings: bool,
     /// The config.json's special token ids, carried into the plan's own.
     pub token_ids: TokenIds,
 }
@@ -163,10 +172,12 @@ fn gpt(name: &str, n_layers: u64, hidden: u64, n_heads: u64, vocab: u64, seq: u6
         n_layers,
         hidden,
         n_heads,
+        n_kv_heads: n_heads,
         ffn: 4 * hidden,
         vocab,
         n_positions: seq,
         layer_norm_eps: 1e-5,
+        tie_embeddings: true,
         token_ids: TokenIds::default(),
     })
 }
@@ -248,6 +259,18 @@ pub fn load_model(spec: &str) -> Result<ModelConfig, ConfigError> {
     }
 }
 
+/// `copies` traced copies of each kv head must divide a kv group's query
+/// heads; returns `copies`.
+fn check_kv_copies(n_heads: u64, n_kv_heads: u64, copies: u64) -> Result<u64, TraceError> {
+    let group = n_heads / n_kv_heads.max(1);
+    if copies == 0 || group % copies != 0 {
+        return Err(TraceError::Option(format!(
+            "{copies} copies of each kv head do not divide the {group} query heads of a kv group"
+        )));
+    }
+    Ok(copies)
+}
+
 /// Traces one training step's forward graph of `model`, ending in the loss.
 pub fn trace_model(
     model: &ModelConfig,
@@ -267,19 +290,8 @@ pub fn trace_model(
     let mut tracer = Tracer::new(model.name(), registry);
     match model {
         ModelConfig::Llama(c) => {
-            let m = options.kv_copies;
-            if m == 0 || (c.n_heads / c.n_kv_heads.max(1)) % m != 0 {
-                return Err(TraceError::Option(format!(
-                    "{m} copies of each kv head do not divide the {} query heads of a kv group",
-                    c.n_heads / c.n_kv_heads.max(1)
-                )));
-            }
+            let m = check_kv_copies(c.n_heads, c.n_kv_heads, options.kv_copies)?;
             llama::trace(&mut tracer, c, options.batch, seq, options.dtype, m)?
-        }
-        ModelConfig::Gpt(_) if options.kv_copies != 1 => {
-            return Err(TraceError::Option(
-                "GPT models have no grouped kv heads to copy".into(),
-            ));
         }
         ModelConfig::Gpt(c) => {
             if seq > c.n_positions {
@@ -288,7 +300,8 @@ pub fn trace_model(
                     c.n_positions, c.name
                 )));
             }
-            gpt::trace(&mut tracer, c, options.batch, seq, options.dtype)?
+            let m = check_kv_copies(c.n_heads, c.n_kv_heads, options.kv_copies)?;
+            gpt::trace(&mut tracer, c, options.batch, seq, options.dtype, m)?
         }
     }
     tracer.finish()
