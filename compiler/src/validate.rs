@@ -68,6 +68,11 @@ pub struct Run {
     pub measured: Measured,
     /// How the traced model departs from the published one, if it does.
     pub approximation: Option<String>,
+    /// The run's stack is NeMo (the notes name it): Megatron-Core with
+    /// Transformer Engine, whose recipes overlap tp communication with the
+    /// GEMMs and the distributed optimizer's gradient reduction and weight
+    /// gather with compute.
+    pub nemo: bool,
 }
 
 /// What a row measured.
@@ -334,6 +339,7 @@ pub fn read_runs(path: &Path) -> Result<Vec<Run>, ValidateError> {
             global_batch: num("global_batch")?,
             measured,
             approximation: (!approximation.is_empty()).then(|| approximation.join("; ")),
+            nemo: notes.contains("NeMo"),
         });
     }
     Ok(runs)
@@ -383,6 +389,21 @@ fn breakdown(e: &crate::search::Evaluation) -> String {
             "; slowest stage per micro-batch {:.1} ms, tp comm {:.1} ms of it",
             1e3 * s.micro_batch_s,
             1e3 * s.tp_comm_s
+        ));
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let worst = e.stages.iter().max_by_key(|s| s.memory.total_bytes());
+    if let Some(s) = worst {
+        let m = &s.memory;
+        out.push_str(&format!(
+            "; peak {:.1} of {:.1} GiB (weights {:.1}, grads {:.1}, optimizer {:.1}, activations {:.1}, transient {:.1})",
+            gib(e.peak_mem_bytes),
+            gib(e.capacity_bytes),
+            gib(m.params_bytes),
+            gib(m.grads_bytes),
+            gib(m.optimizer_bytes),
+            gib(m.activations_bytes),
+            gib(m.transient_bytes)
         ));
     }
     out
@@ -539,12 +560,18 @@ pub fn cluster_preset(gpu: &str) -> &str {
 
 /// The cluster a run is priced on: the hardware preset, with the memory
 /// behaviour of the published stacks (Megatron-LM, DeepSpeed, FSDP: ZeRO-3
-/// per layer, full recompute keeping layer inputs) and the attention kernel
+/// per layer, full recompute keeping layer inputs), the attention kernel
 /// of the run's software stack (Narayanan et al. 2021 predates
-/// FlashAttention: Megatron then materialised the scores).
+/// FlashAttention: Megatron then materialised the scores) and its
+/// communication overlap (NeMo: tp collectives behind the GEMMs, the
+/// distributed optimizer's weight gather behind the next forward).
 pub fn run_cluster(run: &Run, hardware: &Cluster) -> Cluster {
     let mut c = hardware.clone();
     c.memory_stack = crate::cost::MemoryStack::Reference;
+    if run.nemo {
+        c.tp_comm_overlaps_compute = true;
+        c.param_gather_overlaps_forward = true;
+    }
     if matches!(run.measured, Measured::Tflops(_, Convention::Narayanan)) {
         c.attention_kernel = crate::cost::AttentionKernel::Materialized;
     }

@@ -591,3 +591,59 @@ fn measured_optimizer_and_unoverlapped_collectives_are_priced() {
         overlapped.step_s
     );
 }
+
+/// The stack's communication overlap (NeMo's, as `validate` prices it):
+/// with tp collectives behind the GEMMs a tp2 micro-batch pays the larger
+/// of compute and communication instead of their sum, and with the weight
+/// gather behind the next forward ZeRO-1 exposes less dp communication.
+#[test]
+fn tp_comm_and_param_gather_overlap_are_credited() {
+    let (model, graph, registry) = traced("llama3-8b", 1024, DType::Bf16);
+    let c = Constraints {
+        tp: Some(2),
+        pp: Some(1),
+        dp: Some(4),
+        micro_batch: Some(1),
+        recompute: Some(Recompute::None),
+        zero: Some(ZeroStage::One),
+        sequence_parallel: Some(false),
+        ..Constraints::default()
+    };
+    let eval = |cluster: &Cluster| {
+        search(&compile_input(&graph, &registry, &model, cluster, 8, 8, &c))
+            .expect("fits")
+            .plans[0]
+            .eval
+            .clone()
+    };
+    let base = load_cluster("h100").expect("preset");
+    let plain = eval(&base);
+    let mut tp = base.clone();
+    tp.tp_comm_overlaps_compute = true;
+    let tp_overlapped = eval(&tp);
+    let (s0, s1) = (&plain.stages[0], &tp_overlapped.stages[0]);
+    assert!(s0.tp_comm_s > 0.0, "{plain:?}");
+    assert_eq!(
+        s0.tp_comm_s, s1.tp_comm_s,
+        "the communication itself is unchanged"
+    );
+    assert!(
+        s1.micro_batch_s < s0.micro_batch_s
+            && s1.micro_batch_s >= s0.micro_batch_s - s0.tp_comm_s - 1e-12,
+        "{} vs {} with {} of tp comm",
+        s1.micro_batch_s,
+        s0.micro_batch_s,
+        s0.tp_comm_s
+    );
+    let mut gather = base.clone();
+    gather.param_gather_overlaps_forward = true;
+    let gather_overlapped = eval(&gather);
+    assert!(plain.dp_comm_s > 0.0);
+    assert!(
+        gather_overlapped.dp_comm_s < plain.dp_comm_s,
+        "{} vs {}",
+        gather_overlapped.dp_comm_s,
+        plain.dp_comm_s
+    );
+    assert_eq!(gather_overlapped.stages[0].micro_batch_s, s0.micro_batch_s);
+}

@@ -21,8 +21,8 @@ fn a100_predictions_meet_the_accuracy_targets() {
     meets_the_targets(&runs_file(), "a100-80gb", 20);
 }
 
-/// The H100 rows do not meet the targets yet (median |error| 27.9%, worst
-/// 100%: `docs/validation.txt`); every row must still evaluate, and the
+/// The H100 rows do not meet the targets yet (median |error| 15.3%, worst
+/// 42.1%: `docs/validation.txt`); every row must still evaluate, and the
 /// free search must not lose where the published plan fits the memory
 /// model.
 #[test]

@@ -134,6 +134,19 @@ pub struct Cluster {
     /// `false`.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub comm_overlaps_compute: bool,
+    /// Whether tensor-parallel collectives hide behind the GEMMs beside them
+    /// (Transformer Engine's userbuffer overlap, on in NeMo's recipes): a
+    /// layer then pays the larger of its compute and its tp communication
+    /// instead of their sum. Default `false`: autopart's runtime, like
+    /// Megatron-LM without TE, runs them in line.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub tp_comm_overlaps_compute: bool,
+    /// Whether the all-gather of updated weights under ZeRO-1/2 hides behind
+    /// the next step's forward (Megatron's distributed optimizer with
+    /// `overlap_param_gather`, on in NeMo's recipes). Default `false`:
+    /// autopart's runtime gathers after the optimizer step.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub param_gather_overlaps_forward: bool,
     /// Where the figures came from when `autopart profile` wrote the file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub measured: Option<Measured>,
@@ -141,6 +154,10 @@ pub struct Cluster {
 
 fn is_zero(v: &f64) -> bool {
     *v == 0.0
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 fn yes() -> bool {

@@ -178,14 +178,23 @@ impl<'a> StageModel<'a> {
     /// Micro-batch time of stage `s` with `k` layers under `r`.
     fn time(&self, s: u32, k: u32, r: Recompute) -> (f64, f64) {
         let l = &self.seg.layer;
-        let mut t = f64::from(k) * (l.fwd_s() + l.bwd_s() + l.recompute_s(r));
+        // With tp communication overlapped, a segment pays the larger of
+        // its compute and its communication, not their sum.
+        let hidden = |c: &SegmentCost| {
+            if self.cluster.tp_comm_overlaps_compute {
+                c.comm_s().min(c.fwd_s() + c.bwd_s() - c.comm_s())
+            } else {
+                0.0
+            }
+        };
+        let mut t = f64::from(k) * (l.fwd_s() + l.bwd_s() + l.recompute_s(r) - hidden(l));
         let mut comm = f64::from(k) * l.comm_s();
         if self.is_first(s) {
-            t += self.seg.pre.fwd_s() + self.seg.pre.bwd_s();
+            t += self.seg.pre.fwd_s() + self.seg.pre.bwd_s() - hidden(&self.seg.pre);
             comm += self.seg.pre.comm_s();
         }
         if self.is_last(s) {
-            t += self.seg.post.fwd_s() + self.seg.post.bwd_s();
+            t += self.seg.post.fwd_s() + self.seg.post.bwd_s() - hidden(&self.seg.post);
             comm += self.seg.post.comm_s();
         }
         // Activations forward, gradients backward, once per chunk boundary.
@@ -441,10 +450,19 @@ impl<'a> StageModel<'a> {
                     .comm_hidden_by(f64::from(k) * self.seg.layer.bwd_s());
                 exposed = (reduce - overlap).max(0.0);
                 if cfg.zero.shards_optimizer() && !cfg.zero.shards_parameters() {
-                    // The updated weights travel in their own dtype.
+                    // The updated weights travel in their own dtype; where
+                    // the stack overlaps it, the gather hides behind the
+                    // next step's first forward of the stage's layers.
                     let weights = (p_elems * w) as f64;
-                    exposed +=
+                    let gather =
                         collective_time(self.cluster, Collective::AllGather, &group, weights);
+                    let behind = if self.cluster.param_gather_overlaps_forward {
+                        self.cluster
+                            .comm_hidden_by(f64::from(k) * self.seg.layer.fwd_s())
+                    } else {
+                        0.0
+                    };
+                    exposed += (gather - behind).max(0.0);
                 }
             }
             dp_comm = dp_comm.max(exposed);
