@@ -549,6 +549,18 @@ fn describe(p: &crate::search::Candidate) -> String {
     )
 }
 
+/// The median of `values` (sorted in place; the mean of the middle two for
+/// an even count), `None` when empty.
+pub fn median(values: &mut [f64]) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some(0.5 * (values[n / 2 - 1] + values[n / 2])),
+    }
+}
+
 /// The cluster preset for a runs file's `gpu` (hardware.csv's names; the
 /// presets drop the form factor).
 pub fn cluster_preset(gpu: &str) -> &str {

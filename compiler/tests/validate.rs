@@ -6,7 +6,7 @@ use std::path::Path;
 
 use autopart::anno::builtin_registry;
 use autopart::cost::load_cluster;
-use autopart::validate::{cluster_preset, read_runs, validate_run};
+use autopart::validate::{cluster_preset, median, read_runs, validate_run};
 
 fn data_file(name: &str) -> String {
     format!("{}/../../shared/data/{name}", env!("CARGO_MANIFEST_DIR"))
@@ -76,14 +76,8 @@ fn meets_the_targets(file: &str, gpu: &str, at_least: usize) {
             r.fixed_step_s
         );
     }
-    errors.sort_by(f64::total_cmp);
-    let n = errors.len();
-    let median = if n % 2 == 1 {
-        errors[n / 2]
-    } else {
-        0.5 * (errors[n / 2 - 1] + errors[n / 2])
-    };
-    let worst = errors[n - 1];
+    let median = median(&mut errors).expect("some runs");
+    let worst = errors[errors.len() - 1];
     assert!(median <= 0.10, "median |error| {median}");
     assert!(worst <= 0.25, "worst |error| {worst}");
 }

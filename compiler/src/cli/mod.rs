@@ -524,18 +524,12 @@ fn validate(args: &ValidateArgs) -> Result<()> {
     eprintln!();
     println!();
     for (gpu, mut e) in errors {
-        e.sort_by(f64::total_cmp);
-        // The median of an even count is the mean of the middle two.
-        let n = e.len();
-        let median = if n % 2 == 1 {
-            e[n / 2]
-        } else {
-            0.5 * (e[n / 2 - 1] + e[n / 2])
-        };
+        let median = crate::validate::median(&mut e).unwrap_or(0.0);
         println!(
-            "{gpu}: {n} runs: median |error| {:.1}%, worst {:.1}% (targets: 10%, 25%)",
+            "{gpu}: {} runs: median |error| {:.1}%, worst {:.1}% (targets: 10%, 25%)",
+            e.len(),
             100.0 * median,
-            100.0 * e[n - 1]
+            100.0 * e.last().copied().unwrap_or(0.0)
         );
     }
     Ok(())

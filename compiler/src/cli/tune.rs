@@ -159,13 +159,7 @@ fn read_metrics(path: &Path) -> Result<Outcome> {
     } else {
         steps
     };
-    timed.sort_by(f64::total_cmp);
-    let n = timed.len();
-    let step_s = if n % 2 == 1 {
-        timed[n / 2]
-    } else {
-        0.5 * (timed[n / 2 - 1] + timed[n / 2])
-    };
+    let step_s = crate::validate::median(&mut timed).unwrap_or(0.0);
     Ok(Outcome::Measured {
         step_s,
         peak_bytes: peak,
