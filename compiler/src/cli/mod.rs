@@ -42,7 +42,7 @@ enum Command {
     Trace(TraceArgs),
     /// Search the fastest parallel plan that fits and write plan.ron + report.md.
     Compile(Box<CompileArgs>),
-    /// Compare the cost model with published runs (predicted vs measured TFLOP/s).
+    /// Compare the cost model with published runs (predicted vs measured tokens/s or TFLOP/s per GPU, error per hardware type).
     Validate(ValidateArgs),
     /// Run a compiled plan: `mpirun -np N autopart run OUT [--steps N] [--data FILE] ...`
     /// (the flags after OUT go to the plan binary; `autopart run OUT --help` lists them).
