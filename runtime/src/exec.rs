@@ -116,7 +116,22 @@ fn chunk(t: &Tensor, dim: i64, comm: &dyn Communicator) -> Result<Tensor, ExecEr
         });
     };
     let n = len / parts as i64;
-    Ok(t.f_narrow(d, comm.rank() as i64 * n, n)?.f_contiguous()?)
+    narrow_owned(t, d, comm.rank() as i64 * n, n)
+}
+
+/// `t.narrow(dim, start, len)` in storage of its own. A narrow of the
+/// leading dim is already contiguous, so `contiguous()` returns the view
+/// itself, which keeps the whole of `t`'s storage alive: a tp shard of a
+/// row-split weight held twice its size, the kv-copy gradient `tp / copies`
+/// times. This copies the slice whenever it is a view.
+pub fn narrow_owned(t: &Tensor, dim: i64, start: i64, len: i64) -> Result<Tensor, ExecError> {
+    let view = t.f_narrow(dim, start, len)?;
+    if !view.is_contiguous() {
+        return Ok(view.f_contiguous()?);
+    }
+    let mut owned = view.f_empty_like()?;
+    let _ = owned.f_copy_(&view)?;
+    Ok(owned)
 }
 
 impl Adapter {
@@ -877,8 +892,11 @@ impl ParamSpec {
                 parts,
             });
         };
+        if parts == 1 {
+            return Ok(full.shallow_clone());
+        }
         let n = len / parts as i64;
-        Ok(full.f_narrow(dim, block as i64 * n, n)?.f_contiguous()?)
+        narrow_owned(full, dim, block as i64 * n, n)
     }
 
     /// The initialised shard as a leaf parameter.
@@ -1012,7 +1030,7 @@ pub fn complete_tp_grad(
             let placed = Tensor::f_zeros(shape.as_slice(), (g.kind(), g.device()))?;
             placed.f_narrow(dim, block as i64 * n, n)?.f_copy_(&g)?;
             let sum = tp.all_reduce(&placed)?;
-            Ok(sum.f_narrow(dim, block as i64 * n, n)?.f_contiguous()?)
+            narrow_owned(&sum, dim, block as i64 * n, n)
         }
         TpGrad::Copies(_) => Ok(g),
     }
@@ -1201,5 +1219,24 @@ mod tests {
         assert!(Tensor::cat(&parts, 0).equal(&full));
         assert!(!spec.init_full(8).expect("init").equal(&full));
         assert!(spec.materialise(7, 0, 3).is_err());
+    }
+
+    #[test]
+    fn a_row_shard_does_not_keep_the_full_tensor() {
+        // A narrow of dim 0 is contiguous: as a view it would pin the full
+        // tensor's storage (a tp2 shard of a row-split weight held twice).
+        let full = Tensor::arange(32, (Kind::Float, tch::Device::Cpu)).view([8, 4]);
+        for (dim, start) in [(0, 0), (0, 4), (1, 2)] {
+            let part =
+                narrow_owned(&full, dim, start, if dim == 0 { 4 } else { 2 }).expect("narrow");
+            assert!(part.is_contiguous());
+            assert!(part.equal(&full.narrow(dim, start, part.size()[dim as usize])));
+            let (lo, hi) = (full.data_ptr() as usize, full.data_ptr() as usize + 32 * 4);
+            let at = part.data_ptr() as usize;
+            assert!(
+                !(lo..hi).contains(&at),
+                "dim {dim} start {start} shares the storage"
+            );
+        }
     }
 }
