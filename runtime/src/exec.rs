@@ -130,7 +130,7 @@ pub fn narrow_owned(t: &Tensor, dim: i64, start: i64, len: i64) -> Result<Tensor
         return Ok(view.f_contiguous()?);
     }
     let mut owned = view.f_empty_like()?;
-    let _ = owned.f_copy_(&view)?;
+    owned.f_copy_(&view)?;
     Ok(owned)
 }
 

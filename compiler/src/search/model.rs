@@ -231,12 +231,20 @@ impl<'a> StageModel<'a> {
     /// as large as the global batch: they saturate (and then do not fit)
     /// rather than overflow.
     fn activations(&self, s: u32, k: u32, per_layer: u64) -> u64 {
+        let reference = self.cluster.memory_stack == MemoryStack::Reference;
+        let ends = |c: &SegmentCost| {
+            if reference {
+                c.reference_none_bytes
+            } else {
+                c.saved_none_bytes
+            }
+        };
         let mut per_micro = u64::from(k).saturating_mul(per_layer);
         if self.is_first(s) {
-            per_micro = per_micro.saturating_add(self.seg.pre.saved_none_bytes);
+            per_micro = per_micro.saturating_add(ends(&self.seg.pre));
         }
         if self.is_last(s) {
-            per_micro = per_micro.saturating_add(self.seg.post.saved_none_bytes);
+            per_micro = per_micro.saturating_add(ends(&self.seg.post));
         }
         (per_micro as f64 * self.cfg.in_flight(s)).ceil() as u64
     }
@@ -256,7 +264,8 @@ impl<'a> StageModel<'a> {
     /// shards optimizer state (1), gradients (2) and parameters (3, two
     /// layers gathered at a time); mixed precision keeps f32 master weights
     /// with the moments (12 B, fp32 training 8 B); full recompute keeps each
-    /// layer's input and rebuilds one whole layer in backward.
+    /// layer's input and rebuilds one whole layer in backward; activations
+    /// as Megatron counts them (`SegmentCost::reference_none_bytes`).
     fn reference_memory(&self, s: u32, k: u32, r: Recompute) -> MemoryBreakdown {
         let p = self.params(s, k);
         let dp = self.cfg.dp_total().max(1);
@@ -267,11 +276,12 @@ impl<'a> StageModel<'a> {
         let l = &self.seg.layer;
         let per_layer = match r {
             Recompute::Full => l.input_bytes,
-            _ => l.saved_bytes(r),
+            Recompute::Selective => l.reference_selective_bytes,
+            Recompute::None => l.reference_none_bytes,
         };
         let mut transient = self.backward_transient(s);
         if r == Recompute::Full && k > 0 {
-            transient = transient.saturating_add(l.saved_none_bytes);
+            transient = transient.saturating_add(l.reference_none_bytes);
         }
         if z.shards_parameters() {
             transient += 2 * l.params * w;

@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 
 use crate::anno::Layout;
+#[cfg(doc)]
+use crate::cost::MemoryStack;
 use crate::cost::{AttentionKernel, Cluster};
 use crate::ir::{Graph, OpKind, Role, TensorId};
 use crate::plan::Recompute;
@@ -25,6 +27,13 @@ pub struct SegmentCost {
     /// segment's input, [`SegmentCost::input_bytes`]).
     pub saved_none_bytes: u64,
     pub saved_selective_bytes: u64,
+    /// The same as Megatron-LM counts them ([`MemoryStack::Reference`]):
+    /// only what each op's backward reads, once per tensor, in the
+    /// activations' dtype, a sequence-parallel input kept as the shard it
+    /// was before its all-gather (Korthikanti et al. 2022's 34·s·b·h/t per
+    /// GPT layer, less the dropout masks, with a fused attention kernel).
+    pub reference_none_bytes: u64,
+    pub reference_selective_bytes: u64,
     /// The residual stream entering the segment: what full recompute keeps
     /// (the runtime reruns whole layers, `Tape::block`).
     pub input_bytes: u64,
@@ -151,6 +160,8 @@ impl SegmentCost {
             param_bytes,
             saved_none_bytes: kept.none,
             saved_selective_bytes: kept.selective,
+            reference_none_bytes: kept.reference_none,
+            reference_selective_bytes: kept.reference_selective,
             input_bytes: seg
                 .tensors
                 .iter()
@@ -171,6 +182,9 @@ impl SegmentCost {
 struct Kept {
     none: u64,
     selective: u64,
+    /// The same under [`MemoryStack::Reference`] ([`reference_saves`]).
+    reference_none: u64,
+    reference_selective: u64,
 }
 
 /// One buffer the runtime may hold: a tensor in one local layout (views such
@@ -294,6 +308,7 @@ fn kept_bytes(
     // What autograd saves, per piece; the attention op's private saves apart.
     let n_pieces = cur + 1;
     let mut saved: Vec<BTreeMap<Buffer, u64>> = vec![BTreeMap::new(); n_pieces];
+    let mut reference: BTreeMap<Buffer, u64> = BTreeMap::new();
     let mut attention_private = 0u64;
     for (o, sop) in seg.ops.iter().enumerate() {
         let op = graph.op(sop.op);
@@ -303,17 +318,26 @@ fn kept_bytes(
             let t = *op.inputs.get(j)?;
             (graph.tensor(t).role != Role::Parameter).then_some((t, ch.inputs[j]))
         };
-        let inputs: Vec<usize> = match op.kind {
-            OpKind::Linear | OpKind::LinearBias | OpKind::Gelu | OpKind::Embedding => vec![0],
-            OpKind::LayerNorm => vec![0],
-            OpKind::Attention | OpKind::SwiGlu => (0..op.inputs.len()).collect(),
-            OpKind::CrossEntropy => vec![1],
-            OpKind::Custom(_) => (0..op.inputs.len()).collect(),
-            _ => vec![],
-        };
+        let inputs = inputs_saved(&op.kind, op.inputs.len());
         for j in inputs {
             if let Some((t, l)) = input(j) {
                 value(map, t, l);
+            }
+        }
+        // Megatron's saves: the op's activation inputs (a norm's too, its
+        // statistics aside), a resharded input as the shard it came from.
+        let megatron: Vec<usize> = match op.kind {
+            OpKind::RmsNorm => vec![0],
+            OpKind::Attention => vec![0, 1, 2],
+            _ => inputs_saved(&op.kind, op.inputs.len()),
+        };
+        for j in megatron {
+            if let Some((t, l)) = input(j) {
+                let kept = match produced(t) {
+                    Some(p @ Layout::D(_)) => p,
+                    _ => l,
+                };
+                value(&mut reference, t, kept);
             }
         }
         let private = |map: &mut BTreeMap<Buffer, u64>, idx: u8, bytes: u64| {
@@ -344,7 +368,9 @@ fn kept_bytes(
                 // f32 log-probabilities (or exponentials) of the local logits.
                 if let Some((t, l)) = input(0) {
                     let w = graph.tensor(t).dtype.size_bytes().max(1);
-                    private(map, 0, (local(bytes_of(t), l) / w).saturating_mul(4));
+                    let bytes = (local(bytes_of(t), l) / w).saturating_mul(4);
+                    private(map, 0, bytes);
+                    private(&mut reference, 0, bytes);
                 }
             }
             OpKind::Attention => {
@@ -369,6 +395,8 @@ fn kept_bytes(
                     bytes += rows * s as f64 * q.dtype.size_bytes() as f64 * scale;
                 }
                 private(map, 0, bytes as u64);
+                private(&mut reference, 0, bytes as u64);
+                value(&mut reference, out, ch.outputs[0]);
                 attention_private = attention_private.saturating_add(bytes as u64);
             }
             _ => {}
@@ -381,8 +409,24 @@ fn kept_bytes(
         all.extend(m.iter().map(|(k, v)| (*k, *v)));
     }
     let none = sum(&all);
+    let reference_none = sum(&reference);
     Kept {
         none,
         selective: none.saturating_sub(attention_private),
+        reference_none,
+        reference_selective: reference_none.saturating_sub(attention_private),
+    }
+}
+
+/// The inputs (by position) whose values an op's backward reads in the
+/// runtime's implementation (parameters are skipped by the caller).
+fn inputs_saved(kind: &OpKind, n_inputs: usize) -> Vec<usize> {
+    match kind {
+        OpKind::Linear | OpKind::LinearBias | OpKind::Gelu | OpKind::Embedding => vec![0],
+        OpKind::LayerNorm => vec![0],
+        OpKind::Attention | OpKind::SwiGlu => (0..n_inputs).collect(),
+        OpKind::CrossEntropy => vec![1],
+        OpKind::Custom(_) => (0..n_inputs).collect(),
+        _ => vec![],
     }
 }
