@@ -231,14 +231,7 @@ impl<'a> StageModel<'a> {
     /// as large as the global batch: they saturate (and then do not fit)
     /// rather than overflow.
     fn activations(&self, s: u32, k: u32, per_layer: u64) -> u64 {
-        let reference = self.cluster.memory_stack == MemoryStack::Reference;
-        let ends = |c: &SegmentCost| {
-            if reference {
-                c.reference_none_bytes
-            } else {
-                c.saved_none_bytes
-            }
-        };
+        let ends = |c: &SegmentCost| c.saved_bytes(self.cluster.memory_stack, Recompute::None);
         let mut per_micro = u64::from(k).saturating_mul(per_layer);
         if self.is_first(s) {
             per_micro = per_micro.saturating_add(ends(&self.seg.pre));
@@ -274,14 +267,11 @@ impl<'a> StageModel<'a> {
         let shard = |bytes: u64, sharded: bool| if sharded { bytes.div_ceil(dp) } else { bytes };
         let z = self.cfg.zero;
         let l = &self.seg.layer;
-        let per_layer = match r {
-            Recompute::Full => l.input_bytes,
-            Recompute::Selective => l.reference_selective_bytes,
-            Recompute::None => l.reference_none_bytes,
-        };
+        let per_layer = l.saved_bytes(MemoryStack::Reference, r);
         let mut transient = self.backward_transient(s);
         if r == Recompute::Full && k > 0 {
-            transient = transient.saturating_add(l.reference_none_bytes);
+            let rebuilt = l.saved_bytes(MemoryStack::Reference, Recompute::None);
+            transient = transient.saturating_add(rebuilt);
         }
         if z.shards_parameters() {
             transient += 2 * l.params * w;
@@ -327,7 +317,7 @@ impl<'a> StageModel<'a> {
         // GPipe), they grow while the activations are freed, and the peak
         // holds the larger of the two.
         let slices = (layer_p * 4).div_ceil(dp);
-        let activations_bytes = self.activations(s, k, l.saved_bytes(r));
+        let activations_bytes = self.activations(s, k, l.saved_bytes(MemoryStack::Autopart, r));
         let grads_bytes = if streamed {
             let before_backward = self.cfg.in_flight(s) >= self.cfg.n_micro as f64;
             let held = if before_backward {
@@ -353,7 +343,8 @@ impl<'a> StageModel<'a> {
         let mut backward = self.backward_transient(s);
         if r == Recompute::Full && k > 0 {
             // Backward rebuilds one layer with its autograd graph.
-            backward = backward.saturating_add(l.saved_none_bytes);
+            backward =
+                backward.saturating_add(l.saved_bytes(MemoryStack::Autopart, Recompute::None));
         }
         // One layer's gradients as backward hands them over, flattened to
         // the reduce dtype for the reduce-scatter; and ZeRO-3's all-gathered

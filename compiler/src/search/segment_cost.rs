@@ -5,9 +5,7 @@
 use std::collections::BTreeMap;
 
 use crate::anno::Layout;
-#[cfg(doc)]
-use crate::cost::MemoryStack;
-use crate::cost::{AttentionKernel, Cluster};
+use crate::cost::{AttentionKernel, Cluster, MemoryStack};
 use crate::ir::{Graph, OpKind, Role, TensorId};
 use crate::plan::Recompute;
 
@@ -77,11 +75,14 @@ impl SegmentCost {
         self.breakdown.param_sync as f64 * PS
     }
 
-    pub fn saved_bytes(&self, mode: Recompute) -> u64 {
-        match mode {
-            Recompute::None => self.saved_none_bytes,
-            Recompute::Selective => self.saved_selective_bytes,
-            Recompute::Full => self.input_bytes,
+    /// Bytes kept for backward under `mode`, as `stack` counts them.
+    pub fn saved_bytes(&self, stack: MemoryStack, mode: Recompute) -> u64 {
+        match (stack, mode) {
+            (_, Recompute::Full) => self.input_bytes,
+            (MemoryStack::Autopart, Recompute::None) => self.saved_none_bytes,
+            (MemoryStack::Autopart, Recompute::Selective) => self.saved_selective_bytes,
+            (MemoryStack::Reference, Recompute::None) => self.reference_none_bytes,
+            (MemoryStack::Reference, Recompute::Selective) => self.reference_selective_bytes,
         }
     }
 
@@ -182,7 +183,8 @@ impl SegmentCost {
 struct Kept {
     none: u64,
     selective: u64,
-    /// The same under [`MemoryStack::Reference`] ([`reference_saves`]).
+    /// The same as [`MemoryStack::Reference`] counts them
+    /// ([`SegmentCost::reference_none_bytes`]).
     reference_none: u64,
     reference_selective: u64,
 }
