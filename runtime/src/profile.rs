@@ -296,10 +296,12 @@ impl Profiler<'_> {
 
     fn compute(&mut self, quick: bool) -> Result<Vec<ComputeSample>, ProfileError> {
         let mut pending: Vec<Pending> = Vec::new();
+        // From a small model's 64 (whose GEMMs run at half the rate of a
+        // 1024-wide one on a CPU: the fit's rate curve) to 2048.
         let hiddens: &[i64] = if quick {
-            &[256, 1024]
+            &[64, 256, 1024]
         } else {
-            &[256, 512, 1024, 2048]
+            &[64, 128, 256, 512, 1024, 2048]
         };
         let tokens: i64 = 512;
         // Matmuls: tokens x hidden -> hidden, -> FFN (2.75x, Llama's ratio
@@ -307,7 +309,7 @@ impl Profiler<'_> {
         // the middle sizes.
         for &kind in &[Kind::Float, Kind::BFloat16, Kind::Half] {
             for &d in hiddens {
-                if kind != Kind::Float && (d == 256 || d == 2048) {
+                if kind != Kind::Float && !(512..=1024).contains(&d) {
                     continue;
                 }
                 let f = (d * 11 / 4 + 63) / 64 * 64;
@@ -369,9 +371,9 @@ impl Profiler<'_> {
         // ones at tokens x 8 hidden); bytes as the annotation files' shapes
         // give them: every input and output.
         let sizes: &[i64] = if quick {
-            &[512, 2048]
+            &[128, 512, 2048]
         } else {
-            &[256, 512, 1024, 2048, 4096]
+            &[64, 128, 256, 512, 1024, 2048, 4096]
         };
         for &kind in &[Kind::Float, Kind::BFloat16] {
             for &d in sizes {

@@ -118,6 +118,29 @@ pub struct Cluster {
     /// be slower than its f32 one while its bf16 GEMMs are faster).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_flops_per_s: Option<PeakFlops>,
+    /// How a GEMM's achieved rate varies with its shape: points (FLOPs per
+    /// element moved, fraction of `peak_flops_per_s · efficiency.matmul`)
+    /// in increasing intensity. A GEMM between two points runs at the
+    /// fraction interpolated in the logarithm of its intensity, one outside
+    /// them at the nearest point's. Empty (the default): every GEMM at the
+    /// peak. `autopart profile` measures it: on a CPU a GEMM with a 64-wide
+    /// side runs at about half the rate of a 1024-wide one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matmul_rate_curve: Vec<(f64, f64)>,
+    /// The same for attention (FLOPs per element of q, k, v and the output,
+    /// which grows with the sequence), as a fraction of its rate
+    /// (`attention_flops_per_s`, else `peak · efficiency.attention`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attention_rate_curve: Vec<(f64, f64)>,
+    /// How collectives within a node slow down with their size, by collective
+    /// (`all_reduce`, `all_gather`, `reduce_scatter`, `all_to_all`,
+    /// `broadcast`, `send_recv`): points (bytes, fraction of
+    /// `intra_node.bandwidth_bytes_per_s · efficiency.collective`). On a CPU
+    /// a 1 MiB message copies through caches at several times the rate of a
+    /// 64 MiB one, and a reduce-scatter (which sums) runs at half an
+    /// all-gather's. Groups across nodes keep the plain link figures.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub intra_node_curves: BTreeMap<String, Vec<(f64, f64)>>,
     /// Seconds of the runtime's optimizer step per parameter element it
     /// updates (clipping by the global norm, AdamW on f32 master weights
     /// and moments, clearing the gradient), overriding the estimate of
@@ -421,6 +444,38 @@ impl Cluster {
                 positive(bw),
                 format!("{name}: {}", must_be_positive(bw)),
             );
+        }
+        type Curve<'c> = (&'static str, String, &'c [(f64, f64)]);
+        let mut curves: Vec<Curve<'_>> = vec![
+            ("matmul_rate_curve", String::new(), &self.matmul_rate_curve),
+            (
+                "attention_rate_curve",
+                String::new(),
+                &self.attention_rate_curve,
+            ),
+        ];
+        for (name, points) in &self.intra_node_curves {
+            curves.push(("intra_node_curves", format!("{name}: "), points));
+        }
+        for (field, prefix, points) in curves {
+            let bad = points
+                .iter()
+                .position(|&(x, f)| !positive(x) || !positive(f))
+                .map(|i| {
+                    let (x, f) = points[i];
+                    format!("{prefix}point {i} ({x}, {f}): both must be positive finite numbers")
+                })
+                .or_else(|| {
+                    points.windows(2).position(|w| w[1].0 <= w[0].0).map(|i| {
+                        format!(
+                            "{prefix}points {i} and {} ({} then {}): must be in increasing order of their first number",
+                            i + 1,
+                            points[i].0,
+                            points[i + 1].0
+                        )
+                    })
+                });
+            check(field, bad.is_none(), bad.unwrap_or_default());
         }
         if let Some(o) = self.optimizer_s_per_param {
             check(
@@ -742,6 +797,27 @@ mod tests {
         let message = err.to_string();
         assert!(message.starts_with("typo.ron:"), "{message}");
         assert!(message.contains("colective"), "{message}");
+    }
+
+    #[test]
+    fn rate_curves_must_be_positive_and_increasing() {
+        let mut cluster = a100();
+        cluster.matmul_rate_curve = vec![(10.0, 0.5), (5.0, 1.0)];
+        cluster
+            .intra_node_curves
+            .insert("all_reduce".into(), vec![(1e6, 0.0)]);
+        let err = cluster.validate("c.ron").expect_err("invalid");
+        expect!["c.ron: invalid cluster: `matmul_rate_curve` points 0 and 1 (10 then 5): must be in increasing order of their first number; `intra_node_curves` all_reduce: point 0 (1000000, 0): both must be positive finite numbers"]
+        .assert_eq(&err.to_string());
+        cluster.matmul_rate_curve = vec![(5.0, 0.5), (10.0, 1.0)];
+        cluster.intra_node_curves.clear();
+        cluster.validate("c.ron").expect("valid");
+        // They round-trip through the file format.
+        let text = cluster.to_ron_string().expect("serializes");
+        assert_eq!(
+            Cluster::from_ron_str(&text, "c.ron").expect("reads"),
+            cluster
+        );
     }
 
     #[test]

@@ -72,6 +72,20 @@ pub enum Collective {
     SendRecv,
 }
 
+impl Collective {
+    /// Its key in `Cluster::intra_node_curves`.
+    pub fn key(self) -> &'static str {
+        match self {
+            Collective::AllReduce => "all_reduce",
+            Collective::AllGather => "all_gather",
+            Collective::ReduceScatter => "reduce_scatter",
+            Collective::AllToAll => "all_to_all",
+            Collective::Broadcast => "broadcast",
+            Collective::SendRecv => "send_recv",
+        }
+    }
+}
+
 /// Where a group of ranks sits: its size, and how many of its members share
 /// each node it spans. Build one with [`Group::placed`] (from a mesh stride) or
 /// [`Group::within_node`] / [`Group::across_nodes`].
@@ -183,7 +197,11 @@ pub fn collective_time(
     let b_intra = cluster.intra_node.bandwidth_bytes_per_s * eff;
     let l_intra = cluster.intra_node.latency_s;
     if group.level() == LinkLevel::IntraNode {
-        return ring_time(collective, n, bytes, b_intra, l_intra);
+        let factor = cluster
+            .intra_node_curves
+            .get(collective.key())
+            .map_or(1.0, |c| crate::cost::time::curve_factor(c, bytes));
+        return ring_time(collective, n, bytes, b_intra * factor, l_intra);
     }
     let b_inter = cluster.inter_node.bandwidth_bytes_per_s * eff;
     let l_inter = cluster.inter_node.latency_s;

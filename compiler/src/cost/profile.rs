@@ -17,10 +17,20 @@
 //!   forward FLOPs (FlashAttention-2's backward factor) over the f32 peak;
 //! - `hbm_bytes_per_s`: the median bandwidth-bound op at 3× its forward
 //!   bytes, `efficiency.memory_bound` 1;
+//! - rate curves: `matmul_rate_curve` and `attention_rate_curve` (each f32
+//!   sample's rate over the median, by FLOPs per element moved; the half
+//!   types' rates are their samples over the f32 curve), so each shape is
+//!   priced at the rate its size ran at. Bandwidth-bound ops keep one median
+//!   rate each: the profile's small tensors stay in cache between repeats,
+//!   which a step's do not (a curve by size priced the 1024x8 Llama's
+//!   micro-batch 1 faster than its micro-batch 4, the reverse of measured);
 //! - links ([`fit_link`]): over every collective of the world group (one
 //!   node) or of one rank per node (across nodes), bandwidth from the
 //!   messages of 1 MiB and up, latency from the smallest, with
 //!   `efficiency.collective` 1 (the fitted bandwidth is the achieved one);
+//!   within a node, `intra_node_curves` then gives each collective's rate at
+//!   each message size over that bandwidth (one line priced a CPU's 64 MiB
+//!   all-reduce 80% fast);
 //! - `optimizer_s_per_param`: the runtime's optimizer step over a layer's
 //!   f32 parameters, per parameter (median over the layer widths);
 //! - memory: the host's memory over the ranks on it (CPU ranks share it).
@@ -35,6 +45,7 @@ use autopart_vocab::profile::{CollectiveKind, CollectiveSample, ComputeClass, Ra
 
 use super::cluster::{Cluster, Measured};
 use super::collective::{Collective, Group, collective_time};
+use super::time::curve_factor;
 
 /// The fitted cluster and the fit's per-sample report.
 #[derive(Debug)]
@@ -70,6 +81,28 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     } else {
         0.5 * (v[n / 2 - 1] + v[n / 2])
     })
+}
+
+/// A rate curve from `(x, fraction)` samples: in increasing `x`, samples
+/// of equal `x` averaged, non-finite or non-positive ones left out.
+fn curve(points: impl Iterator<Item = (f64, f64)>) -> Vec<(f64, f64)> {
+    let mut points: Vec<(f64, f64)> = points
+        .filter(|&(x, f)| x.is_finite() && x > 0.0 && f.is_finite() && f > 0.0)
+        .collect();
+    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut out: Vec<(f64, f64, u32)> = Vec::new();
+    for (x, f) in points {
+        match out.last_mut() {
+            Some((lx, sum, n)) if (*lx - x).abs() <= 1e-9 * x => {
+                *sum += f;
+                *n += 1;
+            }
+            _ => out.push((x, f, 1)),
+        }
+    }
+    out.into_iter()
+        .map(|(x, sum, n)| (x, sum / f64::from(n)))
+        .collect()
 }
 
 /// Backward as a multiple of forward, as the search prices it.
@@ -186,33 +219,58 @@ pub fn fit(raw: &Raw, base: &Cluster, base_name: &str, command: &str) -> Result<
         let t = (s.fwd_bwd_s - f * o).max(s.fwd_bwd_s * 0.05);
         f * s.flops / t
     };
-    let rates_of = |dtype: &str| -> Vec<f64> {
-        by_class(ComputeClass::Matmul)
-            .filter(|s| s.dtype == dtype)
-            .map(rate)
-            .collect()
+    let elem_bytes = |dtype: &str| if dtype == "f32" { 4.0 } else { 2.0 };
+    let intensity =
+        |s: &autopart_vocab::profile::ComputeSample| s.flops / (s.bytes / elem_bytes(&s.dtype));
+    let of_dtype = |class, dtype: &str| -> Vec<&autopart_vocab::profile::ComputeSample> {
+        let dtype = dtype.to_owned();
+        by_class(class).filter(move |s| s.dtype == dtype).collect()
     };
-    // One rate per dtype: the median over the model families' shapes (a
-    // GEMM's rate varies with its shape by 2x on a CPU; the median is the
-    // rate a layer's mix of them gets), efficiency 1.
-    let mut peak32 = f64::NAN;
+    // The f32 rate is the median over the shapes, and the shape's effect a
+    // curve over FLOPs per element moved (a GEMM with a 64-wide side runs
+    // at half the rate of a 1024-wide one on a CPU): each f32 sample's rate
+    // over the median, samples of equal intensity averaged. The half types
+    // are measured at fewer shapes: their rate is the median of each
+    // sample's rate over the f32 curve at its intensity, so the curve
+    // carries them to the other shapes. Efficiency 1.
+    let f32_mm = of_dtype(ComputeClass::Matmul, "f32");
+    let Some(peak32) = median(f32_mm.iter().map(|s| rate(s)).collect()) else {
+        return Err("the profile has no f32 linear sample".into());
+    };
+    c.matmul_rate_curve = curve(f32_mm.iter().map(|s| (intensity(s), rate(s) / peak32)));
+    figures.insert(
+        "matmul_rate_curve".into(),
+        how(&format!(
+            "{} f32 linears: each one's rate over the f32 median, by FLOPs per element moved ({:.0} to {:.0})",
+            f32_mm.len(),
+            c.matmul_rate_curve.first().map_or(0.0, |p| p.0),
+            c.matmul_rate_curve.last().map_or(0.0, |p| p.0),
+        )),
+    );
     for (dtype, field) in [("f32", "fp32"), ("bf16", "bf16"), ("f16", "fp16")] {
-        let rates = rates_of(dtype);
+        let samples = of_dtype(ComputeClass::Matmul, dtype);
+        let rates: Vec<f64> = samples
+            .iter()
+            .map(|s| rate(s) / curve_factor(&c.matmul_rate_curve, intensity(s)))
+            .collect();
         let note = match median(rates.clone()) {
-            Some(rate) => {
+            Some(dtype_rate) => {
                 match dtype {
-                    "f32" => {
-                        c.peak_flops_per_s.fp32 = rate;
-                        peak32 = rate;
-                    }
-                    "bf16" => c.peak_flops_per_s.bf16 = rate,
-                    _ => c.peak_flops_per_s.fp16 = rate,
+                    "f32" => c.peak_flops_per_s.fp32 = peak32,
+                    "bf16" => c.peak_flops_per_s.bf16 = dtype_rate,
+                    _ => c.peak_flops_per_s.fp16 = dtype_rate,
                 }
-                let lo = rates.iter().copied().fold(f64::INFINITY, f64::min);
-                let hi = rates.iter().copied().fold(0.0, f64::max);
+                let raw: Vec<f64> = samples.iter().map(|s| rate(s)).collect();
+                let lo = raw.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = raw.iter().copied().fold(0.0, f64::max);
                 how(&format!(
-                    "median of {} {dtype} linears (forward + backward at 3x the forward FLOPs, fixed cost off; {:.1} to {:.1} GFLOP/s)",
+                    "median of {} {dtype} linears{} (forward + backward at 3x the forward FLOPs, fixed cost off; {:.1} to {:.1} GFLOP/s)",
                     rates.len(),
+                    if dtype == "f32" {
+                        ""
+                    } else {
+                        " over the f32 curve at their shapes"
+                    },
                     lo / 1e9,
                     hi / 1e9
                 ))
@@ -221,9 +279,6 @@ pub fn fit(raw: &Raw, base: &Cluster, base_name: &str, command: &str) -> Result<
         };
         figures.insert(format!("peak_flops_per_s.{field}"), note);
     }
-    if !peak32.is_finite() {
-        return Err("the profile has no f32 linear sample".into());
-    }
     c.efficiency.matmul = 1.0;
     figures.insert(
         "efficiency.matmul".into(),
@@ -231,15 +286,18 @@ pub fn fit(raw: &Raw, base: &Cluster, base_name: &str, command: &str) -> Result<
     );
 
     // Attention, in the annotation files' FLOPs, per dtype (a dtype not
-    // measured runs at the f32 rate).
-    let att_rate = |dtype: &str| -> (Option<f64>, usize) {
-        let rates: Vec<f64> = by_class(ComputeClass::Attention)
-            .filter(|s| s.dtype == dtype)
-            .map(rate)
-            .collect();
-        (median(rates.clone()), rates.len())
-    };
-    if let (Some(a32), n32) = att_rate("f32") {
+    // measured runs at the f32 rate), with the sequence's effect a curve as
+    // the GEMMs' (FLOPs per element of q, k, v and out grow with it).
+    let f32_att = of_dtype(ComputeClass::Attention, "f32");
+    if let Some(a32) = median(f32_att.iter().map(|s| rate(s)).collect()) {
+        c.attention_rate_curve = curve(f32_att.iter().map(|s| (intensity(s), rate(s) / a32)));
+        figures.insert(
+            "attention_rate_curve".into(),
+            how(&format!(
+                "{} f32 causal attentions: each one's rate over the f32 median, by FLOPs per element of q, k, v and out",
+                f32_att.len()
+            )),
+        );
         let mut rates = crate::cost::PeakFlops {
             bf16: a32,
             fp16: a32,
@@ -253,10 +311,16 @@ pub fn fit(raw: &Raw, base: &Cluster, base_name: &str, command: &str) -> Result<
             ),
         );
         for (dtype, field) in [("f32", "fp32"), ("bf16", "bf16"), ("f16", "fp16")] {
-            let (r, n) = if dtype == "f32" {
-                (Some(a32), n32)
+            let samples = of_dtype(ComputeClass::Attention, dtype);
+            let r = if dtype == "f32" {
+                Some(a32)
             } else {
-                att_rate(dtype)
+                median(
+                    samples
+                        .iter()
+                        .map(|s| rate(s) / curve_factor(&c.attention_rate_curve, intensity(s)))
+                        .collect(),
+                )
             };
             let note = match r {
                 Some(r) => {
@@ -266,7 +330,13 @@ pub fn fit(raw: &Raw, base: &Cluster, base_name: &str, command: &str) -> Result<
                         _ => {}
                     }
                     how(&format!(
-                        "median of {n} {dtype} causal attentions (4·b·l·s·h·d FLOPs, backward 2.5x, fixed cost off)"
+                        "median of {} {dtype} causal attentions (4·b·l·s·h·d FLOPs, backward 2.5x, fixed cost off{})",
+                        samples.len(),
+                        if dtype == "f32" {
+                            ""
+                        } else {
+                            "; over the f32 curve at their shapes"
+                        }
                     ))
                 }
                 None => "not measured: the f32 rate".into(),
@@ -379,6 +449,7 @@ pub fn fit(raw: &Raw, base: &Cluster, base_name: &str, command: &str) -> Result<
         .iter()
         .filter(|s| s.nodes > 1 && s.ranks_per_node == 1)
         .collect();
+    let mut curves = BTreeMap::new();
     for (label, samples, link) in [
         ("intra_node", &intra, &mut c.intra_node),
         ("inter_node", &inter, &mut c.inter_node),
@@ -387,6 +458,23 @@ pub fn fit(raw: &Raw, base: &Cluster, base_name: &str, command: &str) -> Result<
             Some((latency, bandwidth)) => {
                 link.latency_s = latency;
                 link.bandwidth_bytes_per_s = bandwidth;
+                if label == "intra_node" {
+                    // Each collective's rate at each size over the fitted
+                    // bandwidth: one straight line cannot price both a
+                    // cache-resident 1 MiB and a 64 MiB message.
+                    for kind in CollectiveKind::ALL {
+                        let points =
+                            curve(samples.iter().filter(|s| s.kind == kind).filter_map(|s| {
+                                let (a, coef) = ring_coefficients(s.kind, f64::from(s.size));
+                                let t = s.seconds - a * latency;
+                                (t > 0.0 && coef > 0.0)
+                                    .then(|| (s.bytes, coef * s.bytes / t / bandwidth))
+                            }));
+                        if !points.is_empty() {
+                            curves.insert(to_collective(kind).key().to_owned(), points);
+                        }
+                    }
+                }
                 let sizes: Vec<f64> = samples.iter().map(|s| s.bytes).collect();
                 let lo = sizes.iter().copied().fold(f64::INFINITY, f64::min);
                 let hi = sizes.iter().copied().fold(0.0, f64::max);
@@ -414,6 +502,14 @@ pub fn fit(raw: &Raw, base: &Cluster, base_name: &str, command: &str) -> Result<
             }
         }
     }
+
+    if !curves.is_empty() {
+        figures.insert(
+            "intra_node_curves".into(),
+            how("each collective's rate at each message size over intra_node.bandwidth_bytes_per_s, latency off"),
+        );
+    }
+    c.intra_node_curves = curves;
 
     // Memory: CPU ranks share the host's memory.
     match raw.host_memory_bytes {
@@ -544,6 +640,7 @@ pub fn rfc3339(unix_s: u64) -> String {
 mod tests {
     use super::*;
     use crate::cost::cluster::load_cluster;
+    use crate::cost::{ComputeKind, op_time};
     use autopart_vocab::profile::{ComputeSample, FORMAT_VERSION};
 
     #[test]
@@ -551,6 +648,151 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_796_169_600 + 3661), "2026-12-02T01:01:01Z");
+    }
+
+    /// A machine whose GEMMs slow down at low intensity and whose
+    /// collectives slow down past a cache: the fitted curves price every
+    /// sample as it ran, and carry a half type measured at one shape to the
+    /// others.
+    #[test]
+    fn fit_prices_each_shape_at_its_measured_rate() {
+        let o = 10e-6;
+        let mm_rate = |intensity: f64| 100e9 * (intensity / 400.0).min(1.0);
+        let add_rate = |_bytes: f64| 8e9;
+        let sample = |class, op: &str, dtype: &str, flops: f64, bytes: f64, t: f64| {
+            let f = 1.0 + backward_factor(class);
+            ComputeSample {
+                class,
+                op: op.into(),
+                name: format!("{op} {flops} {bytes}"),
+                dtype: dtype.into(),
+                flops,
+                bytes,
+                ops: 1,
+                fwd_s: t + o,
+                fwd_bwd_s: f * (t + o),
+            }
+        };
+        let gemm = |k: f64, n: f64, dtype: &str, speedup: f64| {
+            let eb = if dtype == "f32" { 4.0 } else { 2.0 };
+            let flops = 2.0 * 512.0 * k * n;
+            let elements = 512.0 * k + k * n + 512.0 * n;
+            let t = flops / (speedup * mm_rate(flops / elements));
+            sample(
+                ComputeClass::Matmul,
+                "linear",
+                dtype,
+                flops,
+                eb * elements,
+                t,
+            )
+        };
+        let mut compute = vec![sample(
+            ComputeClass::Overhead,
+            "layers",
+            "f32",
+            0.0,
+            0.0,
+            0.0,
+        )];
+        compute[0].fwd_s = 15.0 * o;
+        compute[0].fwd_bwd_s = 45.0 * o;
+        compute[0].ops = 15;
+        for d in [64.0, 128.0, 256.0, 1024.0, 2048.0] {
+            compute.push(gemm(d, d, "f32", 1.0));
+            compute.push(gemm(d, 2.75 * d, "f32", 1.0));
+        }
+        // bf16 measured at one shape only, at twice the f32 rate there.
+        compute.push(gemm(1024.0, 1024.0, "bf16", 2.0));
+        for e in [1e5, 1e6, 1e7, 1e8] {
+            let bytes = 12.0 * e;
+            compute.push(sample(
+                ComputeClass::MemoryBound,
+                "add",
+                "f32",
+                e,
+                bytes,
+                bytes / add_rate(bytes),
+            ));
+        }
+        // Collectives whose bandwidth drops past a cache, reduce-scatter
+        // at half the others' rate.
+        let mut collectives = Vec::new();
+        for kind in CollectiveKind::ALL {
+            for bytes in [4096.0, 1e6, 1.6e7, 6.4e7] {
+                let (a, coef) = ring_coefficients(kind, 2.0);
+                let bw = if bytes < 4e6 { 4e9 } else { 1e9 };
+                let bw = if kind == CollectiveKind::ReduceScatter {
+                    bw / 2.0
+                } else {
+                    bw
+                };
+                collectives.push(CollectiveSample {
+                    kind,
+                    size: 2,
+                    nodes: 1,
+                    ranks_per_node: 2,
+                    bytes,
+                    seconds: a * 5e-6 + coef * bytes / bw,
+                });
+            }
+        }
+        let raw = Raw {
+            format_version: FORMAT_VERSION,
+            started_unix_s: 1_796_169_600,
+            seconds: 60.0,
+            ranks: 2,
+            hosts: vec!["box".into(), "box".into()],
+            threads: 1,
+            device: "cpu".into(),
+            launcher: None,
+            host_memory_bytes: Some(24 << 30),
+            budget_s: 0.1,
+            compute,
+            collectives,
+        };
+        let base = load_cluster("cpu").expect("cpu preset");
+        let fitted = fit(&raw, &base, "cpu", "autopart profile").expect("fits");
+        for row in &fitted.rows {
+            assert!(row.error().abs() < 1e-6, "{}: {}", row.what, row.error());
+        }
+        let c = &fitted.cluster;
+        assert!(c.matmul_rate_curve.len() >= 5, "{:?}", c.matmul_rate_curve);
+        // A bf16 GEMM at a 64-wide shape: twice the f32 rate at that shape.
+        let want = gemm(64.0, 64.0, "bf16", 2.0);
+        let t = op_time(
+            c,
+            "linear",
+            want.flops,
+            want.bytes,
+            ComputeKind::Matmul,
+            crate::ir::DType::Bf16,
+        );
+        assert!((t / want.fwd_s - 1.0).abs() < 1e-6, "{t} vs {}", want.fwd_s);
+        // Without the curves the small GEMMs would be priced at the median.
+        let mut flat = c.clone();
+        flat.matmul_rate_curve.clear();
+        let small = gemm(64.0, 64.0, "f32", 1.0);
+        let t = op_time(
+            &flat,
+            "linear",
+            small.flops,
+            small.bytes,
+            ComputeKind::Matmul,
+            crate::ir::DType::F32,
+        );
+        assert!(t < 0.5 * small.fwd_s, "{t} vs {}", small.fwd_s);
+        // A 64 MB reduce-scatter at its own rate; the plain link (fitted
+        // to every collective) would price it nearly twice too fast.
+        assert_eq!(c.intra_node_curves.len(), 6, "{:?}", c.intra_node_curves);
+        let group = Group::within_node(2);
+        let rs = collective_time(c, Collective::ReduceScatter, &group, 6.4e7);
+        let want = 5e-6 + 0.5 * 6.4e7 / 0.5e9;
+        assert!((rs / want - 1.0).abs() < 1e-6, "{rs} vs {want}");
+        let mut plain = c.clone();
+        plain.intra_node_curves.clear();
+        let rs = collective_time(&plain, Collective::ReduceScatter, &group, 6.4e7);
+        assert!(rs < 0.6 * want, "{rs} vs {want}");
     }
 
     /// Samples made from a known cluster are fitted back to it.

@@ -51,11 +51,33 @@ pub fn compute_time(
     flops_s.max(bytes_s)
 }
 
+/// The fraction a rate curve (points `(x, fraction)` in increasing `x`)
+/// gives at `x`: interpolated linearly in `ln x` between the points around
+/// it, the nearest end point's outside them, 1 for an empty curve.
+pub fn curve_factor(points: &[(f64, f64)], x: f64) -> f64 {
+    let (Some(&(x0, f0)), Some(&(xn, fn_))) = (points.first(), points.last()) else {
+        return 1.0;
+    };
+    // A NaN falls to the first point too.
+    if x.is_nan() || x <= x0 {
+        return f0;
+    }
+    if x >= xn {
+        return fn_;
+    }
+    let i = points.partition_point(|&(px, _)| px <= x);
+    let ((xa, fa), (xb, fb)) = (points[i - 1], points[i]);
+    let t = (x.ln() - xa.ln()) / (xb.ln() - xa.ln());
+    fa + t * (fb - fa)
+}
+
 /// Seconds of one op's forward named `op` (its annotation name): as
 /// [`compute_time`], except that a bandwidth-bound op with a measured rate
 /// of its own (`Cluster::op_bandwidth_bytes_per_s`) and attention with
-/// measured FLOP/s (`Cluster::attention_flops_per_s`) use those, plus the
-/// cluster's fixed cost of an op (`Cluster::op_overhead_s`).
+/// measured FLOP/s (`Cluster::attention_flops_per_s`) use those, GEMMs and
+/// attention scaled by the cluster's measured curve for their FLOPs per
+/// element moved ([`curve_factor`]), plus the cluster's fixed cost of an op
+/// (`Cluster::op_overhead_s`).
 pub fn op_time(
     cluster: &Cluster,
     op: &str,
@@ -64,23 +86,36 @@ pub fn op_time(
     kind: ComputeKind,
     dtype: DType,
 ) -> f64 {
+    let eff = &cluster.efficiency;
+    let elements = bytes / dtype.size_bytes() as f64;
+    let intensity = if elements > 0.0 {
+        flops / elements
+    } else {
+        0.0
+    };
+    let hbm_s = bytes / (cluster.hbm_bytes_per_s * eff.memory_bound);
+    let peak = cluster.peak_flops_per_s.for_dtype(dtype);
     let roofline = match kind {
-        ComputeKind::MemoryBound => match cluster.op_bandwidth_bytes_per_s.get(op) {
-            Some(&bw) => {
-                let eff = &cluster.efficiency;
-                let flops_s = flops / (cluster.peak_flops_per_s.for_dtype(dtype) * eff.matmul);
-                flops_s.max(bytes / bw)
-            }
-            None => compute_time(cluster, flops, bytes, kind, dtype),
-        },
-        ComputeKind::Attention => match &cluster.attention_flops_per_s {
-            Some(rates) => {
-                let bytes_s = bytes / (cluster.hbm_bytes_per_s * cluster.efficiency.memory_bound);
-                (flops / rates.for_dtype(dtype)).max(bytes_s)
-            }
-            None => compute_time(cluster, flops, bytes, kind, dtype),
-        },
-        ComputeKind::Matmul => compute_time(cluster, flops, bytes, kind, dtype),
+        ComputeKind::MemoryBound => {
+            let flops_s = flops / (peak * eff.matmul);
+            let bytes_s = match cluster.op_bandwidth_bytes_per_s.get(op) {
+                Some(&bw) => bytes / bw,
+                None => hbm_s,
+            };
+            flops_s.max(bytes_s)
+        }
+        ComputeKind::Attention => {
+            let rate = match &cluster.attention_flops_per_s {
+                Some(rates) => rates.for_dtype(dtype),
+                None => peak * eff.compute(kind),
+            };
+            let factor = curve_factor(&cluster.attention_rate_curve, intensity);
+            (flops / (rate * factor)).max(hbm_s)
+        }
+        ComputeKind::Matmul => {
+            let factor = curve_factor(&cluster.matmul_rate_curve, intensity);
+            (flops / (peak * eff.matmul * factor)).max(hbm_s)
+        }
     };
     roofline + cluster.op_overhead_s
 }
@@ -211,6 +246,50 @@ mod tests {
             DType::Bf16,
         );
         assert_close(att, 1.0 + 1e-5);
+    }
+
+    #[test]
+    fn curves_interpolate_in_the_log_and_clamp_at_the_ends() {
+        let curve = [(10.0, 0.5), (1000.0, 1.0)];
+        assert_eq!(curve_factor(&[], 5.0), 1.0);
+        assert_eq!(curve_factor(&curve, 1.0), 0.5);
+        assert_eq!(curve_factor(&curve, 0.0), 0.5);
+        assert_eq!(curve_factor(&curve, 1e6), 1.0);
+        assert!((curve_factor(&curve, 100.0) - 0.75).abs() < 1e-12);
+        let three = [(1.0, 2.0), (2.0, 1.0), (4.0, 3.0)];
+        assert!((curve_factor(&three, 2.0) - 1.0).abs() < 1e-12);
+        assert!((curve_factor(&three, 8f64.sqrt()) - 2.0).abs() < 1e-12);
+        // A GEMM at a curve's point runs at that fraction of the peak.
+        let mut cluster = a100();
+        cluster.op_overhead_s = 0.0;
+        let full = op_time(
+            &cluster,
+            "linear",
+            1e12,
+            1e6,
+            ComputeKind::Matmul,
+            DType::F32,
+        );
+        cluster.matmul_rate_curve = vec![(1e3, 0.25), (1e6, 1.0)];
+        let slow = op_time(
+            &cluster,
+            "linear",
+            1e12,
+            1e6,
+            ComputeKind::Matmul,
+            DType::F32,
+        );
+        // 1e12 FLOPs over 2.5e5 f32 elements: intensity 4e6, past the end.
+        assert_close(slow, full);
+        let small = op_time(
+            &cluster,
+            "linear",
+            1e9,
+            4e6,
+            ComputeKind::Matmul,
+            DType::F32,
+        );
+        assert_close(small, 1e9 / (19.5e12 * 0.8 * 0.25));
     }
 
     #[test]
