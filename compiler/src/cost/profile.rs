@@ -650,6 +650,24 @@ mod tests {
         assert_eq!(rfc3339(1_796_169_600 + 3661), "2026-12-02T01:01:01Z");
     }
 
+    /// A profile of two ranks on one 24 GiB host, started 2026-12-02.
+    fn two_ranks(compute: Vec<ComputeSample>, collectives: Vec<CollectiveSample>) -> Raw {
+        Raw {
+            format_version: FORMAT_VERSION,
+            started_unix_s: 1_796_169_600,
+            seconds: 60.0,
+            ranks: 2,
+            hosts: vec!["box".into(), "box".into()],
+            threads: 1,
+            device: "cpu".into(),
+            launcher: None,
+            host_memory_bytes: Some(24 << 30),
+            budget_s: 0.1,
+            compute,
+            collectives,
+        }
+    }
+
     /// A machine whose GEMMs slow down at low intensity and whose
     /// collectives slow down past a cache: the fitted curves price every
     /// sample as it ran, and carry a half type measured at one shape to the
@@ -737,20 +755,7 @@ mod tests {
                 });
             }
         }
-        let raw = Raw {
-            format_version: FORMAT_VERSION,
-            started_unix_s: 1_796_169_600,
-            seconds: 60.0,
-            ranks: 2,
-            hosts: vec!["box".into(), "box".into()],
-            threads: 1,
-            device: "cpu".into(),
-            launcher: None,
-            host_memory_bytes: Some(24 << 30),
-            budget_s: 0.1,
-            compute,
-            collectives,
-        };
+        let raw = two_ranks(compute, collectives);
         let base = load_cluster("cpu").expect("cpu preset");
         let fitted = fit(&raw, &base, "cpu", "autopart profile").expect("fits");
         for row in &fitted.rows {
@@ -852,20 +857,7 @@ mod tests {
                 });
             }
         }
-        let raw = Raw {
-            format_version: FORMAT_VERSION,
-            started_unix_s: 1_796_169_600,
-            seconds: 60.0,
-            ranks: 2,
-            hosts: vec!["box".into(), "box".into()],
-            threads: 1,
-            device: "cpu".into(),
-            launcher: None,
-            host_memory_bytes: Some(24 << 30),
-            budget_s: 0.1,
-            compute,
-            collectives,
-        };
+        let raw = two_ranks(compute, collectives);
         let base = load_cluster("cpu").expect("cpu preset");
         let fitted = fit(&raw, &base, "cpu", "mpirun -np 2 autopart profile").expect("fits");
         let c = &fitted.cluster;
