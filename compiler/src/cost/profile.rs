@@ -105,6 +105,15 @@ fn curve(points: impl Iterator<Item = (f64, f64)>) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// The dtype a sample names (`f32`, `bf16`, `f16`).
+fn dtype_of(name: &str) -> crate::ir::DType {
+    match name {
+        "bf16" => crate::ir::DType::Bf16,
+        "f16" => crate::ir::DType::F16,
+        _ => crate::ir::DType::F32,
+    }
+}
+
 /// Backward as a multiple of forward, as the search prices it.
 fn backward_factor(class: ComputeClass) -> f64 {
     match class {
@@ -219,9 +228,19 @@ pub fn fit(raw: &Raw, base: &Cluster, base_name: &str, command: &str) -> Result<
         let t = (s.fwd_bwd_s - f * o).max(s.fwd_bwd_s * 0.05);
         f * s.flops / t
     };
-    let elem_bytes = |dtype: &str| if dtype == "f32" { 4.0 } else { 2.0 };
-    let intensity =
-        |s: &autopart_vocab::profile::ComputeSample| s.flops / (s.bytes / elem_bytes(&s.dtype));
+    let intensity = |s: &autopart_vocab::profile::ComputeSample| {
+        s.flops / (s.bytes / dtype_of(&s.dtype).size_bytes() as f64)
+    };
+    // A dtype's rate from its samples: the median of each one's rate over
+    // the f32 curve at its intensity.
+    let over_curve = |samples: &[&autopart_vocab::profile::ComputeSample], curve: &[(f64, f64)]| {
+        median(
+            samples
+                .iter()
+                .map(|s| rate(s) / curve_factor(curve, intensity(s)))
+                .collect(),
+        )
+    };
     let of_dtype = |class, dtype: &str| -> Vec<&autopart_vocab::profile::ComputeSample> {
         let dtype = dtype.to_owned();
         by_class(class).filter(move |s| s.dtype == dtype).collect()
@@ -249,11 +268,7 @@ pub fn fit(raw: &Raw, base: &Cluster, base_name: &str, command: &str) -> Result<
     );
     for (dtype, field) in [("f32", "fp32"), ("bf16", "bf16"), ("f16", "fp16")] {
         let samples = of_dtype(ComputeClass::Matmul, dtype);
-        let rates: Vec<f64> = samples
-            .iter()
-            .map(|s| rate(s) / curve_factor(&c.matmul_rate_curve, intensity(s)))
-            .collect();
-        let note = match median(rates.clone()) {
+        let note = match over_curve(&samples, &c.matmul_rate_curve) {
             Some(dtype_rate) => {
                 match dtype {
                     "f32" => c.peak_flops_per_s.fp32 = peak32,
@@ -265,7 +280,7 @@ pub fn fit(raw: &Raw, base: &Cluster, base_name: &str, command: &str) -> Result<
                 let hi = raw.iter().copied().fold(0.0, f64::max);
                 how(&format!(
                     "median of {} {dtype} linears{} (forward + backward at 3x the forward FLOPs, fixed cost off; {:.1} to {:.1} GFLOP/s)",
-                    rates.len(),
+                    samples.len(),
                     if dtype == "f32" {
                         ""
                     } else {
@@ -315,12 +330,7 @@ pub fn fit(raw: &Raw, base: &Cluster, base_name: &str, command: &str) -> Result<
             let r = if dtype == "f32" {
                 Some(a32)
             } else {
-                median(
-                    samples
-                        .iter()
-                        .map(|s| rate(s) / curve_factor(&c.attention_rate_curve, intensity(s)))
-                        .collect(),
-                )
+                over_curve(&samples, &c.attention_rate_curve)
             };
             let note = match r {
                 Some(r) => {
@@ -563,11 +573,7 @@ fn report(raw: &Raw, c: &Cluster) -> Vec<FitRow> {
     use super::time::{ComputeKind, op_time};
     let mut rows = Vec::new();
     for s in &raw.compute {
-        let dtype = match s.dtype.as_str() {
-            "bf16" => crate::ir::DType::Bf16,
-            "f16" => crate::ir::DType::F16,
-            _ => crate::ir::DType::F32,
-        };
+        let dtype = dtype_of(&s.dtype);
         let kind = match s.class {
             ComputeClass::Matmul => ComputeKind::Matmul,
             ComputeClass::Attention => ComputeKind::Attention,
@@ -648,6 +654,18 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_796_169_600 + 3661), "2026-12-02T01:01:01Z");
+    }
+
+    /// A collective over the two ranks of [`two_ranks`].
+    fn pair_sample(kind: CollectiveKind, bytes: f64, seconds: f64) -> CollectiveSample {
+        CollectiveSample {
+            kind,
+            size: 2,
+            nodes: 1,
+            ranks_per_node: 2,
+            bytes,
+            seconds,
+        }
     }
 
     /// A profile of two ranks on one 24 GiB host, started 2026-12-02.
@@ -745,14 +763,7 @@ mod tests {
                 } else {
                     bw
                 };
-                collectives.push(CollectiveSample {
-                    kind,
-                    size: 2,
-                    nodes: 1,
-                    ranks_per_node: 2,
-                    bytes,
-                    seconds: a * 5e-6 + coef * bytes / bw,
-                });
+                collectives.push(pair_sample(kind, bytes, a * 5e-6 + coef * bytes / bw));
             }
         }
         let raw = two_ranks(compute, collectives);
@@ -847,14 +858,7 @@ mod tests {
         for kind in CollectiveKind::ALL {
             for bytes in [4096.0, 1e6, 6.4e7] {
                 let (a, c) = ring_coefficients(kind, 2.0);
-                collectives.push(CollectiveSample {
-                    kind,
-                    size: 2,
-                    nodes: 1,
-                    ranks_per_node: 2,
-                    bytes,
-                    seconds: a * lat + c * bytes / bw,
-                });
+                collectives.push(pair_sample(kind, bytes, a * lat + c * bytes / bw));
             }
         }
         let raw = two_ranks(compute, collectives);
