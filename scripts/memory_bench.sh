@@ -54,6 +54,7 @@ plans=(
   "tp2-full|2|--tp 2 --pp 1 --dp 1 --micro-batch 4 --recompute full --zero 0 --sp false"
   "pp2-1f1b|2|--tp 1 --pp 2 --dp 1 --micro-batch 1 --schedule 1f1b --recompute none --zero 0"
   "pp2-gpipe|2|--tp 1 --pp 2 --dp 1 --micro-batch 1 --schedule gpipe --recompute none --zero 0"
+  "tp4|4|--tp 4 --pp 1 --dp 1 --micro-batch 4 --recompute none --zero 0 --sp false"
   "tp4-kv-copies|4|--tp 4 --pp 1 --dp 1 --micro-batch 4 --recompute none --zero 0 --sp false|llama-1024x8-kv2.json"
   "gpt-pp2-tied|2|--tp 1 --pp 2 --dp 1 --micro-batch 1 --schedule 1f1b --recompute none --zero 0|gpt-1024x8.json"
 )

@@ -37,6 +37,9 @@ fn main() -> Result<()> {
     req.constraints.tp = Some(tp);
     req.constraints.pp = Some(1);
     req.constraints.sequence_parallel = Some(false);
+    // The stream free to move (`--rewrite-stream`): the report shows
+    // sequence parallelism derived from the plain tp plan.
+    req.rewrite_stream = true;
     req.top_k = 1;
     req.out = scratch.clone();
     req.stop_after = Some(Pass::Rewrite);

@@ -1406,7 +1406,7 @@ proptest! {
         };
         prop_assert!(autopart::lower::verify(&program).is_ok());
         let _ = program.to_string();
-        let program = match driver::rewrite(&cluster, program, v.rewrite) {
+        let program = match driver::rewrite(&cluster, program, v.rewrite, true) {
             Ok(r) => r.program,
             Err(_) => return Ok(()),
         };

@@ -291,7 +291,7 @@ fn run(p: &ExecProgram, cluster: &Cluster) -> (ExecProgram, RewriteReport) {
         cluster,
         group: Group::within_node(TP as u32),
     };
-    let (out, report) = rewrite(p, &cost, &Limits::default()).expect("rewrites");
+    let (out, report) = rewrite(p, &cost, &Limits::default(), true).expect("rewrites");
     verify(&out).expect("the rewritten program verifies");
     assert!(
         report.seconds_after() <= report.seconds_before(),
@@ -556,6 +556,29 @@ fn all_reduces_split_and_gathers_move_below_norms_and_adds() {
     assert!(report.bytes_after() <= report.bytes_before(), "{report}");
 }
 
+/// Without `seq_stream` (the driver's default) the stream keeps the plan's
+/// replicated state, so the plan's memory prediction still describes the
+/// program: the same plain tp program is rewritten inside its blocks only.
+#[test]
+fn the_stream_keeps_its_state_unless_asked() {
+    let cluster = a100();
+    let p = plain_tp_program();
+    let cost = AdapterCost {
+        cluster: &cluster,
+        group: Group::within_node(TP as u32),
+    };
+    let (out, report) = rewrite(&p, &cost, &Limits::default(), false).expect("rewrites");
+    verify(&out).expect("the rewritten program verifies");
+    assert_eq!(out.stream_state, R, "{report}");
+    assert_eq!(out.stream_shape, p.stream_shape, "{report}");
+    assert_eq!(report.stream_after, R, "{report}");
+    assert!(
+        report.runs.iter().all(|r| r.stream == R),
+        "no run tried a split stream: {report}"
+    );
+    assert!(!out.sequence_parallel, "{report}");
+}
+
 #[test]
 fn a_node_limit_stops_the_run_and_still_verifies() {
     let cluster = a100();
@@ -568,7 +591,7 @@ fn a_node_limit_stops_the_run_and_still_verifies() {
         node_limit: 5,
         ..Limits::default()
     };
-    let (out, report) = rewrite(&p, &cost, &limits).expect("rewrites");
+    let (out, report) = rewrite(&p, &cost, &limits, true).expect("rewrites");
     verify(&out).expect("verifies");
     assert!(
         report
@@ -589,7 +612,7 @@ fn an_inconsistent_program_is_an_error() {
         cluster: &cluster,
         group: Group::within_node(TP as u32),
     };
-    let err = rewrite(&p, &cost, &Limits::default()).expect_err("rejected");
+    let err = rewrite(&p, &cost, &Limits::default(), true).expect_err("rejected");
     assert!(err.to_string().contains("inconsistent"), "{err}");
 }
 
@@ -664,7 +687,7 @@ fn rewrite_lowered(p: &ExecProgram, cluster: &Cluster) -> (ExecProgram, RewriteR
         cluster,
         group: Group::placed(cluster, p.tp, 1),
     };
-    let (out, report) = rewrite(p, &cost, &Limits::default()).expect("rewrites");
+    let (out, report) = rewrite(p, &cost, &Limits::default(), true).expect("rewrites");
     verify(&out).expect("verifies");
     assert!(
         report.seconds_after() <= report.seconds_before(),

@@ -17,8 +17,10 @@ fn check(name: &str) {
             .expect("plan");
     let cluster = load_cluster(&plan.cluster).expect("cluster");
     // The driver's pass, with its limits (nodes and iterations: the result
-    // does not depend on the machine's speed).
-    let rewritten = driver::rewrite(&cluster, lowered, true).expect("rewrite");
+    // does not depend on the machine's speed), and the stream free to move
+    // (`compile --rewrite-stream`): these snapshots show the rewrite
+    // deriving sequence parallelism from the plain tp plans.
+    let rewritten = driver::rewrite(&cluster, lowered, true, true).expect("rewrite");
     let program = rewritten.program;
     let report = rewritten.report.expect("the rewrite ran");
     verify(&program).expect("rewritten program verifies");

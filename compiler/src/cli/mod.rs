@@ -220,6 +220,12 @@ struct CompileArgs {
     /// Lower the plan as it is, without the egg collective rewrites.
     #[arg(long)]
     no_rewrite: bool,
+    /// Let the rewrite also try a replicated residual stream split on the
+    /// sequence dim (sequence parallelism derived by the e-graph). Off by
+    /// default: the search decides sequence parallelism (--sp) and prices
+    /// its memory; with this flag the prediction may overstate activations.
+    #[arg(long, conflicts_with = "no_rewrite")]
+    rewrite_stream: bool,
     /// Generate the crate in OUT/gencode but do not build it.
     #[arg(long)]
     no_build: bool,
@@ -337,6 +343,7 @@ fn compile(args: &CompileArgs) -> Result<()> {
         constraints: constraints(args)?,
         top_k: args.top.max(1),
         rewrite: !args.no_rewrite,
+        rewrite_stream: args.rewrite_stream,
         out: args.out.clone(),
         stop_after,
         build_profile: args.build_profile,

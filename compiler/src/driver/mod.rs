@@ -141,6 +141,9 @@ pub struct Request {
     pub top_k: usize,
     /// Run the egg collective rewrites.
     pub rewrite: bool,
+    /// Let the rewrite split a replicated stream on the sequence dim
+    /// ([`rewrite`]); off, the stream keeps the plan's state.
+    pub rewrite_stream: bool,
     /// The output folder.
     pub out: PathBuf,
     /// The last pass to run (`None`: every pass).
@@ -164,6 +167,7 @@ impl Request {
             constraints: Constraints::default(),
             top_k: 5,
             rewrite: true,
+            rewrite_stream: false,
             out: PathBuf::from("out"),
             stop_after: None,
             build_profile: BuildProfile::Release,
@@ -872,8 +876,16 @@ pub const REWRITE_LIMITS: Limits = Limits {
 };
 
 /// `rewrite`: egg's collective rewrites over the lowered program, its
-/// collectives priced over the program's tp group on `cluster`.
-pub fn rewrite(cluster: &Cluster, program: ExecProgram, enabled: bool) -> Result<Rewritten> {
+/// collectives priced over the program's tp group on `cluster`. The stream
+/// keeps the state the plan gave it unless `seq_stream` lets a replicated
+/// one be split on the sequence dim ([`crate::rewrite`]; the plan's memory
+/// prediction then overstates the activations).
+pub fn rewrite(
+    cluster: &Cluster,
+    program: ExecProgram,
+    enabled: bool,
+    seq_stream: bool,
+) -> Result<Rewritten> {
     if !enabled {
         return Ok(Rewritten {
             program,
@@ -884,7 +896,7 @@ pub fn rewrite(cluster: &Cluster, program: ExecProgram, enabled: bool) -> Result
         cluster,
         group: Group::placed(cluster, program.tp, 1),
     };
-    let (program, report) = crate::rewrite::rewrite(&program, &cost, &REWRITE_LIMITS)
+    let (program, report) = crate::rewrite::rewrite(&program, &cost, &REWRITE_LIMITS, seq_stream)
         .context("rewriting the lowered program's collectives")?;
     Ok(Rewritten {
         program,
@@ -1170,7 +1182,14 @@ pub fn compile(req: &Request, obs: &mut dyn Observer) -> Result<Compiled> {
     let rewritten = step(
         obs,
         Pass::Rewrite,
-        || rewrite(&c.inputs.cluster, lowered.clone(), req.rewrite),
+        || {
+            rewrite(
+                &c.inputs.cluster,
+                lowered.clone(),
+                req.rewrite,
+                req.rewrite_stream,
+            )
+        },
         |r| verify_program(&r.program, "rewritten"),
         |r| {
             if let Some(report) = &r.report {

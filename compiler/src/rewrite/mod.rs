@@ -15,12 +15,16 @@
 //! at the cluster's HBM rate for local ops).
 //!
 //! The residual stream crosses blocks in one state. Besides the lowered
-//! stream state, a replicated stream is also tried split on the sequence
-//! dim (the stream is read through an all-gather and left through a chunk
-//! in every block, which cancel across block boundaries); the cheapest
-//! program over all blocks wins, and the input is kept when nothing is
-//! cheaper. Together the rules derive Megatron sequence parallelism from a
-//! plain tp plan.
+//! stream state, a replicated stream may also be tried split on the
+//! sequence dim (`seq_stream`: the stream is read through an all-gather and
+//! left through a chunk in every block, which cancel across block
+//! boundaries); the cheapest program over all blocks wins, and the input is
+//! kept when nothing is cheaper. Together the rules derive Megatron
+//! sequence parallelism from a plain tp plan. The driver tries it only when
+//! asked (`compile --rewrite-stream`): a sequence-split stream holds a
+//! fraction of the replicated stream's activations, so the plan's memory
+//! prediction, priced for the stream the search chose, would no longer
+//! describe the program that runs.
 //!
 //! This module reads [`crate::lower`]'s types and never changes how a plan
 //! is lowered; its output passes [`verify`] or is an error.
@@ -81,10 +85,13 @@ pub enum RewriteError {
 
 /// Rewrites every block of `program` and returns the cheapest verified
 /// program found (the input itself when nothing is cheaper), with a report.
+/// With `seq_stream`, a replicated stream is also tried split on the
+/// sequence dim (see the module docs).
 pub fn rewrite(
     program: &ExecProgram,
     cost: &AdapterCost<'_>,
     limits: &Limits,
+    seq_stream: bool,
 ) -> Result<(ExecProgram, RewriteReport), RewriteError> {
     verify(program).map_err(RewriteError::Input)?;
     let tp = u64::from(program.tp.max(1));
@@ -107,7 +114,8 @@ pub fn rewrite(
     };
 
     let mut interfaces = vec![None];
-    if tp > 1
+    if seq_stream
+        && tp > 1
         && program.stream_state == State::REPLICATED
         && let Some(dim) = seq_dim
     {
