@@ -5,6 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use autopart::anno::Layout;
 use autopart::driver::{self, Observer, Pass, Request};
 use autopart::plan::{DType, read_plan};
 
@@ -290,4 +291,75 @@ fn dump_after_prints_a_hand_off() {
     assert_eq!(bad.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(stderr.contains("unknown pass 'optimise'"), "{stderr}");
+}
+
+/// The plan's prediction is priced for the program the binary runs
+/// (`search::reprice`). With the rewrites off and a stream the lowering
+/// keeps in the search's boundary layout, pricing the lowered program op by
+/// op reproduces the search's own evaluation exactly, so reading the
+/// layouts back onto the search's choices loses nothing; with them on, a tp
+/// plan without sequence parallelism whose rewrite moves norms and residual
+/// adds onto sequence shards predicts the fewer activations it keeps.
+#[test]
+fn the_plan_is_priced_as_its_program_runs() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let compile = |tp: u32, pp: u32, sp: bool, rewrite: bool| {
+        let out = dir.path().join(format!("tp{tp}-pp{pp}-sp{sp}-{rewrite}"));
+        let mut req = mini("llama-mini", tp * pp, &out);
+        req.seq_len = Some(64);
+        req.constraints.tp = Some(tp);
+        req.constraints.pp = Some(pp);
+        req.constraints.sequence_parallel = Some(sp);
+        req.rewrite = rewrite;
+        req.stop_after = Some(Pass::Lower);
+        driver::compile(&req, &mut driver::Quiet).expect("compiles")
+    };
+    for (tp, pp, sp) in [(1, 2, false), (2, 1, true), (4, 1, false), (2, 2, true)] {
+        let done = compile(tp, pp, sp, false);
+        let stream = done.lowered.as_ref().map(|p| p.stream_state.fwd);
+        let boundary = if sp { Layout::D(1) } else { Layout::R };
+        assert_eq!(
+            stream,
+            Some(boundary),
+            "tp{tp} pp{pp} sp {sp}: the lowered stream"
+        );
+        let searched = &done.searched.as_ref().expect("searched").result.plans[0].eval;
+        let plan = done.planned.as_ref().expect("planned").best();
+        let what = format!("tp{tp} pp{pp} sp {sp}");
+        assert_eq!(plan.prediction.step_s, searched.step_s, "{what}");
+        assert_eq!(
+            plan.prediction.stages.len(),
+            searched.stages.len(),
+            "{what}"
+        );
+        for (p, s) in plan.prediction.stages.iter().zip(&searched.stages) {
+            assert_eq!(p.memory, s.memory, "{what}");
+            assert_eq!(p.micro_batch_s, s.micro_batch_s, "{what}");
+        }
+    }
+    // The memory benchmark's tp4 row (docs/memory.txt): 1024 wide, 256 tokens.
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/memory/llama-1024x8.json");
+    let mut req = mini(
+        model.to_str().expect("utf-8 path"),
+        4,
+        &dir.path().join("bench-tp4"),
+    );
+    req.seq_len = Some(256);
+    req.global_batch = Some(4);
+    req.constraints.tp = Some(4);
+    req.constraints.pp = Some(1);
+    req.constraints.micro_batch = Some(4);
+    req.constraints.sequence_parallel = Some(false);
+    req.stop_after = Some(Pass::Plan);
+    let done = driver::compile(&req, &mut driver::Quiet).expect("compiles");
+    let searched = &done.searched.as_ref().expect("searched").result.plans[0].eval;
+    let plan = done.planned.as_ref().expect("planned").best();
+    let (got, was) = (
+        plan.prediction.stages[0].memory.activations_bytes,
+        searched.stages[0].memory.activations_bytes,
+    );
+    assert!(
+        got < was,
+        "tp4 without sp, rewritten: {got} < {was} activation bytes"
+    );
 }

@@ -51,6 +51,7 @@ use crate::plan::{
     validate_plan,
 };
 use crate::rewrite::{Limits, RewriteReport};
+use crate::search::reprice::Unpriced;
 use crate::search::to_plan::{PlanContext, to_plan};
 use crate::search::{Constraints, SearchInput, SearchResult, TiedReader, TiedWeight, search};
 use crate::trace::{ModelConfig, Summary, TraceOptions, load_model, trace_model};
@@ -752,7 +753,18 @@ impl fmt::Display for Planned {
 }
 
 /// `plan`: the candidates as plans.
-pub fn plan(inputs: &Inputs, traced: &Traced, searched: &Searched) -> Result<Planned> {
+/// `plan`: the searched candidates as plans. The best is lowered and
+/// rewritten as the later passes will (`rewrite`, `rewrite_stream`: the
+/// request's), and priced again with each op's layouts as that program runs
+/// them ([`crate::search::reprice`]), so that its prediction describes the
+/// program the binary runs; the alternatives keep the search's pricing.
+pub fn plan(
+    inputs: &Inputs,
+    traced: &Traced,
+    ties: &Ties,
+    searched: &Searched,
+    rewrite_opts: (bool, bool),
+) -> Result<Planned> {
     let ctx = PlanContext {
         graph: &traced.graph,
         model_spec: &inputs.model_spec,
@@ -771,13 +783,47 @@ pub fn plan(inputs: &Inputs, traced: &Traced, searched: &Searched) -> Result<Pla
             .peak_flops_per_s
             .for_dtype(inputs.dtype.into()),
     };
-    let plans: Vec<Plan> = searched
+    let mut plans: Vec<Plan> = searched
         .result
         .plans
         .iter()
         .map(|c| to_plan(&ctx, c))
         .collect();
-    let best = plans.first().context("the search returned no plan")?;
+    let first = plans.first().context("the search returned no plan")?;
+    let program = lower(inputs, first)?;
+    let (enabled, seq_stream) = rewrite_opts;
+    let program = rewrite(&inputs.cluster, program, enabled, seq_stream)?.program;
+    let input = SearchInput {
+        kv_graphs: &searched.kv_graphs,
+        graph: &traced.graph,
+        registry: &inputs.registry,
+        model: &inputs.model,
+        cluster: &inputs.cluster,
+        plan_gpus: inputs.plan_gpus,
+        runtime_gpus: inputs.runtime_gpus,
+        global_batch: inputs.global_batch,
+        constraints: &ties.constraints,
+        top_k: 1,
+    };
+    let mut candidate = searched.result.plans[0].clone();
+    match crate::search::reprice::reprice(&input, &candidate, &program)
+        .context("pricing the plan as its program runs")?
+    {
+        Ok(eval) => {
+            candidate.eval = eval;
+            plans[0] = to_plan(&ctx, &candidate);
+        }
+        Err(Unpriced::Unmatched(why)) => tracing::warn!(
+            why,
+            "the plan keeps the search's prediction: its program could not be priced op by op"
+        ),
+        Err(Unpriced::OverMemory) => bail!(
+            "the rewritten program of the best plan needs more memory than a device holds \
+             (the search priced the plan before the collective rewrites); compile with \
+             --no-rewrite, or pin --sp true"
+        ),
+    }
+    let best = &plans[0];
     let ron = plan_to_ron(best).context("writing the plan as RON")?;
     let hash = plan_hash(ron.as_bytes());
     Ok(Planned { plans, ron, hash })
@@ -1149,7 +1195,15 @@ pub fn compile(req: &Request, obs: &mut dyn Observer) -> Result<Compiled> {
     let planned = step(
         obs,
         Pass::Plan,
-        || plan(&c.inputs, &c.traced, searched),
+        || {
+            plan(
+                &c.inputs,
+                &c.traced,
+                ties,
+                searched,
+                (req.rewrite, req.rewrite_stream),
+            )
+        },
         |p| verify_planned(p, &c.traced, searched),
         |p| {
             std::fs::create_dir_all(&paths.out)

@@ -20,6 +20,7 @@
 
 pub mod eliminate;
 pub mod model;
+pub mod reprice;
 pub mod segment_cost;
 pub mod sharding;
 pub mod to_plan;
