@@ -645,6 +645,29 @@ pub fn trace_kv_graphs(
     Ok(graphs)
 }
 
+/// What the search reads: the request's model, cluster and sizes, the
+/// traced graphs and the constraints with the ties' pins.
+fn search_input<'a>(
+    inputs: &'a Inputs,
+    traced: &'a Traced,
+    ties: &'a Ties,
+    kv_graphs: &'a BTreeMap<u64, Graph>,
+    top_k: usize,
+) -> SearchInput<'a> {
+    SearchInput {
+        kv_graphs,
+        graph: &traced.graph,
+        registry: &inputs.registry,
+        model: &inputs.model,
+        cluster: &inputs.cluster,
+        plan_gpus: inputs.plan_gpus,
+        runtime_gpus: inputs.runtime_gpus,
+        global_batch: inputs.global_batch,
+        constraints: &ties.constraints,
+        top_k: top_k.max(1),
+    }
+}
+
 /// `search`: the plan space under the constraints and ties.
 pub fn search_plans(
     inputs: &Inputs,
@@ -660,18 +683,7 @@ pub fn search_plans(
         inputs.seq_len,
         inputs.dtype.into(),
     )?;
-    let input = SearchInput {
-        kv_graphs: &kv_graphs,
-        graph: &traced.graph,
-        registry: &inputs.registry,
-        model: &inputs.model,
-        cluster: &inputs.cluster,
-        plan_gpus: inputs.plan_gpus,
-        runtime_gpus: inputs.runtime_gpus,
-        global_batch: inputs.global_batch,
-        constraints: &ties.constraints,
-        top_k: top_k.max(1),
-    };
+    let input = search_input(inputs, traced, ties, &kv_graphs, top_k);
     let started = Instant::now();
     let result = search(&input).context("searching a plan")?;
     let seconds = started.elapsed().as_secs_f64();
@@ -793,18 +805,7 @@ pub fn plan(
     let program = lower(inputs, first)?;
     let (enabled, seq_stream) = rewrite_opts;
     let program = rewrite(&inputs.cluster, program, enabled, seq_stream)?.program;
-    let input = SearchInput {
-        kv_graphs: &searched.kv_graphs,
-        graph: &traced.graph,
-        registry: &inputs.registry,
-        model: &inputs.model,
-        cluster: &inputs.cluster,
-        plan_gpus: inputs.plan_gpus,
-        runtime_gpus: inputs.runtime_gpus,
-        global_batch: inputs.global_batch,
-        constraints: &ties.constraints,
-        top_k: 1,
-    };
+    let input = search_input(inputs, traced, ties, &searched.kv_graphs, 1);
     let mut candidate = searched.result.plans[0].clone();
     match crate::search::reprice::reprice(&input, &candidate, &program)
         .context("pricing the plan as its program runs")?

@@ -270,6 +270,28 @@ pub struct Solved {
     pub post: SegmentCost,
 }
 
+/// The segment of `ops` at `tp`, its stream entering and leaving in
+/// `boundary`, priced at micro-batch `mb`.
+fn build_segment(
+    input: &SearchInput<'_>,
+    graph: &Graph,
+    ops: &[OpId],
+    tp: u32,
+    boundary: Layout,
+    mb: u64,
+) -> Result<Segment, SearchError> {
+    let (bin, bout) = boundaries(graph, ops);
+    let ctx = SegmentCtx {
+        graph,
+        registry: input.registry,
+        cluster: input.cluster,
+        tp,
+        boundary,
+        scale: mb as f64,
+    };
+    Ok(Segment::build(&ctx, ops, bin, bout)?)
+}
+
 /// One segment's optimal assignments for a sorted list of micro-batch
 /// sizes, by solving at the ends of the list and bisecting only where the
 /// ends disagree (each assignment's cost is affine in the size, so one
@@ -283,18 +305,7 @@ fn solve_range(
 ) -> Result<Vec<(u64, SegmentCost)>, SearchError> {
     let graph = input.graph_for(tp).ok_or_else(|| no_kv_graph(input, tp))?;
     let boundary = if sp { Layout::D(1) } else { Layout::R };
-    let (bin, bout) = boundaries(graph, ops);
-    let build = |mb: u64| -> Result<Segment, SearchError> {
-        let ctx = SegmentCtx {
-            graph,
-            registry: input.registry,
-            cluster: input.cluster,
-            tp,
-            boundary,
-            scale: mb as f64,
-        };
-        Ok(Segment::build(&ctx, ops, bin, bout)?)
-    };
+    let build = |mb: u64| build_segment(input, graph, ops, tp, boundary, mb);
     let solve = |seg: &Segment| -> Result<Vec<usize>, SearchError> {
         // Only None is legal at tp = 1: nothing to optimise.
         if seg.ops.iter().all(|o| o.choices.len() == 1) {

@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 
 use super::model::{self, Evaluation};
 use super::segment_cost::SegmentCost;
-use super::sharding::{Segment, SegmentCtx, boundaries};
-use super::{Candidate, SearchError, SearchInput, Solved, no_kv_graph, segments};
+use super::sharding::Segment;
+use super::{Candidate, SearchError, SearchInput, Solved, build_segment, no_kv_graph, segments};
 use crate::anno::Layout;
 use crate::ir::{Graph, OpId};
 use crate::lower::{Block, ExecProgram};
@@ -50,16 +50,7 @@ pub fn reprice(
         (&layer, &program.layer),
         (&post, &program.head),
     ] {
-        let (bin, bout) = boundaries(graph, ops);
-        let ctx = SegmentCtx {
-            graph,
-            registry: input.registry,
-            cluster: input.cluster,
-            tp,
-            boundary,
-            scale: mb as f64,
-        };
-        let seg = Segment::build(&ctx, ops, bin, bout)?;
+        let seg = build_segment(input, graph, ops, tp, boundary, mb)?;
         let assignment = match assignment_of(graph, &seg, block) {
             Ok(a) => a,
             Err(why) => return Ok(Err(Unpriced::Unmatched(why))),
