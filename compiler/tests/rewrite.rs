@@ -286,12 +286,17 @@ fn a100() -> Cluster {
 }
 
 fn run(p: &ExecProgram, cluster: &Cluster) -> (ExecProgram, RewriteReport) {
+    run_with(p, cluster, true)
+}
+
+/// [`run`], the stream free to move to the sequence dim or not.
+fn run_with(p: &ExecProgram, cluster: &Cluster, seq_stream: bool) -> (ExecProgram, RewriteReport) {
     verify(p).expect("the hand-built program verifies");
     let cost = AdapterCost {
         cluster,
         group: Group::within_node(TP as u32),
     };
-    let (out, report) = rewrite(p, &cost, &Limits::default(), true).expect("rewrites");
+    let (out, report) = rewrite(p, &cost, &Limits::default(), seq_stream).expect("rewrites");
     verify(&out).expect("the rewritten program verifies");
     assert!(
         report.seconds_after() <= report.seconds_before(),
@@ -563,12 +568,7 @@ fn all_reduces_split_and_gathers_move_below_norms_and_adds() {
 fn the_stream_keeps_its_state_unless_asked() {
     let cluster = a100();
     let p = plain_tp_program();
-    let cost = AdapterCost {
-        cluster: &cluster,
-        group: Group::within_node(TP as u32),
-    };
-    let (out, report) = rewrite(&p, &cost, &Limits::default(), false).expect("rewrites");
-    verify(&out).expect("the rewritten program verifies");
+    let (out, report) = run_with(&p, &cluster, false);
     assert_eq!(out.stream_state, R, "{report}");
     assert_eq!(out.stream_shape, p.stream_shape, "{report}");
     assert_eq!(report.stream_after, R, "{report}");

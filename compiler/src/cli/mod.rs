@@ -222,8 +222,8 @@ struct CompileArgs {
     no_rewrite: bool,
     /// Let the rewrite also try a replicated residual stream split on the
     /// sequence dim (sequence parallelism derived by the e-graph). Off by
-    /// default: the search decides sequence parallelism (--sp) and prices
-    /// its memory; with this flag the prediction may overstate activations.
+    /// default: sequence parallelism is the search's choice (--sp); either
+    /// way the plan is priced as its rewritten program runs.
     #[arg(long, conflicts_with = "no_rewrite")]
     rewrite_stream: bool,
     /// Generate the crate in OUT/gencode but do not build it.

@@ -764,10 +764,9 @@ impl fmt::Display for Planned {
     }
 }
 
-/// `plan`: the candidates as plans.
 /// `plan`: the searched candidates as plans. The best is lowered and
-/// rewritten as the later passes will (`rewrite`, `rewrite_stream`: the
-/// request's), and priced again with each op's layouts as that program runs
+/// rewritten as the later passes will (`rewrite` and `seq_stream` as the
+/// request says), and priced again with each op's layouts as that program runs
 /// them ([`crate::search::reprice`]), so that its prediction describes the
 /// program the binary runs; the alternatives keep the search's pricing.
 pub fn plan(
@@ -775,7 +774,8 @@ pub fn plan(
     traced: &Traced,
     ties: &Ties,
     searched: &Searched,
-    rewrite_opts: (bool, bool),
+    rewrite_enabled: bool,
+    seq_stream: bool,
 ) -> Result<Planned> {
     let ctx = PlanContext {
         graph: &traced.graph,
@@ -803,8 +803,7 @@ pub fn plan(
         .collect();
     let first = plans.first().context("the search returned no plan")?;
     let program = lower(inputs, first)?;
-    let (enabled, seq_stream) = rewrite_opts;
-    let program = rewrite(&inputs.cluster, program, enabled, seq_stream)?.program;
+    let program = rewrite(&inputs.cluster, program, rewrite_enabled, seq_stream)?.program;
     let input = search_input(inputs, traced, ties, &searched.kv_graphs, 1);
     let mut candidate = searched.result.plans[0].clone();
     match crate::search::reprice::reprice(&input, &candidate, &program)
@@ -925,8 +924,7 @@ pub const REWRITE_LIMITS: Limits = Limits {
 /// `rewrite`: egg's collective rewrites over the lowered program, its
 /// collectives priced over the program's tp group on `cluster`. The stream
 /// keeps the state the plan gave it unless `seq_stream` lets a replicated
-/// one be split on the sequence dim ([`crate::rewrite`]; the plan's memory
-/// prediction then overstates the activations).
+/// one be split on the sequence dim ([`crate::rewrite`]).
 pub fn rewrite(
     cluster: &Cluster,
     program: ExecProgram,
@@ -1202,7 +1200,8 @@ pub fn compile(req: &Request, obs: &mut dyn Observer) -> Result<Compiled> {
                 &c.traced,
                 ties,
                 searched,
-                (req.rewrite, req.rewrite_stream),
+                req.rewrite,
+                req.rewrite_stream,
             )
         },
         |p| verify_planned(p, &c.traced, searched),

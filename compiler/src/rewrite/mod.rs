@@ -21,10 +21,8 @@
 //! boundaries); the cheapest program over all blocks wins, and the input is
 //! kept when nothing is cheaper. Together the rules derive Megatron
 //! sequence parallelism from a plain tp plan. The driver tries it only when
-//! asked (`compile --rewrite-stream`): a sequence-split stream holds a
-//! fraction of the replicated stream's activations, so the plan's memory
-//! prediction, priced for the stream the search chose, would no longer
-//! describe the program that runs.
+//! asked (`compile --rewrite-stream`): otherwise sequence parallelism stays
+//! the search's choice (`--sp`).
 //!
 //! This module reads [`crate::lower`]'s types and never changes how a plan
 //! is lowered; its output passes [`verify`] or is an error.
